@@ -1,0 +1,154 @@
+"""The batched step: every event of a micro-batch through the model in one fused LSTM call.
+
+A batch holds events for many entities, several per entity in arrival order, some carrying
+``reset``. Each entity's events are cut at its resets into *segments*: a segment starts from the
+entity's stored memory (or from zeros when it starts with a reset) and runs its events in order.
+Segments are sorted longest first and laid out as one ``PackedSequence``, so ``nn.LSTM`` steps a
+shrinking contiguous prefix of segments at each time step inside its own kernels (cuDNN on a GPU)
+with no Python loop over entities or time. An entity's new memory is its last segment's.
+
+Tensors are indexed by entity row ``e`` in ``0..E-1`` (the caller's memory rows) and event
+``n`` in ``0..N-1`` (arrival order). Results come back on the CPU: they are headed for Kafka and
+Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from stream_lstm.exceptions import ModelError
+from stream_lstm.model import StreamModel
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Memories of E entities: LTM and STM per layer, and events applied since the last reset."""
+
+    ltm: Tensor  # (E, L, H) float32, cell state c
+    stm: Tensor  # (E, L, H) float32, hidden state h
+    step: Tensor  # (E,) int64
+
+    @classmethod
+    def zeros(cls, entities: int, layers: int, hidden: int) -> Memory:
+        """Memories of entities that have seen nothing yet."""
+        return cls(
+            torch.zeros(entities, layers, hidden),
+            torch.zeros(entities, layers, hidden),
+            torch.zeros(entities, dtype=torch.int64),
+        )
+
+
+@dataclass(frozen=True)
+class Events:
+    """N events in arrival order, each pointing at its entity's memory row."""
+
+    entity: Tensor  # (N,) int64, row in Memory
+    features: Tensor  # (N, I) float32
+    reset: Tensor  # (N,) bool, start this entity from zero memory at this event
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One prediction per event and every entity's memory after the batch."""
+
+    output: Tensor  # (N, O) the readout of each event, in arrival order
+    step: Tensor  # (N,) int64, 1-based events since the entity's last reset
+    memory: Memory  # (E, ...) rows of entities without events are unchanged
+
+
+def entity_rows(entity_ids: Sequence[str]) -> tuple[list[str], Tensor]:
+    """Distinct ids in first-seen order, and each event's row among them: (N,) int64."""
+    rows: dict[str, int] = {}
+    index = [rows.setdefault(entity_id, len(rows)) for entity_id in entity_ids]
+    return list(rows), torch.tensor(index, dtype=torch.int64)
+
+
+def step(model: StreamModel, events: Events, memory: Memory) -> StepResult:
+    """Apply a batch of events to the memories in one call of the model's fused LSTM."""
+    _check(model, events, memory)
+    n = events.entity.numel()
+    if n == 0:
+        empty = torch.empty(0, model.output_size)
+        return StepResult(empty, torch.empty(0, dtype=torch.int64), memory)
+    device = model.device
+    with torch.inference_mode():
+        entity = events.entity.to(device)
+        features = events.features.to(device, torch.float32)
+        reset = events.reset.to(device, torch.bool)
+
+        # Group each entity's events, keeping arrival order within the entity.
+        order = torch.sort(entity, stable=True).indices  # (N,) grouped position -> event
+        ent = entity[order]  # (N,)
+        first_of_entity = torch.ones(n, dtype=torch.bool, device=device)  # (N,)
+        first_of_entity[1:] = ent[1:] != ent[:-1]
+        last_of_entity = torch.ones(n, dtype=torch.bool, device=device)  # (N,)
+        last_of_entity[:-1] = first_of_entity[1:]
+
+        # Cut into segments at each entity's first event and at every reset.
+        starts = first_of_entity | reset[order]  # (N,)
+        seg = torch.cumsum(starts, 0) - 1  # (N,) segment of each grouped event
+        seg_start = torch.nonzero(starts).squeeze(1)  # (S,)
+        seg_len = torch.diff(seg_start, append=seg_start.new_tensor([n]))  # (S,)
+        seg_entity = ent[seg_start]  # (S,)
+        seg_from_stored = ~reset[order][seg_start]  # (S,) False: starts from zeros
+        pos = torch.arange(n, device=device) - seg_start[seg]  # (N,) time step in its segment
+
+        # Longest segments first: the packed layout runs a shrinking prefix at each time step.
+        by_len = torch.sort(seg_len, descending=True, stable=True).indices  # (S,) rank -> segment
+        rank = torch.empty_like(by_len)  # (S,) segment -> rank
+        rank[by_len] = torch.arange(by_len.numel(), device=device)
+        batch_sizes = torch.bincount(seg_len - 1).flip(0).cumsum(0).flip(0)  # (T,)
+        offsets = batch_sizes.cumsum(0) - batch_sizes  # (T,) first packed row of each step
+        packed_row = offsets[pos] + rank[seg]  # (N,) grouped event -> packed row
+        data = torch.empty_like(features)  # (N, I)
+        data[packed_row] = features[order]
+
+        keep = seg_from_stored[by_len].to(torch.float32)[:, None, None]  # (S, 1, 1)
+        rows = seg_entity[by_len]  # (S,)
+        h0 = (memory.stm.to(device)[rows] * keep).transpose(0, 1).contiguous()  # (L, S, H)
+        c0 = (memory.ltm.to(device)[rows] * keep).transpose(0, 1).contiguous()  # (L, S, H)
+        packed_out, (h_n, c_n) = model.lstm(PackedSequence(data, batch_sizes.cpu()), (h0, c0))
+
+        stm_top = torch.empty(n, model.hidden_size, device=device)  # (N, H) in arrival order
+        stm_top[order] = packed_out.data[packed_row]
+        output = model.readout(stm_top)  # (N, O)
+
+        base = torch.where(seg_from_stored, memory.step.to(device)[seg_entity], 0)  # (S,)
+        grouped_step = base[seg] + pos + 1  # (N,)
+        event_step = torch.empty_like(grouped_step)
+        event_step[order] = grouped_step
+
+        # An entity's new memory is the final state of its last segment.
+        done_entity = ent[last_of_entity]  # (E',)
+        done_rank = rank[seg[last_of_entity]]  # (E',)
+        ltm, stm, steps = memory.ltm.clone(), memory.stm.clone(), memory.step.clone()
+        ltm[done_entity.cpu()] = c_n[:, done_rank].transpose(0, 1).cpu()  # (E', L, H)
+        stm[done_entity.cpu()] = h_n[:, done_rank].transpose(0, 1).cpu()
+        steps[done_entity.cpu()] = grouped_step[last_of_entity].cpu()
+        return StepResult(output.cpu(), event_step.cpu(), Memory(ltm, stm, steps))
+
+
+def _check(model: StreamModel, events: Events, memory: Memory) -> None:
+    n = events.entity.numel()
+    e, layers, hidden = memory.ltm.shape
+    if events.features.shape != (n, model.input_size):
+        raise ModelError(
+            f"features of shape {tuple(events.features.shape)} for {n} events; "
+            f"the model takes ({n}, {model.input_size})"
+        )
+    if events.reset.shape != (n,):
+        raise ModelError(f"reset of shape {tuple(events.reset.shape)} for {n} events")
+    if (layers, hidden) != (model.num_layers, model.hidden_size):
+        raise ModelError(
+            f"memories of {layers} layers x {hidden} hidden; the model has "
+            f"{model.num_layers} x {model.hidden_size}"
+        )
+    if memory.stm.shape != memory.ltm.shape or memory.step.shape != (e,):
+        raise ModelError("ltm, stm and step must describe the same entities")
+    if n and (int(events.entity.min()) < 0 or int(events.entity.max()) >= e):
+        raise ModelError(f"an event points at an entity row outside 0..{e - 1}")

@@ -1,0 +1,304 @@
+"""StreamModel: a trained LSTM, an optional linear head and an output activation, as one file.
+
+A model file is a ``torch.save`` of plain data (format marker, format version, config, version,
+weights) and is read back with ``torch.load(weights_only=True)``, so loading one never runs code.
+``version`` is a content hash of config and weights: stored memories are namespaced by it, so a
+worker never feeds one model's memories to another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from stream_lstm.exceptions import CheckpointError, ModelError
+
+Activation = Literal["softmax", "sigmoid", "identity"]
+
+FORMAT = "stream-lstm"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything but the weights needed to rebuild a model."""
+
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    bias: bool
+    output_size: int | None  # the head's width; None when the STM is the output
+    head_bias: bool
+    activation: Activation
+    labels: tuple[str, ...] | None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``"auto"`` means CUDA when there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return resolved
+
+
+class StreamModel:
+    """A stacked LSTM (torch's exact parameter layout) plus an optional head and activation.
+
+    The model owns copies of the weights it was given, so its ``version`` stays true for its
+    lifetime. Build one with ``from_torch`` or ``load``.
+    """
+
+    def __init__(self, config: ModelConfig, lstm: nn.LSTM, head: nn.Linear | None) -> None:
+        self.config = config
+        self.lstm = lstm.eval()
+        self.head = head.eval() if head is not None else None
+        self.version = _content_hash(config, self._state_dict())
+
+    @classmethod
+    def from_torch(
+        cls,
+        lstm: nn.LSTM,
+        head: nn.Linear | None = None,
+        *,
+        labels: list[str] | tuple[str, ...] | None = None,
+        activation: Activation | None = None,
+    ) -> StreamModel:
+        """Wrap a trained ``nn.LSTM`` (and head) without converting its weights.
+
+        ``batch_first`` and dropout do not matter for one step at a time and are dropped;
+        a bidirectional or projected LSTM cannot run on a stream and is refused.
+        """
+        if not isinstance(lstm, nn.LSTM):
+            raise ModelError(f"from_torch takes a torch.nn.LSTM, got {type(lstm).__name__}")
+        if lstm.bidirectional:
+            raise ModelError("a bidirectional LSTM needs future events; a stream has none")
+        if lstm.proj_size:
+            raise ModelError("LSTMs with proj_size are not supported; use proj_size=0")
+        if head is not None and not isinstance(head, nn.Linear):
+            raise ModelError(f"head must be a torch.nn.Linear or None, got {type(head).__name__}")
+        if activation is None:
+            activation = "softmax" if labels is not None else "identity"
+        config = ModelConfig(
+            input_size=lstm.input_size,
+            hidden_size=lstm.hidden_size,
+            num_layers=lstm.num_layers,
+            bias=lstm.bias,
+            output_size=head.out_features if head is not None else None,
+            head_bias=head is not None and head.bias is not None,
+            activation=activation,
+            labels=tuple(labels) if labels is not None else None,
+        )
+        state = {k: v.detach() for k, v in lstm.state_dict().items()}
+        if head is not None:
+            state |= {f"head.{k}": v.detach() for k, v in head.state_dict().items()}
+        return cls._build(config, state, torch.device("cpu"))
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], device: str | torch.device | None = None
+    ) -> StreamModel:
+        """Read a file written by ``save``; ``device`` None or "auto" picks CUDA when present."""
+        target = resolve_device(device)
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"model file {str(path)!r} does not exist or is not a file")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" in str(e):
+                raise CheckpointError(
+                    f"model file {str(path)!r} refused: it pickles code or objects other than "
+                    "tensors and plain data, and loading it could run that code; write model "
+                    "files with StreamModel.save"
+                ) from e
+            raise CheckpointError(f"model file {str(path)!r} is corrupt: {e}") from e
+        except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors, ...
+            raise CheckpointError(
+                f"model file {str(path)!r} is not a readable torch file "
+                f"(corrupt or truncated?): {e}"
+            ) from e
+        config, state, version = _unpack(blob, path)
+        try:
+            model = cls._build(config, state, target)
+        except CheckpointError:
+            raise
+        except ModelError as e:
+            raise CheckpointError(f"model file {str(path)!r} cannot be used: {e}") from e
+        if model.version != version:
+            raise CheckpointError(
+                f"model file {str(path)!r} is corrupt: its weights do not hash to the version "
+                f"it records ({version})"
+            )
+        return model
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the model atomically, so a reader never sees half a file."""
+        path = Path(path)
+        blob = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "version": self.version,
+            "config": _config_to_plain(self.config),
+            "state_dict": {k: v.cpu() for k, v in self._state_dict().items()},
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(blob, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @property
+    def input_size(self) -> int:
+        return self.config.input_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        return self.config.labels
+
+    @property
+    def output_size(self) -> int:
+        return self.config.output_size or self.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lstm.parameters()).device
+
+    def readout(self, stm_top: Tensor) -> Tensor:
+        """Turn the top layer's new STM (N, H) into the prediction (N, O)."""
+        y = self.head(stm_top) if self.head is not None else stm_top  # (N, O)
+        if self.config.activation == "softmax":
+            return torch.softmax(y, dim=-1)
+        if self.config.activation == "sigmoid":
+            return torch.sigmoid(y)
+        return y
+
+    def _state_dict(self) -> dict[str, Tensor]:
+        state = dict(self.lstm.state_dict())
+        if self.head is not None:
+            state |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        return state
+
+    @classmethod
+    def _build(
+        cls, config: ModelConfig, state: dict[str, Tensor], device: torch.device
+    ) -> StreamModel:
+        _check_config(config)
+        lstm = nn.LSTM(config.input_size, config.hidden_size, config.num_layers, bias=config.bias)
+        head = (
+            nn.Linear(config.hidden_size, config.output_size, bias=config.head_bias)
+            if config.output_size is not None
+            else None
+        )
+        lstm_state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+        try:
+            lstm.load_state_dict(_as_float32(lstm_state))
+            if head is not None:
+                head.load_state_dict(_as_float32(head_state))
+            elif head_state:
+                raise ModelError(
+                    f"weights for a head but no head in the config: {sorted(head_state)}"
+                )
+        except RuntimeError as e:  # load_state_dict reports missing, unexpected and misshapen keys
+            raise ModelError(f"weights do not fit the model's config: {e}") from e
+        lstm.to(device)
+        if head is not None:
+            head.to(device)
+        return cls(config, lstm, head)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"StreamModel(version={self.version}, input={c.input_size}, hidden={c.hidden_size}, "
+            f"layers={c.num_layers}, output={self.output_size}, activation={c.activation!r}, "
+            f"labels={list(c.labels) if c.labels else None})"
+        )
+
+
+def _check_config(config: ModelConfig) -> None:
+    if min(config.input_size, config.hidden_size, config.num_layers) < 1:
+        raise ModelError(f"sizes must be positive: {config}")
+    if config.activation not in get_args(Activation):
+        choices = ", ".join(get_args(Activation))
+        raise ModelError(f"activation must be one of {choices}, got {config.activation!r}")
+    if config.labels is not None and len(config.labels) != (
+        config.output_size or config.hidden_size
+    ):
+        raise ModelError(
+            f"{len(config.labels)} labels for {config.output_size or config.hidden_size} outputs"
+        )
+
+
+def _as_float32(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Serving runs in float32, whatever precision the model was trained in."""
+    return {k: v.to(torch.float32) for k, v in state.items()}
+
+
+def _config_to_plain(config: ModelConfig) -> dict[str, Any]:
+    plain = asdict(config)
+    plain["labels"] = list(config.labels) if config.labels is not None else None
+    return plain
+
+
+def _content_hash(config: ModelConfig, state: dict[str, Tensor]) -> str:
+    """A hash of config and weights that is the same in any process on any machine."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(_config_to_plain(config), sort_keys=True).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"\n{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _unpack(blob: Any, path: Path) -> tuple[ModelConfig, dict[str, Tensor], str]:
+    """Check a loaded file's envelope and return its config, weights and recorded version."""
+    name = repr(str(path))
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        hint = (
+            "a bare state_dict? "
+            if isinstance(blob, dict) and all(isinstance(v, Tensor) for v in blob.values())
+            else ""
+        )
+        raise CheckpointError(
+            f"model file {name} is not a stream-lstm model ({hint}no format marker); wrap a "
+            "trained LSTM with StreamModel.from_torch(lstm, head, labels=...).save(path)"
+        )
+    if blob.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"model file {name} has format version {blob.get('format_version')!r}; this "
+            f"stream-lstm reads version {FORMAT_VERSION}: upgrade stream-lstm or re-save the model"
+        )
+    try:
+        plain = dict(blob["config"])
+        labels = plain.pop("labels")
+        config = ModelConfig(**plain, labels=tuple(labels) if labels is not None else None)
+        state = dict(blob["state_dict"])
+        version = str(blob["version"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"model file {name} is incomplete or damaged: {e!r}") from e
+    if not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"model file {name} holds non-tensor weights")
+    return config, state, version

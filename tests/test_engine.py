@@ -1,0 +1,203 @@
+"""The batched step equals torch.nn.LSTM on each entity's own history, however events arrive."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from stream_lstm.engine import Events, Memory, entity_rows, step
+from stream_lstm.exceptions import ModelError
+from stream_lstm.model import StreamModel
+
+TOL = 1e-5
+
+
+def offline(model: StreamModel, events: list[tuple[Tensor, bool]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference: nn.LSTM over each run of events since the last reset (outputs, h_n, c_n)."""
+    outputs, h_n, c_n, segment = [], None, None, []
+    for x, reset in events:
+        if reset:
+            segment = []
+        segment.append(x)
+        with torch.no_grad():
+            y, (h_n, c_n) = model.lstm(torch.stack(segment).unsqueeze(1))  # (T, 1, H)
+            outputs.append(model.readout(y[-1]))  # (1, O)
+    assert h_n is not None
+    assert c_n is not None
+    return torch.cat(outputs), h_n[:, 0], c_n[:, 0]
+
+
+def run_stream(
+    model: StreamModel, stream: list[tuple[str, Tensor, bool]], cuts: list[int]
+) -> tuple[dict[str, list[Tensor]], dict[str, list[int]], dict[str, Memory]]:
+    """Feed the stream batch by batch, carrying memories between batches as a store would."""
+    stored: dict[str, Memory] = {}
+    outputs: dict[str, list[Tensor]] = {}
+    steps: dict[str, list[int]] = {}
+    bounds = [0, *sorted(cuts), len(stream)]
+    for lo, hi in itertools.pairwise(bounds):
+        batch = stream[lo:hi]
+        ids, rows = entity_rows([entity for entity, _, _ in batch])
+        memory = Memory.zeros(len(ids), model.num_layers, model.hidden_size)
+        for row, entity in enumerate(ids):
+            if entity in stored:
+                memory.ltm[row], memory.stm[row] = stored[entity].ltm, stored[entity].stm
+                memory.step[row] = stored[entity].step
+        features = (
+            torch.stack([x for _, x, _ in batch]) if batch else torch.empty(0, model.input_size)
+        )
+        reset = torch.tensor([r for _, _, r in batch], dtype=torch.bool)
+        result = step(model, Events(rows, features, reset), memory)
+        for n, (entity, _, _) in enumerate(batch):
+            outputs.setdefault(entity, []).append(result.output[n])
+            steps.setdefault(entity, []).append(int(result.step[n]))
+        for row, entity in enumerate(ids):
+            m = result.memory
+            stored[entity] = Memory(m.ltm[row], m.stm[row], m.step[row])
+    return outputs, steps, stored
+
+
+def random_model(rng: random.Random, layers: int, bias: bool, head: bool) -> StreamModel:
+    torch.manual_seed(rng.randrange(2**31))
+    inputs, hidden = rng.randint(1, 8), rng.randint(1, 12)
+    lstm = nn.LSTM(inputs, hidden, layers, bias=bias, batch_first=rng.random() < 0.5)
+    if not head:
+        return StreamModel.from_torch(lstm)
+    outputs = rng.randint(2, 5)
+    labels = [f"label-{k}" for k in range(outputs)]
+    return StreamModel.from_torch(lstm, nn.Linear(hidden, outputs), labels=labels)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    layers=st.integers(1, 3),
+    bias=st.booleans(),
+    head=st.booleans(),
+    reset_rate=st.sampled_from([0.0, 0.1]),
+    batches=st.integers(1, 12),
+)
+def test_batched_step_equals_nn_lstm_on_each_entity(
+    seed: int, layers: int, bias: bool, head: bool, reset_rate: float, batches: int
+) -> None:
+    rng = random.Random(seed)
+    model = random_model(rng, layers, bias, head)
+    entities = [f"entity-{k}" for k in range(rng.randint(50, 70))]
+    history: dict[str, list[tuple[Tensor, bool]]] = {e: [] for e in entities}
+    stream = []
+    for entity in entities:
+        for k in range(rng.randint(1, 6)):
+            event = (torch.randn(model.input_size), k > 0 and rng.random() < reset_rate)
+            history[entity].append(event)
+    queues = {e: list(h) for e, h in history.items()}
+    while queues:  # interleave entities at random, each keeping its own order
+        entity = rng.choice(sorted(queues))
+        x, reset = queues[entity].pop(0)
+        stream.append((entity, x, reset))
+        if not queues[entity]:
+            del queues[entity]
+    cuts = [rng.randint(0, len(stream)) for _ in range(batches - 1)]
+
+    outputs, steps, stored = run_stream(model, stream, cuts)
+
+    for entity, events in history.items():
+        want_out, want_h, want_c = offline(model, events)
+        torch.testing.assert_close(torch.stack(outputs[entity]), want_out, atol=TOL, rtol=0)
+        torch.testing.assert_close(stored[entity].stm, want_h, atol=TOL, rtol=0)
+        torch.testing.assert_close(stored[entity].ltm, want_c, atol=TOL, rtol=0)
+        since_reset, expected = 0, []
+        for _, reset in events:
+            since_reset = 1 if reset else since_reset + 1
+            expected.append(since_reset)
+        assert steps[entity] == expected
+
+
+def test_reset_mid_sequence_starts_like_a_fresh_sequence() -> None:
+    torch.manual_seed(1)
+    model = StreamModel.from_torch(nn.LSTM(4, 6, 2))
+    xs = torch.randn(5, 4)
+    reset = torch.tensor([False, False, False, True, False])
+    continued = step(
+        model, Events(torch.zeros(5, dtype=torch.int64), xs, reset), Memory.zeros(1, 2, 6)
+    )
+    fresh = step(
+        model,
+        Events(torch.zeros(2, dtype=torch.int64), xs[3:], torch.zeros(2, dtype=torch.bool)),
+        Memory.zeros(1, 2, 6),
+    )
+    torch.testing.assert_close(continued.output[3:], fresh.output, atol=TOL, rtol=0)
+    torch.testing.assert_close(continued.memory.ltm, fresh.memory.ltm, atol=TOL, rtol=0)
+    assert continued.step.tolist() == [1, 2, 3, 1, 2]
+    assert not torch.allclose(continued.output[:2], fresh.output, atol=TOL)
+
+
+def test_reset_ignores_stored_memory_and_step() -> None:
+    torch.manual_seed(2)
+    model = StreamModel.from_torch(nn.LSTM(3, 4))
+    stored = Memory(torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.tensor([41]))
+    x = torch.randn(1, 3)
+    one = torch.zeros(1, dtype=torch.int64)
+    with_reset = step(model, Events(one, x, torch.tensor([True])), stored)
+    from_zero = step(model, Events(one, x, torch.tensor([False])), Memory.zeros(1, 1, 4))
+    continued = step(model, Events(one, x, torch.tensor([False])), stored)
+    torch.testing.assert_close(with_reset.output, from_zero.output)
+    assert with_reset.step.tolist() == [1]
+    assert continued.step.tolist() == [42]
+    assert not torch.allclose(continued.output, from_zero.output)
+
+
+def test_entities_without_events_keep_their_memory() -> None:
+    model = StreamModel.from_torch(nn.LSTM(2, 3))
+    memory = Memory(torch.randn(3, 1, 3), torch.randn(3, 1, 3), torch.tensor([5, 6, 7]))
+    result = step(
+        model, Events(torch.tensor([1]), torch.randn(1, 2), torch.tensor([False])), memory
+    )
+    for row in (0, 2):
+        assert torch.equal(result.memory.ltm[row], memory.ltm[row])
+        assert torch.equal(result.memory.stm[row], memory.stm[row])
+    assert result.memory.step.tolist() == [5, 7, 7]
+
+
+def test_empty_batch_changes_nothing() -> None:
+    model = StreamModel.from_torch(nn.LSTM(2, 3))
+    memory = Memory.zeros(0, 1, 3)
+    empty = Events(
+        torch.empty(0, dtype=torch.int64), torch.empty(0, 2), torch.empty(0, dtype=torch.bool)
+    )
+    result = step(model, empty, memory)
+    assert result.output.shape == (0, 3)
+    assert result.memory is memory
+
+
+def test_entity_rows_keeps_first_seen_order() -> None:
+    ids, rows = entity_rows(["b", "a", "b", "c", "a"])
+    assert ids == ["b", "a", "c"]
+    assert rows.tolist() == [0, 1, 0, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("features", "memory", "message"),
+    [
+        (torch.randn(2, 5), Memory.zeros(1, 1, 3), "the model takes"),
+        (torch.randn(2, 2), Memory.zeros(1, 2, 3), "the model has"),
+        (torch.randn(2, 2), Memory.zeros(1, 1, 4), "the model has"),
+    ],
+)
+def test_misshapen_inputs_are_refused(features: Tensor, memory: Memory, message: str) -> None:
+    model = StreamModel.from_torch(nn.LSTM(2, 3))
+    events = Events(torch.zeros(2, dtype=torch.int64), features, torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ModelError, match=message):
+        step(model, events, memory)
+
+
+def test_event_pointing_outside_the_memory_is_refused() -> None:
+    model = StreamModel.from_torch(nn.LSTM(2, 3))
+    events = Events(torch.tensor([0, 1]), torch.randn(2, 2), torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ModelError, match="outside"):
+        step(model, events, Memory.zeros(1, 1, 3))
