@@ -19,9 +19,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results import machine, write_section  # noqa: E402
-from stream_lstm.engine import Events, Memory, step  # noqa: E402
-from stream_lstm.model import StreamModel  # noqa: E402
+from bench.results import machine, write_section
+from stream_lstm.engine import Events, Memory, step
+from stream_lstm.model import StreamModel
 
 SIZES = (1, 16, 256, 1024, 4096)
 
@@ -30,7 +30,9 @@ def per_event_us(model: StreamModel, entities: int, per_call: int, min_s: float 
     """Mean microseconds per event, stepping ``entities`` in calls of ``per_call`` entities."""
     memory = Memory.zeros(per_call, model.num_layers, model.hidden_size)
     events = Events(
-        torch.arange(per_call), torch.randn(per_call, model.input_size), torch.zeros(per_call, dtype=torch.bool)
+        torch.arange(per_call),
+        torch.randn(per_call, model.input_size),
+        torch.zeros(per_call, dtype=torch.bool),
     )
     calls = max(1, entities // per_call)
     step(model, events, memory)  # warm up
@@ -43,7 +45,9 @@ def per_event_us(model: StreamModel, entities: int, per_call: int, min_s: float 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=1)
@@ -55,7 +59,10 @@ def main() -> None:
     model = StreamModel.from_torch(
         nn.LSTM(args.input, args.hidden, args.layers), nn.Linear(args.hidden, 8), labels=labels
     )
-    rows = ["| entities | batched us/event | one at a time us/event | speed-up |", "|---:|---:|---:|---:|"]
+    rows = [
+        "| entities | batched us/event | one at a time us/event | speed-up |",
+        "|---:|---:|---:|---:|",
+    ]
     print(f"{'entities':>9} {'batched us/ev':>14} {'one-by-one us/ev':>17} {'ratio':>7}")
     for size in SIZES:
         batched = per_event_us(model, size, size)

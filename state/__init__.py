@@ -1,0 +1,14 @@
+"""The memory store: each entity's LSTM memories in Redis, fenced against stale writers."""
+
+from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
+from state.server import RedisServer
+from state.store import CommitResult, MemoryStore
+
+__all__ = [
+    "CommitResult",
+    "MemoryBatch",
+    "MemoryStore",
+    "MemoryUpdates",
+    "RedisServer",
+    "StoredMemory",
+]

@@ -1,0 +1,239 @@
+"""The binary form of one entity's memory, and the stacked batches the workers use.
+
+One stored value is a fixed 40-byte little-endian header followed by the LTM and the STM, each
+``layers x hidden`` raw values of the header's dtype (C order)::
+
+    offset  size  field
+         0     4  magic b"SLTM"
+         4     1  format version (1)
+         5     1  dtype code (1: float32; float16 may come later under a new code)
+         6     2  layers L (u16)
+         8     4  hidden H (u32)
+        12     4  fence partition (i32)   the (partition, offset) of the last event applied
+        16     8  fence offset (i64)
+        24     8  step (u64)              events applied since the entity's last reset
+        32     8  updated_at (f64)        unix seconds of the write
+        40        LTM (L, H), then STM (L, H)
+
+The fence sits at a fixed offset so the store's Lua scripts can read it without decoding the
+rest. Raw floats make the round trip bit-exact (NaN payloads and -0.0 included) and keep the
+value small: 40 + 2 * L * H * 4 bytes (1064 at L=1, H=128).
+
+Batches are stacked arrays, so encoding and decoding run in numpy, never per float in Python.
+A value that is not ours, truncated or of another shape raises StoreError naming the entity.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_lstm.exceptions import StoreError
+
+__all__ = ["MemoryBatch", "MemoryUpdates", "StoredMemory"]
+
+MAGIC = b"SLTM"
+FORMAT_VERSION = 1
+FLOAT32 = 1
+DTYPES: dict[int, np.dtype[np.floating]] = {FLOAT32: np.dtype("<f4")}
+"""Dtype codes a value may carry; float16 storage would add ``2: np.dtype("<f2")``."""
+
+HEADER = struct.Struct("<4sBBHIiqQd")
+HEADER_SIZE = HEADER.size  # 40
+FENCE_PARTITION_AT = 12
+FENCE_OFFSET_AT = 16
+STEP_AT = 24
+UPDATED_AT = struct.Struct("<d")
+"""updated_at, which follows the step: a reset writes it alone."""
+
+NO_FENCE = -1
+"""Fence partition and offset of an entity that has no stored memory."""
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StoredMemory:
+    """One entity's stored memory, decoded."""
+
+    ltm: F32  # (L, H)
+    stm: F32  # (L, H)
+    step: int
+    fence_partition: int
+    fence_offset: int
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MemoryBatch:
+    """The memories of E entities, stacked; an entity with nothing stored has zeros."""
+
+    entity_ids: Sequence[str]
+    ltm: F32  # (E, L, H)
+    stm: F32  # (E, L, H)
+    step: I64  # (E,)  0 where not found
+    fence_partition: I64  # (E,)  NO_FENCE where not found
+    fence_offset: I64  # (E,)  NO_FENCE where not found
+    found: npt.NDArray[np.bool_]  # (E,)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MemoryUpdates:
+    """New memories for E entities, stacked, each with the fence of the last event applied.
+
+    Raises ValueError when the arrays disagree on E, or the memories are not float32 (a silent
+    cast would break the bit-exact round trip).
+    """
+
+    entity_ids: Sequence[str]
+    ltm: F32  # (E, L, H)
+    stm: F32  # (E, L, H)
+    step: I64  # (E,)
+    fence_partition: I64  # (E,)
+    fence_offset: I64  # (E,)
+
+    def __post_init__(self) -> None:
+        e = len(self.entity_ids)
+        if self.ltm.ndim != 3 or self.ltm.shape[0] != e or self.stm.shape != self.ltm.shape:
+            raise ValueError(
+                f"ltm {self.ltm.shape} and stm {self.stm.shape} must both be ({e}, L, H)"
+            )
+        if self.ltm.dtype != np.float32 or self.stm.dtype != np.float32:
+            raise ValueError(f"memories must be float32, got {self.ltm.dtype}, {self.stm.dtype}")
+        for name in ("step", "fence_partition", "fence_offset"):
+            shape = getattr(self, name).shape
+            if shape != (e,):
+                raise ValueError(f"{name} has shape {shape}, expected ({e},)")
+
+
+@lru_cache(maxsize=64)
+def record_dtype(layers: int, hidden: int) -> np.dtype[np.void]:
+    """The numpy structured dtype of one stored float32 value (packed, same layout as HEADER)."""
+    return np.dtype(
+        [
+            ("magic", "S4"),
+            ("version", "u1"),
+            ("dtype", "u1"),
+            ("layers", "<u2"),
+            ("hidden", "<u4"),
+            ("fence_partition", "<i4"),
+            ("fence_offset", "<i8"),
+            ("step", "<u8"),
+            ("updated_at", "<f8"),
+            ("ltm", "<f4", (layers, hidden)),
+            ("stm", "<f4", (layers, hidden)),
+        ]
+    )
+
+
+def encode_many(updates: MemoryUpdates, updated_at: float) -> list[bytes]:
+    """One encoded value per entity, in order."""
+    e, layers, hidden = updates.ltm.shape
+    records = np.empty(e, dtype=record_dtype(layers, hidden))
+    records["magic"] = MAGIC
+    records["version"] = FORMAT_VERSION
+    records["dtype"] = FLOAT32
+    records["layers"] = layers
+    records["hidden"] = hidden
+    records["fence_partition"] = updates.fence_partition
+    records["fence_offset"] = updates.fence_offset
+    records["step"] = updates.step
+    records["updated_at"] = updated_at
+    records["ltm"] = updates.ltm
+    records["stm"] = updates.stm
+    # Viewed as opaque fixed-size blobs, tolist() cuts one bytes object per record in C.
+    values: list[bytes] = records.view(f"V{records.dtype.itemsize}").tolist()
+    return values
+
+
+def decode(value: bytes) -> StoredMemory:
+    """Decode one stored value; raises StoreError when it is foreign, truncated or too new."""
+    if len(value) < HEADER_SIZE:
+        raise StoreError(
+            f"value of {len(value)} bytes is shorter than the {HEADER_SIZE}-byte header"
+        )
+    magic, version, code, layers, hidden, partition, offset, step, updated_at = HEADER.unpack_from(
+        value
+    )
+    if magic != MAGIC:
+        raise StoreError(f"value is not a stream-lstm memory (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise StoreError(f"value has format version {version}; this build reads {FORMAT_VERSION}")
+    if code not in DTYPES:
+        raise StoreError(f"value has unknown dtype code {code}")
+    dtype = DTYPES[code]
+    expected = HEADER_SIZE + 2 * layers * hidden * dtype.itemsize
+    if len(value) != expected:
+        raise StoreError(
+            f"value of {len(value)} bytes does not match its header "
+            f"(layers={layers}, hidden={hidden}: {expected} bytes); truncated?"
+        )
+    memories = np.frombuffer(value, dtype=dtype, offset=HEADER_SIZE).reshape(2, layers, hidden)
+    return StoredMemory(
+        ltm=memories[0].astype(np.float32),  # a writable copy, float32 whatever the storage
+        stm=memories[1].astype(np.float32),
+        step=step,
+        fence_partition=partition,
+        fence_offset=offset,
+        updated_at=updated_at,
+    )
+
+
+def decode_many(
+    entity_ids: Sequence[str], values: Sequence[bytes | None], layers: int, hidden: int
+) -> MemoryBatch:
+    """Decode the values of an MGET (None: nothing stored) into one stacked batch.
+
+    All values are joined and read by one ``np.frombuffer`` with the record dtype; headers are
+    checked column-wise. Only when a check fails does one value get decoded on its own, to say
+    what is wrong with it.
+    """
+    e = len(entity_ids)
+    dtype = record_dtype(layers, hidden)
+    present = [value for value in values if value is not None]
+    found = np.fromiter((value is not None for value in values), dtype=np.bool_, count=e)
+    lengths = np.fromiter(map(len, present), dtype=np.int64, count=len(present))
+    ok = lengths == dtype.itemsize
+    records = np.frombuffer(b"".join(present), dtype=dtype) if ok.all() else None
+    if records is not None:
+        ok = (
+            (records["magic"] == MAGIC)
+            & (records["version"] == FORMAT_VERSION)
+            & (records["dtype"] == FLOAT32)
+            & (records["layers"] == layers)
+            & (records["hidden"] == hidden)
+        )
+    if records is None or not ok.all():
+        bad = int(np.flatnonzero(found)[np.argmin(ok)])
+        raise _explain(entity_ids[bad], values[bad], layers, hidden)
+
+    ltm = np.zeros((e, layers, hidden), dtype=np.float32)
+    stm = np.zeros((e, layers, hidden), dtype=np.float32)
+    step = np.zeros(e, dtype=np.int64)
+    fence_partition = np.full(e, NO_FENCE, dtype=np.int64)
+    fence_offset = np.full(e, NO_FENCE, dtype=np.int64)
+    ltm[found] = records["ltm"]
+    stm[found] = records["stm"]
+    step[found] = records["step"]
+    fence_partition[found] = records["fence_partition"]
+    fence_offset[found] = records["fence_offset"]
+    return MemoryBatch(entity_ids, ltm, stm, step, fence_partition, fence_offset, found)
+
+
+def _explain(entity_id: str, value: bytes | None, layers: int, hidden: int) -> StoreError:
+    """The error for one value that failed the batch checks."""
+    assert value is not None, "only stored values are checked"
+    try:
+        stored = decode(value)
+    except StoreError as error:
+        return StoreError(f"entity {entity_id!r}: {error}")
+    return StoreError(
+        f"entity {entity_id!r}: stored memory has shape {stored.ltm.shape}, "
+        f"the model expects ({layers}, {hidden})"
+    )

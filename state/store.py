@@ -1,0 +1,326 @@
+"""The memory store: each entity's LTM/STM in Redis, loaded and committed a batch at a time.
+
+Fences make commits safe under Kafka's at-least-once delivery. Every stored memory carries the
+(partition, offset) of the last event applied to it, and a commit writes an entity only when
+its fence is newer than the stored one:
+
+- nothing is stored yet, or
+- the partition differs (the entity's key was re-partitioned, e.g. after the topic grew; the
+  new partition's offsets are not comparable with the old ones, so the latest writer wins), or
+- the offset is greater than the stored offset.
+
+So a worker that lost its partition cannot overwrite what the new owner wrote, a replayed batch
+applies nothing twice, and a retried commit is harmless. Each batch is one Lua script call:
+atomic per entity and one round trip.
+
+Redis calls retry connection errors with redis-py's exponential backoff and jitter; each call,
+retries included, is bounded by ``retry_s`` and then raises StoreUnavailableError. A commit that
+raises may or may not have been written; it is never reported as applied, and committing the
+same updates again is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import numpy.typing as npt
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from state import codec
+from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
+from state.keys import KeyLayout
+from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
+
+__all__ = ["CommitResult", "MemoryStore"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_BACKOFF_BASE_S = 0.01
+_BACKOFF_CAP_S = 1.0
+_CONNECT_TIMEOUT_S = 5.0
+"""A connect slower than this counts as a failed attempt (then retried). Replies have no socket
+timeout of their own (redis-py would spend a task per command on it): ``retry_s`` bounds them."""
+_SCAN_COUNT = 1000
+
+# Lua 5.1 numbers are doubles: read integers byte by byte, and compare an i64 offset as its
+# signed high word then its unsigned low word, which is exact for every offset.
+_LUA_HEADER = r"""
+local HEADER, MAGIC = %(header)d, '%(magic)s'
+local function u32(s, i)
+  local a, b, c, d = string.byte(s, i, i + 3)
+  return a + 256 * (b + 256 * (c + 256 * d))
+end
+local function i32(s, i)
+  local n = u32(s, i)
+  if n >= 2147483648 then n = n - 4294967296 end
+  return n
+end
+local function ours(v)
+  return #v >= HEADER and string.sub(v, 1, #MAGIC) == MAGIC
+end
+local function fence(v)
+  return {i32(v, %(partition)d), i32(v, %(offset)d + 4), u32(v, %(offset)d)}
+end
+local function write(key, v, ttl)
+  if ttl > 0 then redis.call('SET', key, v, 'PX', ttl) else redis.call('SET', key, v) end
+end
+"""
+
+# KEYS[i]: memory keys. ARGV[1]: TTL in ms (0: none). ARGV[i + 1]: the new value of KEYS[i].
+# Returns one code per key: 1 applied, 0 stale. When a stored value is not a memory of this
+# format, nothing is written and its keys get -1. A key may repeat: each occurrence is compared
+# with the fence the previous one left.
+_COMMIT = r"""
+local stored, foreign = {}, false
+for _, key in ipairs(KEYS) do
+  if stored[key] == nil then
+    local v = redis.call('GETRANGE', key, 0, HEADER - 1)  -- the header only: no 1 KB copies
+    if v == '' and redis.call('EXISTS', key) == 0 then stored[key] = false
+    elseif ours(v) then stored[key] = fence(v)
+    else stored[key] = 'foreign'; foreign = true end
+  end
+end
+local codes = {}
+if foreign then
+  for i, key in ipairs(KEYS) do codes[i] = stored[key] == 'foreign' and -1 or 0 end
+  return codes
+end
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local v, old = ARGV[i + 1], stored[key]
+  local new = fence(v)
+  if not old or new[1] ~= old[1] or new[2] > old[2] or (new[2] == old[2] and new[3] > old[3]) then
+    write(key, v, ttl)
+    stored[key] = new
+    codes[i] = 1
+  else
+    codes[i] = 0
+  end
+end
+return codes
+"""
+
+# KEYS[1]: a memory key. ARGV[1]: TTL in ms (0: none). ARGV[2]: updated_at, 8 bytes.
+# Zeroes the step and the memories but keeps the header up to the fence, fence included.
+# Returns 1 when reset, 0 when nothing is stored, -1 when the stored value is foreign.
+_RESET = r"""
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+if not ours(v) then return -1 end
+write(KEYS[1], string.sub(v, 1, %(step)d) .. string.rep('\0', 8) .. ARGV[2]
+  .. string.rep('\0', #v - HEADER), tonumber(ARGV[1]))
+return 1
+"""
+
+_LUA_CONSTANTS = {
+    "header": codec.HEADER_SIZE,
+    "magic": "".join(f"\\{byte}" for byte in codec.MAGIC + bytes([codec.FORMAT_VERSION])),
+    "partition": codec.FENCE_PARTITION_AT + 1,  # Lua strings count from 1
+    "offset": codec.FENCE_OFFSET_AT + 1,
+    "step": codec.STEP_AT,
+}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CommitResult:
+    """Which updates of a commit were written; the others were stale (fence not newer)."""
+
+    entity_ids: Sequence[str]
+    applied: npt.NDArray[np.bool_]  # (E,)
+
+    @property
+    def applied_ids(self) -> list[str]:
+        """Entities whose memory this commit wrote."""
+        return [self.entity_ids[i] for i in np.flatnonzero(self.applied).tolist()]
+
+    @property
+    def stale_ids(self) -> list[str]:
+        """Entities whose stored fence was already as new or newer: nothing written."""
+        return [self.entity_ids[i] for i in np.flatnonzero(~self.applied).tolist()]
+
+
+class MemoryStore:
+    """Entity memories of one namespace and model version, in one Redis.
+
+    Use as ``async with MemoryStore(...) as store`` or close with ``aclose()``.
+
+    - ``ttl_s``: when set, every write (an applied commit or a reset) sets the entity's key to
+      expire after this many seconds, so entities idle for longer are forgotten and start again
+      from zeros with no fence. A stale commit writes nothing and leaves the TTL as it is.
+    - ``retry_s``: how long one call may keep retrying a lost connection before it raises
+      StoreUnavailableError.
+    - ``client``: a ready client to use instead of connecting to ``redis_url`` (the tests pass
+      fakeredis); the store closes it.
+
+    Raises ConfigError for an invalid namespace, model version, ttl_s or retry_s.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        namespace: str,
+        model_version: str,
+        ttl_s: float | None = None,
+        *,
+        retry_s: float = 30.0,
+        client: Redis | None = None,
+    ) -> None:
+        if ttl_s is not None and not ttl_s > 0:
+            raise ConfigError(f"ttl_s must be positive or None, got {ttl_s}")
+        if not retry_s > 0:
+            raise ConfigError(f"retry_s must be positive, got {retry_s}")
+        self._keys = KeyLayout(namespace, model_version)
+        self._url = _without_password(redis_url)
+        self._ttl_ms = 0 if ttl_s is None else max(1, round(ttl_s * 1000))
+        self._retry_s = retry_s
+        self._redis = client if client is not None else _connect(redis_url, retry_s)
+        self._commit = self._redis.register_script((_LUA_HEADER + _COMMIT) % _LUA_CONSTANTS)
+        self._reset = self._redis.register_script((_LUA_HEADER + _RESET) % _LUA_CONSTANTS)
+        logger.debug("memory store %s at %s", self._keys.memory_prefix, self._url)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        await self._redis.aclose()
+
+    async def load_many(self, entity_ids: Sequence[str], layers: int, hidden: int) -> MemoryBatch:
+        """The stored memories of these entities, in one MGET; zeros where nothing is stored.
+
+        Raises StoreError naming the entity when a value does not decode or has another shape.
+        """
+        if not entity_ids:
+            return codec.decode_many(entity_ids, [], layers, hidden)
+        keys = self._keys.memories(entity_ids)
+        values = await self._call(
+            f"load_many of {len(keys)} entities", lambda: self._redis.mget(keys)
+        )
+        return codec.decode_many(entity_ids, cast("list[bytes | None]", values), layers, hidden)
+
+    async def commit_many(self, updates: MemoryUpdates) -> CommitResult:
+        """Write each update whose fence is newer than the stored one, in one script call.
+
+        Raises StoreError when a stored value is foreign (then nothing is written), and
+        StoreUnavailableError when Redis does not answer within the retry budget.
+        """
+        if not updates.entity_ids:
+            return CommitResult(updates.entity_ids, np.zeros(0, dtype=np.bool_))
+        keys = self._keys.memories(updates.entity_ids)
+        values = codec.encode_many(updates, time.time())
+        codes = np.asarray(
+            await self._call(
+                f"commit_many of {len(keys)} entities", lambda: self._commit_group(keys, values)
+            ),
+            dtype=np.int64,
+        )
+        if (codes < 0).any():
+            foreign = [updates.entity_ids[i] for i in np.flatnonzero(codes < 0).tolist()]
+            raise StoreError(
+                f"entities {foreign[:5]!r} hold values that are not stream-lstm memories of "
+                f"format {codec.FORMAT_VERSION}; nothing in this batch was written"
+            )
+        return CommitResult(updates.entity_ids, codes == 1)
+
+    async def _commit_group(self, keys: list[str], values: list[bytes]) -> list[int]:
+        """One fenced script call; the unit a Redis Cluster would run per slot."""
+        codes: list[int] = await self._commit(keys=keys, args=[self._ttl_ms, *values])
+        return codes
+
+    async def get(self, entity_id: str) -> StoredMemory | None:
+        """One entity's stored memory, or None."""
+        key = self._keys.memory(entity_id)
+        value = await self._call(f"get of {entity_id!r}", lambda: self._redis.get(key))
+        if value is None:
+            return None
+        try:
+            return codec.decode(cast("bytes", value))
+        except StoreError as error:
+            raise StoreError(f"entity {entity_id!r}: {error}") from None
+
+    async def reset(self, entity_id: str) -> bool:
+        """Zero an entity's memories and step, keeping its fence; False if nothing is stored.
+
+        The fence stays so that a replay of events from before the reset still applies
+        nothing. Events after the reset build on the zeros.
+        """
+        key = self._keys.memory(entity_id)
+        updated_at = codec.UPDATED_AT.pack(time.time())
+        code: int = await self._call(
+            f"reset of {entity_id!r}",
+            lambda: self._reset(keys=[key], args=[self._ttl_ms, updated_at]),
+        )
+        if code < 0:
+            raise StoreError(f"entity {entity_id!r}: stored value is not a stream-lstm memory")
+        return code == 1
+
+    async def count(self) -> int:
+        """Entities stored under this namespace and model version.
+
+        SCANs the whole keyspace (O(all keys), non-blocking): for tests and operators, not for
+        the hot path. Exact on a quiet keyspace; SCAN may count a key twice while Redis resizes
+        its table.
+        """
+        pattern, cursor, total = self._keys.memory_pattern, 0, 0
+        while True:
+            scan = functools.partial(self._redis.scan, cursor, match=pattern, count=_SCAN_COUNT)
+            cursor, keys = await self._call("count", scan)
+            total += len(keys)
+            if cursor == 0:
+                return total
+
+    async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis call within the retry budget; map failures to StoreError."""
+        try:
+            async with asyncio.timeout(self._retry_s):
+                return await operation()
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError) as error:
+            logger.warning("%s: Redis at %s unavailable: %r", what, self._url, error)
+            raise StoreUnavailableError(
+                f"{what}: Redis at {self._url} did not answer within {self._retry_s:g} s "
+                f"of retries ({error!r})"
+            ) from error
+        except RedisError as error:
+            raise StoreError(f"{what}: Redis at {self._url} failed: {error}") from error
+
+
+def _connect(redis_url: str, retry_s: float) -> Redis:
+    """A client that retries lost connections forever, with backoff; ``_call`` bounds it."""
+    return Redis.from_url(
+        redis_url,
+        retry=Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP_S, base=_BACKOFF_BASE_S), -1),
+        socket_connect_timeout=min(retry_s, _CONNECT_TIMEOUT_S),
+    )
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may appear in logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

