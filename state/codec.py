@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_lstm.exceptions import StoreError
+from stream_lstm.schema import MemorySnapshot
 
 __all__ = ["MemoryBatch", "MemoryUpdates", "StoredMemory"]
 
@@ -68,6 +69,17 @@ class StoredMemory:
     fence_partition: int
     fence_offset: int
     updated_at: float
+
+    def snapshot(self, entity_id: str, model_version: str) -> MemorySnapshot:
+        """The memory as the memory API and the CLI show it."""
+        return MemorySnapshot(
+            entity_id=entity_id,
+            ltm=self.ltm.tolist(),
+            stm=self.stm.tolist(),
+            step=self.step,
+            model_version=model_version,
+            updated_at=self.updated_at,
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)

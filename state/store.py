@@ -293,15 +293,25 @@ class MemoryStore:
             if cursor == 0:
                 return total
 
-    async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+    async def ping(self, timeout_s: float = 2.0) -> None:
+        """Return when Redis answers within ``timeout_s``, else raise StoreUnavailableError.
+
+        For health checks, which must answer quickly rather than wait out ``retry_s``.
+        """
+        await self._call("ping", self._redis.ping, budget_s=timeout_s)
+
+    async def _call(
+        self, what: str, operation: Callable[[], Awaitable[T]], budget_s: float | None = None
+    ) -> T:
         """Run one Redis call within the retry budget; map failures to StoreError."""
+        budget_s = self._retry_s if budget_s is None else budget_s
         try:
-            async with asyncio.timeout(self._retry_s):
+            async with asyncio.timeout(budget_s):
                 return await operation()
         except (TimeoutError, RedisConnectionError, RedisTimeoutError) as error:
             logger.warning("%s: Redis at %s unavailable: %r", what, self._url, error)
             raise StoreUnavailableError(
-                f"{what}: Redis at {self._url} did not answer within {self._retry_s:g} s "
+                f"{what}: Redis at {self._url} did not answer within {budget_s:g} s "
                 f"of retries ({error!r})"
             ) from error
         except RedisError as error:

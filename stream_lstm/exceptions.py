@@ -4,6 +4,7 @@
     ├── ModelError            the model cannot serve (unsupported LSTM, inputs of the wrong shape)
     │   └── CheckpointError   a model file is missing, corrupt, foreign, unsafe or too new
     ├── ConfigError           a setting is invalid; the message names the setting
+    ├── BrokerError           the embedded broker is missing or failed, or a topic was refused
     └── StoreError            the memory store failed or holds a value that does not decode
         └── StoreUnavailableError   Redis did not answer within the retry budget
 
@@ -27,6 +28,10 @@ class CheckpointError(ModelError):
 
 class ConfigError(StreamLSTMError):
     """A setting is invalid; the message names the setting."""
+
+
+class BrokerError(StreamLSTMError):
+    """The embedded broker is missing or did not start, or the broker refused a topic."""
 
 
 class StoreError(StreamLSTMError):

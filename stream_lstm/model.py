@@ -116,13 +116,16 @@ class StreamModel:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if "Weights only load failed" in str(e):
+            unsafe = next((line for line in str(e).splitlines() if "GLOBAL" in line), None)
+            if unsafe is not None:
                 raise CheckpointError(
                     f"model file {str(path)!r} refused: it pickles code or objects other than "
-                    "tensors and plain data, and loading it could run that code; write model "
-                    "files with StreamModel.save"
+                    f"tensors and plain data ({unsafe.strip()}), and loading it could run that "
+                    "code; write model files with StreamModel.save"
                 ) from e
-            raise CheckpointError(f"model file {str(path)!r} is corrupt: {e}") from e
+            raise CheckpointError(
+                f"model file {str(path)!r} is not a readable torch file (corrupt or truncated?)"
+            ) from e
         except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors, ...
             raise CheckpointError(
                 f"model file {str(path)!r} is not a readable torch file "

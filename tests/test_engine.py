@@ -14,23 +14,9 @@ from torch import Tensor, nn
 from stream_lstm.engine import Events, Memory, entity_rows, step
 from stream_lstm.exceptions import ModelError
 from stream_lstm.model import StreamModel
+from tests.offline import offline
 
 TOL = 1e-5
-
-
-def offline(model: StreamModel, events: list[tuple[Tensor, bool]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Reference: nn.LSTM over each run of events since the last reset (outputs, h_n, c_n)."""
-    outputs, h_n, c_n, segment = [], None, None, []
-    for x, reset in events:
-        if reset:
-            segment = []
-        segment.append(x)
-        with torch.no_grad():
-            y, (h_n, c_n) = model.lstm(torch.stack(segment).unsqueeze(1))  # (T, 1, H)
-            outputs.append(model.readout(y[-1]))  # (1, O)
-    assert h_n is not None
-    assert c_n is not None
-    return torch.cat(outputs), h_n[:, 0], c_n[:, 0]
 
 
 def run_stream(

@@ -139,6 +139,10 @@ async def test_unknown_entities_load_as_zeros(store: MemoryStore) -> None:
     assert await store.get("a") is None
 
 
+async def test_ping_answers_when_redis_is_up(store: MemoryStore) -> None:
+    await store.ping(1.0)
+
+
 async def test_empty_batches(store: MemoryStore) -> None:
     assert (await store.load_many([], 2, 3)).ltm.shape == (0, 2, 3)
     assert (await store.commit_many(make_updates([], 0))).applied.shape == (0,)
@@ -471,6 +475,7 @@ async def test_unreachable_redis_raises_within_the_retry_budget() -> None:
                 lambda: store.get("a"),
                 lambda: store.reset("a"),
                 store.count,
+                lambda: store.ping(0.3),
             ):
                 started = time.monotonic()
                 with pytest.raises(

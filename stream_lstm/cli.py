@@ -1,0 +1,275 @@
+"""The ``stream-lstm`` command: run a worker, publish events, tail predictions, query memories.
+
+Every worker setting is an environment variable (``STREAM_LSTM_*``) and a flag of the same name;
+a flag wins. The layers below are imported inside the commands, so ``--help`` stays fast and the
+compute package does not depend on the ones that do I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from stream_lstm.exceptions import StreamLSTMError
+
+if TYPE_CHECKING:
+    from state import MemoryStore
+    from stream_lstm.model import StreamModel
+    from workers.settings import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def settings_options(*names: str) -> Callable[[F], F]:
+    """Add a flag for each named setting (all of them when none are named), help from the field."""
+    from workers.settings import Settings, env_name
+
+    def decorate(command: F) -> F:
+        fields = Settings.model_fields
+        for name in reversed(names or tuple(fields)):
+            field = fields[name]
+            default = "unset" if field.default is None else field.default
+            command = click.option(
+                f"--{name.replace('_', '-')}",
+                name,
+                default=None,
+                help=f"{field.description} [env {env_name(name)}; default: {default}]",
+            )(command)
+        return command
+
+    return decorate
+
+
+def fail_clearly(command: F) -> F:
+    """Turn our own errors into one line on stderr and exit status 2, no traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except StreamLSTMError as e:
+            click.echo(f"stream-lstm: error: {e}", err=True)
+            sys.exit(2)
+
+    return run  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="stream-lstm")
+def main() -> None:
+    """Stateful LSTM inference for many entities on a Kafka stream, memories in Redis.
+
+    Events (JSON, keyed by entity id) go in on one topic; a worker runs one batched LSTM step
+    per micro-batch and writes a prediction per event to another topic, keeping each entity's
+    long- and short-term memory in Redis.
+    """
+
+
+@main.command()
+@settings_options()
+@fail_clearly
+def worker(**flags: Any) -> None:
+    """Run a worker: read events, predict, emit, keep memories. SIGTERM stops it cleanly.
+
+    It joins the consumer group APP_ID, creates missing topics with PARTITIONS partitions,
+    serves GET/DELETE /entities/{id}/memory, /health and /metrics on WEB_PORT, and on
+    SIGTERM finishes the batch in hand, commits it and exits 0.
+    """
+    import faust
+
+    from workers.app import StreamWorker, ensure_topics
+    from workers.settings import Settings
+
+    settings = Settings.load(**flags)
+    model = load_model(settings)
+    asyncio.run(ensure_topics(settings))
+    stream_worker = StreamWorker(settings, model)
+    faust.Worker(
+        stream_worker.app, loglevel=settings.log_level.replace("warning", "warn")
+    ).execute_from_commandline()
+
+
+@main.command()
+@click.argument("file", type=click.File("rb"))
+@settings_options("broker", "input_topic")
+@fail_clearly
+def publish(file: IO[bytes], **flags: Any) -> None:
+    """Send JSONL events from FILE (or - for stdin), each keyed by its entity_id.
+
+    A line that is not an event with an entity_id is sent as is, without a key: the worker
+    puts it on the dead-letter topic with the reason.
+    """
+    from workers.settings import Settings
+
+    settings = Settings.load(**flags)
+    lines = [line for line in file.read().splitlines() if line.strip()]
+    sent = asyncio.run(_publish(settings, lines))
+    click.echo(f"published {sent} events to {settings.input_topic}", err=True)
+
+
+async def _publish(settings: Settings, lines: list[bytes]) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        with click.progressbar(length=len(lines), label="publishing", file=sys.stderr) as bar:
+            pending = []
+            for line in lines:
+                pending.append(
+                    await producer.send(settings.input_topic, line, key=_entity_key(line))
+                )
+                bar.update(1)
+            await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return len(lines)
+
+
+def _entity_key(line: bytes) -> bytes | None:
+    import orjson
+
+    try:
+        entity = orjson.loads(line).get("entity_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return entity.encode() if isinstance(entity, str) else None
+
+
+@main.command()
+@settings_options("broker", "output_topic")
+@click.option(
+    "--from-beginning", is_flag=True, help="Start at the oldest prediction, not the newest."
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Exit after this many predictions.")
+@click.option(
+    "--idle-timeout-s", type=click.FloatRange(min=0), help="Exit after this long without one."
+)
+@fail_clearly
+def tail(
+    from_beginning: bool, limit: int | None, idle_timeout_s: float | None, **flags: Any
+) -> None:
+    """Print the prediction stream as JSONL on stdout, until Ctrl-C (or --limit / idle timeout)."""
+    from workers.settings import Settings
+
+    settings = Settings.load(**flags)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_tail(settings, from_beginning, limit, idle_timeout_s))
+
+
+async def _tail(
+    settings: Settings, from_beginning: bool, limit: int | None, idle_timeout_s: float | None
+) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        settings.output_topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    printed = 0
+    try:
+        while limit is None or printed < limit:
+            timeout_ms = int(idle_timeout_s * 1000) if idle_timeout_s is not None else 60_000
+            batches = await consumer.getmany(timeout_ms=timeout_ms)
+            if not batches and idle_timeout_s is not None:
+                return
+            for record in _in_order(batches):
+                sys.stdout.buffer.write(record.value + b"\n")
+                printed += 1
+                if limit is not None and printed >= limit:
+                    break
+            sys.stdout.flush()
+    finally:
+        await consumer.stop()
+
+
+def _in_order(batches: dict[Any, list[Any]]) -> Iterator[Any]:
+    for records in batches.values():
+        yield from records
+
+
+@main.group()
+def memory() -> None:
+    """Read or reset an entity's stored memory directly in Redis."""
+
+
+@memory.command("get")
+@click.argument("entity_id")
+@settings_options("redis_url", "app_id", "model", "device")
+@fail_clearly
+def memory_get(entity_id: str, **flags: Any) -> None:
+    """Print ENTITY_ID's memory (MemorySnapshot JSON); exit 1 when none is stored."""
+    from stream_lstm.schema import MemorySnapshot
+    from workers.settings import Settings
+
+    settings = Settings.load(**flags)
+    model = load_model(settings)
+
+    async def get() -> MemorySnapshot | None:
+        async with _store(settings, model) as store:
+            stored = await store.get(entity_id)
+        return stored.snapshot(entity_id, model.version) if stored is not None else None
+
+    snapshot = asyncio.run(get())
+    if snapshot is None:
+        click.echo(f"no memory stored for {entity_id!r} (model {model.version})", err=True)
+        sys.exit(1)
+    click.echo(snapshot.model_dump_json())
+
+
+@memory.command("reset")
+@click.argument("entity_id")
+@settings_options("redis_url", "app_id", "model", "device")
+@fail_clearly
+def memory_reset(entity_id: str, **flags: Any) -> None:
+    """Reset ENTITY_ID's memory to zeros (its next event is step 1); exit 1 when none is stored."""
+    from workers.settings import Settings
+
+    settings = Settings.load(**flags)
+    model = load_model(settings)
+
+    async def reset() -> bool:
+        async with _store(settings, model) as store:
+            return await store.reset(entity_id)
+
+    if not asyncio.run(reset()):
+        click.echo(f"no memory stored for {entity_id!r} (model {model.version})", err=True)
+        sys.exit(1)
+    click.echo(f"reset {entity_id!r}", err=True)
+
+
+def load_model(settings: Settings) -> StreamModel:
+    """The model named by the settings; a bad file is a ConfigError naming STREAM_LSTM_MODEL."""
+    from stream_lstm.exceptions import ConfigError, ModelError
+    from stream_lstm.model import StreamModel
+    from workers.settings import env_name
+
+    path: Path | None = settings.model
+    if path is None:
+        raise ConfigError(
+            f"{env_name('model')} / --model is not set: point it at a file written by "
+            "StreamModel.save"
+        )
+    try:
+        return StreamModel.load(path, device=settings.device)
+    except ModelError as e:
+        raise ConfigError(f"{env_name('model')} / --model: {e}") from e
+
+
+def _store(settings: Settings, model: StreamModel) -> MemoryStore:
+    from state import MemoryStore
+
+    return MemoryStore(
+        settings.redis_url, settings.app_id, model.version, ttl_s=settings.memory_ttl_s
+    )

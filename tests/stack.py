@@ -1,0 +1,257 @@
+"""A test's slice of the real stack: its own topics, consumer group and namespace on the session's
+broker and Redis, a model file, and worker processes started as a user would start them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from state import RedisServer
+from stream_lstm.model import StreamModel
+from tests.offline import offline
+from workers.broker import KafkaBroker
+
+WORKER_START_S = 60.0
+SESSION_TIMEOUT_S = 2.0  # joins take ~1 s on Tansu at this setting (FIELD-NOTES)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class WorkerProcess:
+    """``python -m stream_lstm worker`` in its own process, stopped by PID."""
+
+    process: subprocess.Popen[bytes]
+    web_port: int
+    log: Path
+
+    def http(self, method: str, path: str) -> tuple[int, Any]:
+        """One request to the worker's web server: (status, parsed JSON or text)."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.web_port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body.decode()
+
+    def memory(self, entity_id: str) -> tuple[int, Any]:
+        return self.http("GET", f"/entities/{urllib.parse.quote(entity_id, safe='')}/memory")
+
+    def wait_ready(self, timeout_s: float = WORKER_START_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"worker exited early:\n{self.log_text()}"
+            try:
+                if self.http("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"worker not ready within {timeout_s}s:\n{self.log_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
+        """Signal the worker and return its exit status (it must exit within ``timeout_s``)."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"worker ignored signal {sig} for {timeout_s}s") from None
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of the worker's /metrics."""
+        status, text = self.http("GET", "/metrics")
+        assert status == 200
+        for line in text.splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+        raise AssertionError(f"no metric {name} in:\n{text}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+
+@dataclass
+class Stack:
+    """Topics, group, namespace and model of one test, on the session's broker and Redis."""
+
+    broker: KafkaBroker
+    redis: RedisServer
+    model_path: Path
+    tmp: Path
+    name: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    @property
+    def model(self) -> StreamModel:
+        return StreamModel.load(self.model_path, device="cpu")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "STREAM_LSTM_BROKER": self.broker.url,
+            "STREAM_LSTM_REDIS_URL": self.redis.url,
+            "STREAM_LSTM_MODEL": str(self.model_path),
+            "STREAM_LSTM_APP_ID": self.name,
+            "STREAM_LSTM_INPUT_TOPIC": f"{self.name}-events",
+            "STREAM_LSTM_OUTPUT_TOPIC": f"{self.name}-predictions",
+            "STREAM_LSTM_DEAD_LETTER_TOPIC": f"{self.name}-dead",
+            "STREAM_LSTM_PARTITIONS": "4",
+            "STREAM_LSTM_SESSION_TIMEOUT_S": str(SESSION_TIMEOUT_S),
+            "STREAM_LSTM_DEVICE": "cpu",
+        }
+
+    def start_worker(self, **settings: str) -> WorkerProcess:
+        """Start a worker and wait until its health endpoint says ready."""
+        web_port = free_port()
+        log = self.tmp / f"worker-{len(self.workers)}.log"
+        env = {
+            **os.environ,
+            **self.env,
+            "STREAM_LSTM_WEB_PORT": str(web_port),
+            **{f"STREAM_LSTM_{k.upper()}": v for k, v in settings.items()},
+        }
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "stream_lstm", "worker"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        worker = WorkerProcess(process, web_port, log)
+        self.workers.append(worker)
+        worker.wait_ready()
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait()
+
+    async def publish(self, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
+        """Send (key, value) pairs to the input topic and wait until all are acknowledged."""
+        producer = AIOKafkaProducer(bootstrap_servers=self.broker.bootstrap, acks="all")
+        await producer.start()
+        try:
+            topic = self.env["STREAM_LSTM_INPUT_TOPIC"]
+            pending = [await producer.send(topic, value, key=key) for key, value in messages]
+            await asyncio.gather(*pending)
+        finally:
+            await producer.stop()
+
+    async def read(
+        self,
+        topic: str,
+        count: int,
+        entities: Collection[str] | None = None,
+        timeout_s: float = 60.0,
+    ) -> list[dict[str, Any]]:
+        """At least ``count`` messages of a topic from its start (only those about ``entities``
+        when given), parsed; fails on timeout."""
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=self.broker.bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        found: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(found) < count and time.monotonic() < deadline:
+                batches = await consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    messages = (orjson.loads(r.value) for r in records)
+                    found.extend(
+                        m for m in messages if entities is None or m.get("entity_id") in entities
+                    )
+        finally:
+            await consumer.stop()
+        assert len(found) >= count, f"{len(found)} of {count} messages on {topic} in {timeout_s}s"
+        return found
+
+    async def predictions(
+        self, count: int, entities: Collection[str] | None = None
+    ) -> list[dict[str, Any]]:
+        return await self.read(self.env["STREAM_LSTM_OUTPUT_TOPIC"], count, entities)
+
+    async def dead_letters(self, count: int) -> list[dict[str, Any]]:
+        return await self.read(self.env["STREAM_LSTM_DEAD_LETTER_TOPIC"], count)
+
+
+def event(entity_id: str, features: list[float], **extra: Any) -> tuple[bytes, bytes]:
+    """A well-formed event, keyed by its entity id."""
+    value = orjson.dumps({"entity_id": entity_id, "features": features, **extra})
+    return entity_id.encode(), value
+
+
+def check_against_offline(
+    model: StreamModel,
+    history: dict[str, list[tuple[list[float], bool]]],
+    predictions: list[dict[str, Any]],
+    tolerance: float = 1e-4,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every entity's predictions, in order, equal nn.LSTM on its history; returns final (h, c).
+
+    A prediction seen twice (a replay) must be identical to the first.
+    """
+    by_source: dict[tuple[int, int], dict[str, Any]] = {}
+    for prediction in predictions:
+        source = (prediction["source"]["partition"], prediction["source"]["offset"])
+        first = by_source.setdefault(source, prediction)
+        assert first == prediction, f"a replayed prediction differs: {first} vs {prediction}"
+    per_entity: dict[str, list[dict[str, Any]]] = {}
+    for prediction in sorted(by_source.values(), key=lambda p: p["source"]["offset"]):
+        per_entity.setdefault(prediction["entity_id"], []).append(prediction)
+    assert sorted(per_entity) == sorted(history), "every entity, and only those, predicted"
+    finals = {}
+    for entity_id, events in history.items():
+        got = per_entity[entity_id]
+        assert len(got) == len(events), (
+            f"{entity_id!r}: {len(got)} predictions, {len(events)} events"
+        )
+        tensors = [(torch.tensor(x, dtype=torch.float32), reset) for x, reset in events]
+        want, h_n, c_n = offline(model, tensors)
+        torch.testing.assert_close(
+            torch.tensor([p["output"] for p in got]), want, atol=tolerance, rtol=0
+        )
+        since_reset, steps = 0, []
+        for _, reset in events:
+            since_reset = 1 if reset else since_reset + 1
+            steps.append(since_reset)
+        assert [p["step"] for p in got] == steps, entity_id
+        assert all(p["model_version"] == model.version for p in got)
+        finals[entity_id] = (h_n, c_n)
+    return finals

@@ -1,0 +1,152 @@
+"""A micro-batch's pure steps: dead letters with reasons, replays dropped, fences per entity."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import orjson
+import pytest
+import torch
+from torch import nn
+
+from state.codec import MemoryBatch, decode_many
+from stream_lstm.model import StreamModel
+from stream_lstm.schema import Prediction
+from workers.batch import DEAD_PAYLOAD_MAX, Checked, Record, apply, check
+
+TOPIC = "events"
+
+
+def record(
+    value: bytes | None, key: bytes | None = b"a", offset: int = 0, partition: int = 0
+) -> Record:
+    return Record(TOPIC, partition, offset, key, value)
+
+
+def event(entity: str = "a", features: list[float] | None = None, **extra: object) -> bytes:
+    return orjson.dumps({"entity_id": entity, "features": features or [0.5, -1.0], **extra})
+
+
+@pytest.fixture
+def model() -> StreamModel:
+    torch.manual_seed(0)
+    return StreamModel.from_torch(nn.LSTM(2, 3), nn.Linear(3, 2), labels=["dog", "wolf"])
+
+
+def empty_memory(checked: Checked, model: StreamModel) -> MemoryBatch:
+    ids = list(dict.fromkeys(e.entity_id for e in checked.events))
+    return decode_many(ids, [None] * len(ids), model.num_layers, model.hidden_size)
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "reason", "error"),
+    [
+        (b"{not json", b"a", "not_json", "not valid JSON"),
+        (b"[1, 2]", b"a", "not_object", "JSON object"),
+        (b'"text"', b"a", "not_object", "JSON object"),
+        (b"", b"a", "not_json", "not valid JSON"),
+        (None, b"a", "not_json", "not valid JSON"),
+        (event(features=[1.0]), b"a", "invalid_event", "1 features, the model takes 2"),
+        (b'{"entity_id": "a", "features": [NaN, 1]}', b"a", "invalid_event", "features.0"),
+        (b'{"entity_id": "a", "features": [1e999, 1]}', b"a", "invalid_event", "features.0"),
+        (b'{"features": [1, 2]}', None, "invalid_event", "entity_id: Field required"),
+        (event(entity=""), b"", "invalid_event", "entity_id"),
+        (event(entity="b"), b"a", "key_mismatch", "differs from entity_id"),
+        (event(), None, "key_mismatch", "no key"),
+        (event(), b"\xff\xfe", "key_mismatch", "not UTF-8"),
+        (event(extra="x" * 200), b"a", "oversized", "at most 128"),
+    ],
+)
+def test_each_bad_record_is_a_dead_letter_with_its_reason(
+    value: bytes | None, key: bytes | None, reason: str, error: str
+) -> None:
+    checked = check([record(value, key)], input_size=2, max_event_bytes=128)
+    assert checked.events == []
+    (dead,) = checked.dead
+    assert dead.reason == reason
+    assert error in dead.error
+
+
+def test_dead_letters_carry_the_original_bytes_and_source() -> None:
+    raw = b"\xff\x00 not text"
+    (dead,) = check([record(raw, b"k", offset=7, partition=3)], 2, 1024).dead
+    letter = orjson.loads(dead.encode())
+    assert letter["reason"] == "not_json"
+    assert letter["payload_encoding"] == "base64"
+    assert base64.b64decode(letter["payload"]) == raw
+    assert (letter["key"], letter["key_encoding"]) == ("k", "utf-8")
+    assert letter["source"] == {"topic": TOPIC, "partition": 3, "offset": 7}
+    assert letter["payload_truncated"] is False
+
+
+def test_a_huge_payload_is_truncated_in_its_dead_letter_but_sized() -> None:
+    raw = b"x" * (DEAD_PAYLOAD_MAX + 10)
+    (dead,) = check([record(raw)], 2, 1024).dead
+    letter = orjson.loads(dead.encode())
+    assert letter["payload_bytes"] == DEAD_PAYLOAD_MAX + 10
+    assert letter["payload_truncated"] is True
+    assert len(letter["payload"]) == DEAD_PAYLOAD_MAX
+
+
+def test_good_events_around_bad_ones_go_on_in_order() -> None:
+    records = [record(event(), offset=0), record(b"junk", offset=1), record(event(), offset=2)]
+    checked = check(records, 2, 1024)
+    assert [r.offset for r in checked.records] == [0, 2]
+    assert [d.record.offset for d in checked.dead] == [1]
+
+
+def test_apply_predicts_each_event_and_fences_each_entity(model: StreamModel) -> None:
+    records = [
+        record(event("a", [1, 0], event_id="e0"), b"a", offset=10),
+        record(event("b", [0, 1]), b"b", offset=11),
+        record(event("a", [1, 1]), b"a", offset=12),
+    ]
+    checked = check(records, 2, 1024)
+    applied = apply(model, checked, empty_memory(checked, model))
+
+    predictions = [Prediction.model_validate_json(value) for _, value in applied.predictions]
+    assert [key for key, _ in applied.predictions] == [b"a", b"b", b"a"]
+    assert [(p.entity_id, p.step, p.source.offset) for p in predictions] == [
+        ("a", 1, 10),
+        ("b", 1, 11),
+        ("a", 2, 12),
+    ]
+    assert predictions[0].event_id == "e0"
+    assert all(p.model_version == model.version for p in predictions)
+    assert all(p.label == ["dog", "wolf"][int(np.argmax(p.output))] for p in predictions)
+    assert list(applied.updates.entity_ids) == ["a", "b"]
+    assert applied.updates.fence_offset.tolist() == [12, 11]
+    assert applied.updates.step.tolist() == [2, 1]
+    assert applied.replayed == 0
+
+
+def test_apply_drops_events_whose_fence_is_stored(model: StreamModel) -> None:
+    records = [record(event("a"), offset=o) for o in (5, 6, 7)]
+    checked = check(records, 2, 1024)
+    memory = empty_memory(checked, model)
+    memory.found[0], memory.fence_partition[0], memory.fence_offset[0] = True, 0, 6
+    memory.step[0] = 6
+
+    applied = apply(model, checked, memory)
+
+    assert applied.replayed == 2
+    assert [orjson.loads(v)["source"]["offset"] for _, v in applied.predictions] == [7]
+    assert [orjson.loads(v)["step"] for _, v in applied.predictions] == [7]
+    assert applied.updates.fence_offset.tolist() == [7]
+
+
+def test_a_fully_replayed_entity_is_not_committed(model: StreamModel) -> None:
+    checked = check([record(event("a"), offset=3)], 2, 1024)
+    memory = empty_memory(checked, model)
+    memory.found[0], memory.fence_partition[0], memory.fence_offset[0] = True, 0, 3
+    applied = apply(model, checked, memory)
+    assert applied.predictions == []
+    assert list(applied.updates.entity_ids) == []
+
+
+def test_an_event_from_another_partition_is_not_a_replay(model: StreamModel) -> None:
+    checked = check([record(event("a"), offset=3, partition=1)], 2, 1024)
+    memory = empty_memory(checked, model)
+    memory.found[0], memory.fence_partition[0], memory.fence_offset[0] = True, 0, 9
+    assert apply(model, checked, memory).replayed == 0

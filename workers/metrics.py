@@ -1,0 +1,74 @@
+"""The worker's Prometheus metrics, in a registry of its own so tests can run several apps."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from workers.batch import BatchReport
+
+BATCH_SIZES = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 16384)
+STEP_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+CONTENT_TYPE = "text/plain; version=0.0.4"
+
+
+class Metrics:
+    """Counters and histograms of what the worker did."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.totals = {"events": 0, "batches": 0, "dead letters": 0}
+        self.events = Counter(
+            "stream_lstm_events", "Events read, dead letters included", registry=self.registry
+        )
+        self.batches = Counter(
+            "stream_lstm_batches", "Micro-batches processed", registry=self.registry
+        )
+        self.dead_letters = Counter(
+            "stream_lstm_dead_letters",
+            "Events sent to the dead-letter topic",
+            registry=self.registry,
+        )
+        self.replayed = Counter(
+            "stream_lstm_replayed_events",
+            "Events skipped because their memory update was already stored",
+            registry=self.registry,
+        )
+        self.stale = Counter(
+            "stream_lstm_stale_commits",
+            "Memory writes refused by a newer stored fence",
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "stream_lstm_batch_size",
+            "Events per micro-batch",
+            buckets=BATCH_SIZES,
+            registry=self.registry,
+        )
+        self.step_seconds = Histogram(
+            "stream_lstm_step_seconds",
+            "Engine step time per micro-batch",
+            buckets=STEP_SECONDS,
+            registry=self.registry,
+        )
+        self.lag = Gauge(
+            "stream_lstm_consumer_lag",
+            "Events behind the high watermark, per input partition",
+            ["partition"],
+            registry=self.registry,
+        )
+
+    def observe(self, report: BatchReport) -> None:
+        self.totals["events"] += report.events
+        self.totals["batches"] += 1
+        self.totals["dead letters"] += report.dead
+        self.events.inc(report.events)
+        self.batches.inc()
+        self.dead_letters.inc(report.dead)
+        self.replayed.inc(report.replayed)
+        self.stale.inc(report.stale)
+        self.batch_size.observe(report.events)
+        self.step_seconds.observe(report.step_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
