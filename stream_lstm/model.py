@@ -159,6 +159,7 @@ class StreamModel:
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(blob, f)
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a worker may run as another user
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
