@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import signal
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -83,11 +86,13 @@ def worker(**flags: Any) -> None:
     SIGTERM finishes the batch in hand, commits it and exits 0.
     """
     import faust
+    import torch
 
     from workers.app import StreamWorker, ensure_topics
     from workers.settings import Settings
 
     settings = Settings.load(**flags)
+    torch.set_num_threads(settings.torch_threads)
     model = load_model(settings)
     asyncio.run(ensure_topics(settings))
     stream_worker = StreamWorker(settings, model)
@@ -199,6 +204,98 @@ def _in_order(batches: dict[Any, list[Any]]) -> Iterator[Any]:
         yield from records
 
 
+@main.command()
+@click.option(
+    "--channels",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="TV channels (entities).",
+)
+@click.option(
+    "--frames",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Frames (events) per channel.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=2000.0,
+    show_default=True,
+    help="Events offered per second (0: as fast as possible).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the workload.")
+@fail_clearly
+def demo(channels: int, frames: int, rate: float, seed: int) -> None:
+    """Run the lecture's TV-show example on an embedded stack, print a summary, stop everything.
+
+    Starts a Kafka-protocol broker (Tansu), a Redis-protocol server and a worker with the
+    bundled TV-show model on free local ports; streams each channel's frames twice (with
+    memory, and with memory reset at every event); prints accuracy on the ambiguous dog-or-wolf
+    frames, events/s, latency percentiles and one channel's stored memory. Ctrl-C stops it all.
+    """
+    from workers import demo as run_demo
+    from workers.stack import Stack
+
+    with _stopped_by_sigterm(), tempfile.TemporaryDirectory(prefix="stream-lstm-demo-") as tmp:
+        click.echo("starting the broker, Redis and a worker ...", err=True)
+        started = time.monotonic()
+        with Stack(Path(tmp)) as stack:
+            click.echo(f"stack up in {time.monotonic() - started:.1f}s", err=True)
+            summary = run_demo.run(stack, channels, frames, rate, seed)
+            status, snapshot = stack.worker.memory(summary.showcase)
+            if status != 200:
+                raise StreamLSTMError(f"no memory of {summary.showcase!r}: {snapshot}")
+        click.echo(run_demo.report(summary, snapshot, rate))
+
+
+@main.command()
+@settings_options("model", "max_batch", "max_delay_ms")
+@fail_clearly
+def dev(**flags: Any) -> None:
+    """Start a broker, Redis and a worker on free local ports and keep them up until Ctrl-C.
+
+    Prints the addresses to export in another terminal, to publish, tail and query there.
+    """
+    from workers.stack import Stack
+
+    settings = {k: str(v) for k, v in flags.items() if v is not None}
+    with (
+        _stopped_by_sigterm(),
+        tempfile.TemporaryDirectory(prefix="stream-lstm-dev-") as tmp,
+        Stack(Path(tmp), settings) as stack,
+    ):
+        click.echo(
+            "stream-lstm dev stack is up; in another terminal:\n\n"
+            f"  export STREAM_LSTM_BROKER={stack.broker.url}\n"
+            f"  export STREAM_LSTM_REDIS_URL={stack.redis.url}\n"
+            f"  stream-lstm publish events.jsonl\n"
+            f"  stream-lstm tail --from-beginning\n"
+            f"  curl {stack.worker.web_url}/health\n\n"
+            f"worker log: {stack.worker.log_path}\nCtrl-C stops everything."
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            while stack.worker.process is not None and stack.worker.process.poll() is None:
+                time.sleep(0.5)
+        click.echo("stopping ...", err=True)
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C, so every process we started is stopped on the way out."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @main.group()
 def memory() -> None:
     """Read or reset an entity's stored memory directly in Redis."""
@@ -255,12 +352,7 @@ def load_model(settings: Settings) -> StreamModel:
     from stream_lstm.model import StreamModel
     from workers.settings import env_name
 
-    path: Path | None = settings.model
-    if path is None:
-        raise ConfigError(
-            f"{env_name('model')} / --model is not set: point it at a file written by "
-            "StreamModel.save"
-        )
+    path = settings.model
     try:
         return StreamModel.load(path, device=settings.device)
     except ModelError as e:

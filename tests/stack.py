@@ -4,16 +4,8 @@ broker and Redis, a model file, and worker processes started as a user would sta
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -28,80 +20,13 @@ from state import RedisServer
 from stream_lstm.model import StreamModel
 from tests.offline import offline
 from workers.broker import KafkaBroker
+from workers.stack import WorkerProcess
 
-WORKER_START_S = 60.0
 SESSION_TIMEOUT_S = 2.0  # joins take ~1 s on Tansu at this setting (FIELD-NOTES)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @dataclass
-class WorkerProcess:
-    """``python -m stream_lstm worker`` in its own process, stopped by PID."""
-
-    process: subprocess.Popen[bytes]
-    web_port: int
-    log: Path
-
-    def http(self, method: str, path: str) -> tuple[int, Any]:
-        """One request to the worker's web server: (status, parsed JSON or text)."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.web_port}{path}", method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                status, body = response.status, response.read()
-        except urllib.error.HTTPError as error:
-            status, body = error.code, error.read()
-        try:
-            return status, json.loads(body)
-        except ValueError:
-            return status, body.decode()
-
-    def memory(self, entity_id: str) -> tuple[int, Any]:
-        return self.http("GET", f"/entities/{urllib.parse.quote(entity_id, safe='')}/memory")
-
-    def wait_ready(self, timeout_s: float = WORKER_START_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"worker exited early:\n{self.log_text()}"
-            try:
-                if self.http("GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"worker not ready within {timeout_s}s:\n{self.log_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
-        """Signal the worker and return its exit status (it must exit within ``timeout_s``)."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"worker ignored signal {sig} for {timeout_s}s") from None
-
-    def metric(self, name: str) -> float:
-        """One unlabelled sample of the worker's /metrics."""
-        status, text = self.http("GET", "/metrics")
-        assert status == 200
-        for line in text.splitlines():
-            if line.startswith(f"{name} "):
-                return float(line.split()[1])
-        raise AssertionError(f"no metric {name} in:\n{text}")
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")[-6000:]
-
-
-@dataclass
-class Stack:
+class StreamSlice:
     """Topics, group, namespace and model of one test, on the session's broker and Redis."""
 
     broker: KafkaBroker
@@ -132,32 +57,15 @@ class Stack:
 
     def start_worker(self, **settings: str) -> WorkerProcess:
         """Start a worker and wait until its health endpoint says ready."""
-        web_port = free_port()
-        log = self.tmp / f"worker-{len(self.workers)}.log"
-        env = {
-            **os.environ,
-            **self.env,
-            "STREAM_LSTM_WEB_PORT": str(web_port),
-            **{f"STREAM_LSTM_{k.upper()}": v for k, v in settings.items()},
-        }
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "stream_lstm", "worker"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        worker = WorkerProcess(process, web_port, log)
+        env = {**self.env, **{f"STREAM_LSTM_{k.upper()}": v for k, v in settings.items()}}
+        worker = WorkerProcess(env, self.tmp / f"worker-{len(self.workers)}.log").start()
         self.workers.append(worker)
         worker.wait_ready()
         return worker
 
     def stop_all(self) -> None:
         for worker in self.workers:
-            if worker.process.poll() is None:
-                worker.process.kill()
-                worker.process.wait()
+            worker.stop(signal.SIGKILL)
 
     async def publish(self, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
         """Send (key, value) pairs to the input topic and wait until all are acknowledged."""

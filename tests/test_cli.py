@@ -79,7 +79,6 @@ def test_a_bad_setting_stops_the_worker_naming_it() -> None:
         (["--input-topic", "bad topic"], "STREAM_LSTM_INPUT_TOPIC / --input-topic"),
         (["--memory-ttl-s", "-5"], "STREAM_LSTM_MEMORY_TTL_S / --memory-ttl-s"),
         (["--model", "/nonexistent/model.pt"], "STREAM_LSTM_MODEL / --model: model file"),
-        ([], "STREAM_LSTM_MODEL / --model is not set"),
     ],
 )
 def test_bad_worker_configuration_fails_at_start(

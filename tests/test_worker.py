@@ -18,8 +18,9 @@ from torch import nn
 
 from state import RedisServer
 from stream_lstm.model import StreamModel
-from tests.stack import Stack, WorkerProcess, check_against_offline, event
+from tests.stack import StreamSlice, check_against_offline, event
 from workers.broker import KafkaBroker
+from workers.stack import WorkerProcess
 
 INPUT = 4
 AWKWARD_IDS = [
@@ -51,15 +52,15 @@ def stack(
     redis_server: RedisServer,
     model_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Stack]:
+) -> Iterator[StreamSlice]:
     """One stack (topics, group, namespace) shared by the tests of one running worker."""
-    stack = Stack(kafka_broker, redis_server, model_path, tmp_path_factory.mktemp("stack"))
+    stack = StreamSlice(kafka_broker, redis_server, model_path, tmp_path_factory.mktemp("stack"))
     yield stack
     stack.stop_all()
 
 
 @pytest.fixture(scope="module")
-def worker(stack: Stack) -> WorkerProcess:
+def worker(stack: StreamSlice) -> WorkerProcess:
     return stack.start_worker()
 
 
@@ -83,7 +84,7 @@ def random_stream(
     return messages, history
 
 
-async def test_golden_end_to_end(stack: Stack, worker: WorkerProcess) -> None:
+async def test_golden_end_to_end(stack: StreamSlice, worker: WorkerProcess) -> None:
     rng = random.Random(1)
     entity_ids = [f"golden-{k}" for k in range(120)] + AWKWARD_IDS
     messages, history = random_stream(rng, entity_ids, per_entity=20)
@@ -107,7 +108,7 @@ async def test_golden_end_to_end(stack: Stack, worker: WorkerProcess) -> None:
 
 
 async def test_many_events_of_one_entity_in_one_batch_apply_in_order(
-    stack: Stack, worker: WorkerProcess
+    stack: StreamSlice, worker: WorkerProcess
 ) -> None:
     rng = random.Random(2)
     history = {"burst": [([rng.uniform(-1, 1) for _ in range(INPUT)], False) for _ in range(300)]}
@@ -137,7 +138,7 @@ BAD_INPUTS: list[tuple[str, bytes | None, bytes]] = [
 
 
 async def test_bad_input_goes_to_dead_letters_and_good_events_around_it_are_exact(
-    stack: Stack, worker: WorkerProcess
+    stack: StreamSlice, worker: WorkerProcess
 ) -> None:
     rng = random.Random(3)
     history: dict[str, list[tuple[list[float], bool]]] = {"around-a": [], "around-b": []}
@@ -171,7 +172,7 @@ async def test_bad_input_goes_to_dead_letters_and_good_events_around_it_are_exac
     check_against_offline(stack.model, history, predictions)
 
 
-async def test_memory_api_reset_and_missing(stack: Stack, worker: WorkerProcess) -> None:
+async def test_memory_api_reset_and_missing(stack: StreamSlice, worker: WorkerProcess) -> None:
     await stack.publish([event("api-1", [0.1, 0.2, 0.3, 0.4])])
     await stack.predictions(1, entities={"api-1"})
 
@@ -197,7 +198,7 @@ def test_health_reports_each_dependency(worker: WorkerProcess) -> None:
 async def test_graceful_restart_continues_every_memory(
     kafka_broker: KafkaBroker, redis_server: RedisServer, model_path: Path, tmp_path: Path
 ) -> None:
-    stack = Stack(kafka_broker, redis_server, model_path, tmp_path)
+    stack = StreamSlice(kafka_broker, redis_server, model_path, tmp_path)
     try:
         rng = random.Random(4)
         messages, history = random_stream(rng, [f"restart-{k}" for k in range(40)], per_entity=10)
@@ -207,7 +208,7 @@ async def test_graceful_restart_continues_every_memory(
         await stack.publish(messages[:half])
         await stack.predictions(half)
         assert first.stop(signal.SIGTERM, timeout_s=10) == 0
-        assert "stream-lstm stopping after" in first.log_text()
+        assert "stream-lstm stopping after" in first.log_tail()
 
         await stack.publish(messages[half:])
         stack.start_worker()
@@ -217,7 +218,7 @@ async def test_graceful_restart_continues_every_memory(
         stack.stop_all()
 
 
-def run_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(stack: StreamSlice, *args: str) -> subprocess.CompletedProcess[str]:
     """The stream-lstm command, configured by the stack's environment, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "stream_lstm", *args],
@@ -229,7 +230,7 @@ def run_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_cli_publishes_tails_and_queries_memory(
-    stack: Stack, worker: WorkerProcess, tmp_path: Path
+    stack: StreamSlice, worker: WorkerProcess, tmp_path: Path
 ) -> None:
     entities = {"cli-1", "cli/2"}
     lines = [event(e, [0.1 * k, 0.2, -0.3, 0.4])[1] for k in range(3) for e in sorted(entities)]

@@ -13,6 +13,7 @@ from pydantic import AfterValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stream_lstm.exceptions import ConfigError
+from stream_lstm.tvshows import DEFAULT_MODEL
 
 ENV_PREFIX = "STREAM_LSTM_"
 
@@ -40,7 +41,10 @@ class Settings(BaseSettings):
     redis_url: Annotated[str, _url("redis", "rediss", "unix")] = Field(
         "redis://localhost:6379/0", description="Redis holding the entities' memories"
     )
-    model: Path | None = Field(None, description="model file written by StreamModel.save")
+    model: Path = Field(
+        DEFAULT_MODEL,
+        description="model file written by StreamModel.save; default: the TV-show demo",
+    )
     app_id: str = Field(
         "stream-lstm",
         pattern=r"^[A-Za-z0-9._-]{1,100}$",
@@ -66,6 +70,9 @@ class Settings(BaseSettings):
         description="consumer group session timeout: how fast a dead worker's partitions move",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the step runs")
+    torch_threads: int = Field(
+        1, ge=1, le=256, description="CPU threads of the step (the broker and Redis need cores too)"
+    )
     web_port: int = Field(6066, ge=0, le=65_535, description="HTTP port of the memory API")
     memory_ttl_s: int | None = Field(
         None, gt=0, description="expire memories idle this long; unset keeps them"

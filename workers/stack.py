@@ -1,0 +1,176 @@
+"""A whole stream-lstm stack on this machine: embedded broker, Redis server and a worker process.
+
+For the demo, for ``stream-lstm dev`` and for tests that cross processes. Every part listens on
+a free loopback port chosen at run time and is stopped by PID by the code that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from state import RedisServer
+from stream_lstm.exceptions import StreamLSTMError
+from workers.broker import KafkaBroker
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0
+
+
+class WorkerStartError(StreamLSTMError):
+    """A worker process exited or did not become ready; the message holds its log's tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class WorkerProcess:
+    """``python -m stream_lstm worker`` as a child process, configured by environment variables."""
+
+    env: Mapping[str, str]
+    log_path: Path
+    web_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def start(self) -> Self:
+        env = {**os.environ, **self.env, "STREAM_LSTM_WEB_PORT": str(self.web_port)}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "stream_lstm", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Return once /health says ready; raise WorkerStartError if it exits or times out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise WorkerStartError(f"the worker exited at start:\n{self.log_tail()}")
+            try:
+                if self.http("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise WorkerStartError(
+            f"the worker was not ready within {timeout_s:.0f}s:\n{self.log_tail()}"
+        )
+
+    def http(self, method: str, path: str) -> tuple[int, Any]:
+        """One request to the worker's web server: (status, parsed JSON or text)."""
+        request = urllib.request.Request(self.web_url + path, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body.decode(errors="replace")
+
+    def memory(self, entity_id: str) -> tuple[int, Any]:
+        """GET the entity's stored memory."""
+        return self.http("GET", f"/entities/{urllib.parse.quote(entity_id, safe='')}/memory")
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of the worker's /metrics."""
+        status, text = self.http("GET", "/metrics")
+        if status != 200:
+            raise WorkerStartError(f"/metrics answered {status}: {text}")
+        for line in str(text).splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int | None:
+        """Signal the worker and wait; kill it when it outlives ``timeout_s``. Its exit status."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning(
+                "worker %d ignored signal %d for %.0fs: killed", self.process.pid, sig, timeout_s
+            )
+            self.process.kill()
+            self.process.wait()
+            return None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+
+@dataclass
+class Stack:
+    """Broker, Redis and one worker on loopback; a context manager that stops what it started."""
+
+    workdir: Path
+    settings: Mapping[str, str] = field(default_factory=dict)
+    """Extra worker settings, by field name (``max_batch``...)."""
+    broker: KafkaBroker = field(init=False)
+    redis: RedisServer = field(init=False)
+    worker: WorkerProcess = field(init=False)
+
+    def __enter__(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.broker = KafkaBroker(log_path=self.workdir / "broker.log").start()
+            self.redis = RedisServer(data_dir=self.workdir / "redis")
+            self.redis.start()
+            env = {
+                "STREAM_LSTM_BROKER": self.broker.url,
+                "STREAM_LSTM_REDIS_URL": self.redis.url,
+                "STREAM_LSTM_SESSION_TIMEOUT_S": "2",
+                **{f"STREAM_LSTM_{k.upper()}": v for k, v in self.settings.items()},
+            }
+            self.worker = WorkerProcess(env, self.workdir / "worker.log").start()
+            self.worker.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker, then Redis, then the broker: whichever of them started."""
+        for part in ("worker", "redis", "broker"):
+            if hasattr(self, part):
+                getattr(self, part).stop()
