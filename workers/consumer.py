@@ -1,0 +1,218 @@
+"""The hot path: whole fetched batches from Kafka, one processor call each, one commit each.
+
+Faust's per-event stream machinery costs ~70 us an event before any work (FIELD-NOTES), more
+than the whole budget of a fast worker. So the worker's Faust app hosts this service instead of
+an agent: an aiokafka consumer in the worker's consumer group hands ``getmany`` batches straight
+to the ``BatchProcessor``, and the batch's offsets are committed right after its memories are.
+
+- Rebalance: a partition is handed over only between batches (the revoke callback waits for
+  the batch in hand), and its offsets are committed by then.
+- Shutdown: the batch in hand finishes (within a grace period), is committed, and the consumer
+  leaves the group so its partitions move at once.
+- An error the processor could not retry stops the process without committing the batch: it is
+  replayed on restart, and nothing after it was committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import mode
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    TopicPartition,
+)
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from workers.batch import BatchProcessor, Record
+from workers.metrics import Metrics
+from workers.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 6.0
+"""How long SIGTERM waits for the batch in hand; the whole stop must stay under 10 s."""
+EXIT_SOFTWARE = 70
+
+
+class KafkaEmitter:
+    """Sends with one aiokafka producer and returns once the broker acknowledged every message.
+
+    The producer is made in ``start``: aiokafka binds it to the running event loop.
+    """
+
+    def __init__(self, bootstrap_servers: str) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("the emitter is not started")
+        return self._producer
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers, acks="all", linger_ms=1
+        )
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    async def emit(self, topic: str, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
+        send = self.producer.send
+        pending = [await send(topic, value, key=key) for key, value in messages]
+        await asyncio.gather(*pending)
+
+
+class BatchConsumer(mode.Service):
+    """Consumes the input topic in batches for the worker's consumer group."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        processor: BatchProcessor,
+        emitter: KafkaEmitter,
+        metrics: Metrics,
+        **kwargs: Any,
+    ) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.emitter = emitter  # the processor sends with it; started and stopped here
+        self.metrics = metrics
+        self.in_hand = asyncio.Lock()
+        self._consumer: AIOKafkaConsumer | None = None
+        super().__init__(**kwargs)
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("the batch consumer is not started")
+        return self._consumer
+
+    async def on_start(self) -> None:
+        await self.emitter.start()
+        settings = self.settings
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=settings.app_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(settings.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(settings.session_timeout_s * 250),
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        self.consumer.subscribe([self.settings.input_topic], listener=_WaitForBatch(self))
+        await self.consumer.start()
+        logger.info(
+            "consuming %s as group %s, batches of up to %d events",
+            self.settings.input_topic,
+            self.settings.app_id,
+            self.settings.max_batch,
+        )
+
+    async def on_stop(self) -> None:
+        async with self.in_hand:  # the batch in hand commits first (bounded by its grace period)
+            await self.consumer.stop()  # leaves the group: its partitions move at once
+        await self.emitter.stop()
+
+    @mode.Service.task
+    async def _consume(self) -> None:
+        timeout_ms = max(1, int(self.settings.max_delay_ms))
+        while not self.should_stop:
+            fetched = await self.consumer.getmany(
+                timeout_ms=timeout_ms, max_records=self.settings.max_batch
+            )
+            if fetched:
+                work = asyncio.ensure_future(self._run(fetched))
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    await _finish_in_hand(work)
+                    raise
+
+    async def _run(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        """Process the batch and commit its offsets, holding the lock a rebalance waits for."""
+        async with self.in_hand:
+            records = [
+                Record(m.topic, m.partition, m.offset, m.key, m.value)
+                for messages in fetched.values()
+                for m in messages
+            ]
+            try:
+                report = await self.processor.process(records)
+            except Exception as error:
+                fail_stop(records, error)
+            await self._commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
+            self.metrics.observe(report)
+            for tp, messages in fetched.items():
+                highwater = self.consumer.highwater(tp)
+                if highwater is not None:
+                    lag = max(0, highwater - messages[-1].offset - 1)
+                    self.metrics.lag.labels(str(tp.partition)).set(lag)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as e:
+            # The memories are committed with their fences, so whoever replays these events
+            # drops them as already applied: a lost offset commit costs a replay, not a loss.
+            logger.warning("offset commit failed, the batch will be replayed (fenced): %r", e)
+
+
+class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hands partitions over only between batches."""
+
+    def __init__(self, service: BatchConsumer) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if revoked:
+            async with self.service.in_hand:
+                logger.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+
+async def _finish_in_hand(work: asyncio.Future[None]) -> None:
+    """On shutdown, let the batch in hand commit its memories, within a grace period."""
+    if work.done():
+        return
+    logger.info("stopping: finishing the batch in hand")
+    try:
+        await asyncio.wait_for(work, SHUTDOWN_GRACE_S)
+    except TimeoutError:
+        logger.warning(
+            "the batch in hand did not finish within %.0fs; it will be replayed on restart",
+            SHUTDOWN_GRACE_S,
+        )
+
+
+def fail_stop(records: list[Record], error: Exception) -> NoReturn:
+    """Stop at once, committing nothing: the batch and all after it are replayed on restart.
+
+    Skipping the batch and going on would let later events of the same entities commit fences
+    past it, and its events would then be dropped as replays: lost. A crash loses nothing.
+    """
+    first, last = records[0], records[-1]
+    logger.critical(
+        "batch of %d events (%s[%d]@%d .. [%d]@%d) failed; stopping the worker so that nothing "
+        "after it is committed",
+        len(records),
+        first.topic,
+        first.partition,
+        first.offset,
+        last.partition,
+        last.offset,
+        exc_info=error,
+    )
+    logging.shutdown()
+    os._exit(EXIT_SOFTWARE)
