@@ -11,7 +11,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator
 
-EntityId = Annotated[str, Field(min_length=1, max_length=256)]
+ENTITY_ID_MAX = 256
+EntityId = Annotated[str, Field(min_length=1, max_length=ENTITY_ID_MAX)]
 
 
 class _Wire(BaseModel):

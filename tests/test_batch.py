@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import orjson
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 from torch import nn
 
 from state.codec import MemoryBatch, decode_many
 from stream_lstm.model import StreamModel
-from stream_lstm.schema import Prediction
-from workers.batch import DEAD_PAYLOAD_MAX, Checked, Record, apply, check
+from stream_lstm.schema import Event, Prediction
+from workers.batch import DEAD_PAYLOAD_MAX, Checked, Record, _fast_event, apply, check
 
 TOPIC = "events"
 
@@ -35,7 +39,7 @@ def model() -> StreamModel:
 
 
 def empty_memory(checked: Checked, model: StreamModel) -> MemoryBatch:
-    ids = list(dict.fromkeys(e.entity_id for e in checked.events))
+    ids = list(dict.fromkeys(checked.entity_ids))
     return decode_many(ids, [None] * len(ids), model.num_layers, model.hidden_size)
 
 
@@ -62,7 +66,7 @@ def test_each_bad_record_is_a_dead_letter_with_its_reason(
     value: bytes | None, key: bytes | None, reason: str, error: str
 ) -> None:
     checked = check([record(value, key)], input_size=2, max_event_bytes=128)
-    assert checked.events == []
+    assert checked.entity_ids == []
     (dead,) = checked.dead
     assert dead.reason == reason
     assert error in dead.error
@@ -150,3 +154,47 @@ def test_an_event_from_another_partition_is_not_a_replay(model: StreamModel) -> 
     memory = empty_memory(checked, model)
     memory.found[0], memory.fence_partition[0], memory.fence_offset[0] = True, 0, 9
     assert apply(model, checked, memory).replayed == 0
+
+
+ANYTHING = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=5),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    entity_id=st.one_of(st.text(min_size=1, max_size=300), ANYTHING),
+    features=st.one_of(
+        st.lists(
+            st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers()),
+            min_size=3,
+            max_size=3,
+        ),
+        st.lists(ANYTHING, min_size=0, max_size=4),
+        ANYTHING,
+    ),
+    extra=st.dictionaries(
+        st.sampled_from(["event_id", "ts", "reset", "rest", "features"]), ANYTHING, max_size=3
+    ),
+)
+def test_the_fast_path_accepts_only_what_the_schema_accepts(
+    entity_id: object, features: object, extra: dict[str, object]
+) -> None:
+    value = json.dumps({"entity_id": entity_id, "features": features, **extra}).encode()
+    fast = _fast_event(value, 3)
+    try:
+        event = Event.model_validate_json(value, context={"input_size": 3})
+    except ValidationError:
+        assert fast is None, f"fast path accepted what the schema refuses: {value!r}"
+        return
+    if fast is not None:
+        assert fast == (event.entity_id, event.features, event.event_id, event.reset)
+
+
+def test_the_fast_path_takes_plain_events() -> None:
+    value = orjson.dumps({"entity_id": "a", "features": [1, 2.5, -3.0], "ts": 5, "reset": True})
+    assert _fast_event(value, 3) == ("a", [1, 2.5, -3.0], None, True)

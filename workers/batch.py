@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 import torch
 from aiokafka.errors import KafkaError
@@ -31,7 +32,7 @@ from state import MemoryBatch, MemoryStore, MemoryUpdates
 from stream_lstm.engine import Events, Memory, entity_rows, step
 from stream_lstm.exceptions import StoreError
 from stream_lstm.model import StreamModel
-from stream_lstm.schema import Event
+from stream_lstm.schema import ENTITY_ID_MAX, Event
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,10 @@ class DeadLetter:
 class Checked:
     """A batch split into valid events (with their records, aligned) and dead letters."""
 
-    events: list[Event]
+    entity_ids: list[str]
+    features: npt.NDArray[np.float32]  # (N, I)
+    reset: npt.NDArray[np.bool_]  # (N,)
+    event_ids: list[str | None]
     records: list[Record]
     dead: list[DeadLetter]
 
@@ -114,11 +118,18 @@ class Emitter(Protocol):
 
 
 def check(records: Sequence[Record], input_size: int, max_event_bytes: int) -> Checked:
-    """Parse and validate each record; the bad ones become dead letters with the reason."""
-    events: list[Event] = []
+    """Parse and validate each record; the bad ones become dead letters with the reason.
+
+    Well-formed events take a fast path (orjson and type checks at least as strict as the
+    schema); anything else goes through the ``Event`` schema itself, which accepts it or says
+    exactly what is wrong.
+    """
+    entity_ids: list[str] = []
+    features: list[list[float]] = []
+    reset: list[bool] = []
+    event_ids: list[str | None] = []
     good: list[Record] = []
     dead: list[DeadLetter] = []
-    context = {"input_size": input_size}
     for record in records:
         value = record.value or b""
         if len(value) > max_event_bytes:
@@ -126,27 +137,76 @@ def check(records: Sequence[Record], input_size: int, max_event_bytes: int) -> C
                 DeadLetter(record, "oversized", f"{len(value)} bytes; at most {max_event_bytes}")
             )
             continue
-        try:
-            event = Event.model_validate_json(value, context=context)
-        except ValidationError as e:
-            dead.append(DeadLetter(record, *_reason(e)))
-            continue
-        key_error = _key_error(record.key, event.entity_id)
+        fields = _fast_event(value, input_size)
+        if fields is None:
+            try:
+                event = Event.model_validate_json(value, context={"input_size": input_size})
+            except ValidationError as e:
+                dead.append(DeadLetter(record, *_reason(e)))
+                continue
+            fields = event.entity_id, event.features, event.event_id, event.reset
+        entity_id, event_features, event_id, event_reset = fields
+        key_error = _key_error(record.key, entity_id)
         if key_error:
             dead.append(DeadLetter(record, "key_mismatch", key_error))
             continue
-        events.append(event)
+        entity_ids.append(entity_id)
+        features.append(event_features)
+        reset.append(event_reset)
+        event_ids.append(event_id)
         good.append(record)
-    return Checked(events, good, dead)
+    return Checked(
+        entity_ids,
+        np.array(features, dtype=np.float32).reshape(len(good), input_size),
+        np.array(reset, dtype=np.bool_),
+        event_ids,
+        good,
+        dead,
+    )
+
+
+_FIELDS = frozenset(Event.model_fields)
+_NUMBERS = (float, int)
+_NUMBER_TYPES = frozenset(_NUMBERS)
+
+
+def _fast_event(value: bytes, input_size: int) -> tuple[str, list[float], str | None, bool] | None:
+    """The event's fields when it is plainly well-formed, else None (the schema decides).
+
+    orjson refuses NaN and infinities, so every number it returns is finite.
+    """
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict or not data.keys() <= _FIELDS:
+        return None
+    entity_id = data.get("entity_id")
+    features = data.get("features")
+    event_id = data.get("event_id")
+    ts = data.get("ts")
+    reset = data.get("reset", False)
+    if (
+        type(entity_id) is not str
+        or not 0 < len(entity_id) <= ENTITY_ID_MAX
+        or type(features) is not list
+        or len(features) != input_size
+        or not _NUMBER_TYPES.issuperset(map(type, features))
+        or (event_id is not None and type(event_id) is not str)
+        or (ts is not None and type(ts) not in _NUMBERS)
+        or type(reset) is not bool
+    ):
+        return None
+    return entity_id, features, event_id, reset
 
 
 def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
     """Drop events already applied, step the rest in one call, and build what to send and store.
 
     ``memory`` holds the stored memories of exactly the entities ``entity_rows`` finds in
-    ``checked.events``, in that order.
+    ``checked.entity_ids``, in that order.
     """
-    ids, rows_t = entity_rows([e.entity_id for e in checked.events])
+    ids, rows_t = entity_rows(checked.entity_ids)
     rows = rows_t.numpy()  # (N,)
     partitions = np.fromiter((r.partition for r in checked.records), np.int64, len(rows))  # (N,)
     offsets = np.fromiter((r.offset for r in checked.records), np.int64, len(rows))  # (N,)
@@ -156,18 +216,18 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
         & (offsets <= memory.fence_offset[rows])
     )  # (N,)
     fresh = np.flatnonzero(~applied_before)  # (N',) events to apply
-    events = [checked.events[i] for i in fresh]
-    records = [checked.records[i] for i in fresh]
+    all_fresh = len(fresh) == len(rows)
+    entity_ids = checked.entity_ids if all_fresh else [checked.entity_ids[i] for i in fresh]
+    event_ids = checked.event_ids if all_fresh else [checked.event_ids[i] for i in fresh]
+    records = checked.records if all_fresh else [checked.records[i] for i in fresh]
     rows, partitions, offsets = rows[fresh], partitions[fresh], offsets[fresh]
 
     result = step(
         model,
         Events(
             torch.from_numpy(rows),
-            torch.tensor([e.features for e in events], dtype=torch.float32).reshape(
-                len(events), model.input_size
-            ),
-            torch.tensor([e.reset for e in events], dtype=torch.bool),
+            torch.from_numpy(checked.features[fresh]),  # (N', I)
+            torch.from_numpy(checked.reset[fresh]),  # (N',)
         ),
         Memory(
             torch.from_numpy(memory.ltm),
@@ -175,7 +235,7 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
             torch.from_numpy(memory.step),
         ),
     )
-    predictions = _predictions(model, events, records, result.output, result.step)
+    predictions = _predictions(model, entity_ids, event_ids, records, result.output, result.step)
 
     last = np.full(len(ids), -1, dtype=np.int64)  # (E,) last fresh event of each entity
     np.maximum.at(last, rows, np.arange(len(rows)))
@@ -188,7 +248,7 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
         fence_partition=partitions[last[stepped]],
         fence_offset=offsets[last[stepped]],
     )
-    return Applied(predictions, updates, replayed=len(checked.events) - len(events))
+    return Applied(predictions, updates, replayed=len(checked.records) - len(records))
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +297,7 @@ class BatchProcessor:
                 dead.record.offset,
                 dead.error,
             )
-        ids, _ = entity_rows([e.entity_id for e in checked.events])
+        ids, _ = entity_rows(checked.entity_ids)
         memory = await self._retry(
             "load memories",
             lambda: self.store.load_many(ids, self.model.num_layers, self.model.hidden_size),
@@ -285,25 +345,28 @@ class BatchProcessor:
 
 def _predictions(
     model: StreamModel,
-    events: list[Event],
+    entity_ids: list[str],
+    event_ids: list[str | None],
     records: list[Record],
     output: torch.Tensor,
     steps: torch.Tensor,
 ) -> list[tuple[bytes, bytes]]:
     outputs = output.tolist()  # (N, O) as floats: float32 values print exactly
     labels = model.labels
-    label_index = output.argmax(dim=1).tolist() if labels else [None] * len(events)
+    names = [labels[k] for k in output.argmax(dim=1).tolist()] if labels else [None] * len(records)
+    version = model.version
+    dumps = orjson.dumps
     return [
         (
-            event.entity_id.encode(),
-            orjson.dumps(
+            entity_id.encode(),
+            dumps(
                 {
-                    "entity_id": event.entity_id,
-                    "event_id": event.event_id,
+                    "entity_id": entity_id,
+                    "event_id": event_id,
                     "step": n_step,
                     "output": out,
-                    "label": labels[k] if labels and k is not None else None,
-                    "model_version": model.version,
+                    "label": label,
+                    "model_version": version,
                     "source": {
                         "topic": record.topic,
                         "partition": record.partition,
@@ -312,8 +375,8 @@ def _predictions(
                 }
             ),
         )
-        for event, record, out, n_step, k in zip(
-            events, records, outputs, steps.tolist(), label_index, strict=True
+        for entity_id, event_id, record, out, n_step, label in zip(
+            entity_ids, event_ids, records, outputs, steps.tolist(), names, strict=True
         )
     ]
 

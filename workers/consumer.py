@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -29,6 +30,7 @@ from aiokafka import (
     TopicPartition,
 )
 from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 
 from workers.batch import BatchProcessor, Record
 from workers.metrics import Metrics
@@ -39,6 +41,10 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 6.0
 """How long SIGTERM waits for the batch in hand; the whole stop must stay under 10 s."""
 EXIT_SOFTWARE = 70
+BATCH_BYTES = 512 * 1024
+"""Producer batch size: a whole micro-batch's predictions go out in a few requests."""
+PARTITION_CACHE = 1_000_000
+"""Keys whose partition is remembered per topic (~150 bytes each) before the cache restarts."""
 
 
 class KafkaEmitter:
@@ -49,6 +55,8 @@ class KafkaEmitter:
 
     def __init__(self, bootstrap_servers: str) -> None:
         self.bootstrap_servers = bootstrap_servers
+        self.partitioner = DefaultPartitioner()  # what AIOKafkaProducer.send uses: murmur2
+        self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
         self._producer: AIOKafkaProducer | None = None
 
     @property
@@ -57,9 +65,22 @@ class KafkaEmitter:
             raise RuntimeError("the emitter is not started")
         return self._producer
 
+    def _partition(self, topic: str, key: bytes | None, partitions: list[int]) -> int:
+        """The producer's partition for a key; entity keys repeat, so the hash is cached."""
+        if key is None:
+            return random.choice(partitions)
+        layout, cache = self._partitions.get(topic, (None, {}))
+        if layout != partitions or len(cache) > PARTITION_CACHE:
+            cache = {}
+            self._partitions[topic] = (partitions, cache)
+        partition = cache.get(key)
+        if partition is None:
+            partition = cache[key] = self.partitioner(key, partitions, partitions)
+        return partition
+
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers, acks="all", linger_ms=1
+            bootstrap_servers=self.bootstrap_servers, acks="all", max_batch_size=BATCH_BYTES
         )
         await self._producer.start()
 
@@ -67,8 +88,28 @@ class KafkaEmitter:
         await self.producer.stop()
 
     async def emit(self, topic: str, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
-        send = self.producer.send
-        pending = [await send(topic, value, key=key) for key, value in messages]
+        """Group the messages by partition (the producer's own key hash) and send whole batches.
+
+        ``send`` per message costs a future and a lookup each (FIELD-NOTES: ~80k/s against
+        ~330k/s for batches); order within a partition is kept.
+        """
+        if not messages:
+            return
+        producer = self.producer
+        partitions = sorted(await producer.partitions_for(topic))
+        by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
+        for message in messages:
+            partition = self._partition(topic, message[0], partitions)
+            by_partition.setdefault(partition, []).append(message)
+        pending = []
+        for partition, items in by_partition.items():
+            batch = producer.create_batch()
+            for key, value in items:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    pending.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            pending.append(await producer.send_batch(batch, topic, partition=partition))
         await asyncio.gather(*pending)
 
 

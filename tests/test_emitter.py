@@ -1,0 +1,48 @@
+"""Predictions go out in whole batches, yet land where a keyed send would put them, in order."""
+
+from __future__ import annotations
+
+import uuid
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.partitioner import DefaultPartitioner
+
+from workers.broker import KafkaBroker, create_topics
+from workers.consumer import KafkaEmitter
+
+
+async def test_batches_keep_the_key_partitioning_and_per_key_order(
+    kafka_broker: KafkaBroker,
+) -> None:
+    topic = f"emit-{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka_broker.bootstrap, [topic], 5)
+    messages = [(f"entity-{k % 37}".encode(), f"{k:06d}".encode() * 100) for k in range(3000)]
+    emitter = KafkaEmitter(kafka_broker.bootstrap)
+    await emitter.start()
+    try:
+        await emitter.emit(topic, messages)
+        await emitter.emit(topic, [])
+    finally:
+        await emitter.stop()
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka_broker.bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    received = []
+    try:
+        while len(received) < len(messages):
+            for records in (await consumer.getmany(timeout_ms=5000)).values():
+                received.extend(records)
+    finally:
+        await consumer.stop()
+
+    assert len(received) == len(messages)
+    partitioner = DefaultPartitioner()
+    for record in received:
+        assert record.partition == partitioner(record.key, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
+    by_key: dict[bytes, list[bytes]] = {}
+    for record in sorted(received, key=lambda r: (r.partition, r.offset)):
+        by_key.setdefault(record.key, []).append(record.value)
+    for key, values in by_key.items():
+        assert values == [value for k, value in messages if k == key]
