@@ -41,8 +41,10 @@ __all__ = ["MemoryBatch", "MemoryUpdates", "StoredMemory"]
 MAGIC = b"SLTM"
 FORMAT_VERSION = 1
 FLOAT32 = 1
-DTYPES: dict[int, np.dtype[np.floating]] = {FLOAT32: np.dtype("<f4")}
-"""Dtype codes a value may carry; float16 storage would add ``2: np.dtype("<f2")``."""
+FLOAT16 = 2
+DTYPES: dict[int, np.dtype[np.floating]] = {FLOAT32: np.dtype("<f4"), FLOAT16: np.dtype("<f2")}
+"""Dtype codes a value may carry. float16 halves the memories (opt-in: it rounds them)."""
+CODES = {"float32": FLOAT32, "float16": FLOAT16}
 
 HEADER = struct.Struct("<4sBBHIiqQd")
 HEADER_SIZE = HEADER.size  # 40
@@ -125,8 +127,9 @@ class MemoryUpdates:
 
 
 @lru_cache(maxsize=64)
-def record_dtype(layers: int, hidden: int) -> np.dtype[np.void]:
-    """The numpy structured dtype of one stored float32 value (packed, same layout as HEADER)."""
+def record_dtype(layers: int, hidden: int, code: int = FLOAT32) -> np.dtype[np.void]:
+    """The numpy structured dtype of one stored value (packed, same layout as HEADER)."""
+    memory = DTYPES[code].str
     return np.dtype(
         [
             ("magic", "S4"),
@@ -138,19 +141,19 @@ def record_dtype(layers: int, hidden: int) -> np.dtype[np.void]:
             ("fence_offset", "<i8"),
             ("step", "<u8"),
             ("updated_at", "<f8"),
-            ("ltm", "<f4", (layers, hidden)),
-            ("stm", "<f4", (layers, hidden)),
+            ("ltm", memory, (layers, hidden)),
+            ("stm", memory, (layers, hidden)),
         ]
     )
 
 
-def encode_many(updates: MemoryUpdates, updated_at: float) -> list[bytes]:
-    """One encoded value per entity, in order."""
+def encode_many(updates: MemoryUpdates, updated_at: float, code: int = FLOAT32) -> list[bytes]:
+    """One encoded value per entity, in order; float16 rounds the memories to nearest."""
     e, layers, hidden = updates.ltm.shape
-    records = np.empty(e, dtype=record_dtype(layers, hidden))
+    records = np.empty(e, dtype=record_dtype(layers, hidden, code))
     records["magic"] = MAGIC
     records["version"] = FORMAT_VERSION
-    records["dtype"] = FLOAT32
+    records["dtype"] = code
     records["layers"] = layers
     records["hidden"] = hidden
     records["fence_partition"] = updates.fence_partition
@@ -198,16 +201,21 @@ def decode(value: bytes) -> StoredMemory:
 
 
 def decode_many(
-    entity_ids: Sequence[str], values: Sequence[bytes | None], layers: int, hidden: int
+    entity_ids: Sequence[str],
+    values: Sequence[bytes | None],
+    layers: int,
+    hidden: int,
+    code: int = FLOAT32,
 ) -> MemoryBatch:
     """Decode the values of an MGET (None: nothing stored) into one stacked batch.
 
-    All values are joined and read by one ``np.frombuffer`` with the record dtype; headers are
-    checked column-wise. Only when a check fails does one value get decoded on its own, to say
-    what is wrong with it.
+    All values are joined and read by one ``np.frombuffer`` with the record dtype of ``code``
+    (the store's storage dtype); headers are checked column-wise. When a check fails (a value
+    stored in the other dtype, or a bad value), each value is decoded on its own: values of
+    either dtype load, and a bad one raises StoreError naming its entity.
     """
     e = len(entity_ids)
-    dtype = record_dtype(layers, hidden)
+    dtype = record_dtype(layers, hidden, code)
     present = [value for value in values if value is not None]
     found = np.fromiter((value is not None for value in values), dtype=np.bool_, count=e)
     lengths = np.fromiter(map(len, present), dtype=np.int64, count=len(present))
@@ -217,13 +225,12 @@ def decode_many(
         ok = (
             (records["magic"] == MAGIC)
             & (records["version"] == FORMAT_VERSION)
-            & (records["dtype"] == FLOAT32)
+            & (records["dtype"] == code)
             & (records["layers"] == layers)
             & (records["hidden"] == hidden)
         )
     if records is None or not ok.all():
-        bad = int(np.flatnonzero(found)[np.argmin(ok)])
-        raise _explain(entity_ids[bad], values[bad], layers, hidden)
+        return _decode_each(entity_ids, values, layers, hidden)
 
     ltm = np.zeros((e, layers, hidden), dtype=np.float32)
     stm = np.zeros((e, layers, hidden), dtype=np.float32)
@@ -238,14 +245,30 @@ def decode_many(
     return MemoryBatch(entity_ids, ltm, stm, step, fence_partition, fence_offset, found)
 
 
-def _explain(entity_id: str, value: bytes | None, layers: int, hidden: int) -> StoreError:
-    """The error for one value that failed the batch checks."""
-    assert value is not None, "only stored values are checked"
-    try:
-        stored = decode(value)
-    except StoreError as error:
-        return StoreError(f"entity {entity_id!r}: {error}")
-    return StoreError(
-        f"entity {entity_id!r}: stored memory has shape {stored.ltm.shape}, "
-        f"the model expects ({layers}, {hidden})"
-    )
+def _decode_each(
+    entity_ids: Sequence[str], values: Sequence[bytes | None], layers: int, hidden: int
+) -> MemoryBatch:
+    """The slow path of ``decode_many``: one value at a time, whatever its dtype."""
+    e = len(entity_ids)
+    ltm = np.zeros((e, layers, hidden), dtype=np.float32)
+    stm = np.zeros((e, layers, hidden), dtype=np.float32)
+    step = np.zeros(e, dtype=np.int64)
+    fence_partition = np.full(e, NO_FENCE, dtype=np.int64)
+    fence_offset = np.full(e, NO_FENCE, dtype=np.int64)
+    found = np.zeros(e, dtype=np.bool_)
+    for row, (entity_id, value) in enumerate(zip(entity_ids, values, strict=True)):
+        if value is None:
+            continue
+        try:
+            stored = decode(value)
+        except StoreError as error:
+            raise StoreError(f"entity {entity_id!r}: {error}") from None
+        if stored.ltm.shape != (layers, hidden):
+            raise StoreError(
+                f"entity {entity_id!r}: stored memory has shape {stored.ltm.shape}, "
+                f"the model expects ({layers}, {hidden})"
+            )
+        ltm[row], stm[row], step[row] = stored.ltm, stored.stm, stored.step
+        fence_partition[row], fence_offset[row] = stored.fence_partition, stored.fence_offset
+        found[row] = True
+    return MemoryBatch(entity_ids, ltm, stm, step, fence_partition, fence_offset, found)

@@ -23,7 +23,6 @@ import click
 from stream_lstm.exceptions import StreamLSTMError
 
 if TYPE_CHECKING:
-    from state import MemoryStore
     from stream_lstm.model import StreamModel
     from workers.settings import Settings
 
@@ -314,7 +313,7 @@ def memory_get(entity_id: str, **flags: Any) -> None:
     model = load_model(settings)
 
     async def get() -> MemorySnapshot | None:
-        async with _store(settings, model) as store:
+        async with settings.memory_store(model.version) as store:
             stored = await store.get(entity_id)
         return stored.snapshot(entity_id, model.version) if stored is not None else None
 
@@ -337,7 +336,7 @@ def memory_reset(entity_id: str, **flags: Any) -> None:
     model = load_model(settings)
 
     async def reset() -> bool:
-        async with _store(settings, model) as store:
+        async with settings.memory_store(model.version) as store:
             return await store.reset(entity_id)
 
     if not asyncio.run(reset()):
@@ -357,11 +356,3 @@ def load_model(settings: Settings) -> StreamModel:
         return StreamModel.load(path, device=settings.device)
     except ModelError as e:
         raise ConfigError(f"{env_name('model')} / --model: {e}") from e
-
-
-def _store(settings: Settings, model: StreamModel) -> MemoryStore:
-    from state import MemoryStore
-
-    return MemoryStore(
-        settings.redis_url, settings.app_id, model.version, ttl_s=settings.memory_ttl_s
-    )

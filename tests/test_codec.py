@@ -146,3 +146,49 @@ def test_updates_must_be_stacked_float32() -> None:
         MemoryUpdates(
             ok.entity_ids, ok.ltm, ok.stm, ok.step, ok.fence_partition, ok.fence_offset[:1]
         )
+
+
+@given(shape=shapes, seed=st.integers(0, 2**32 - 1))
+def test_float16_storage_rounds_to_nearest_and_halves_the_value(
+    shape: tuple[int, int, int], seed: int
+) -> None:
+    e, layers, hidden = shape
+    rng = np.random.default_rng(seed)
+    sent = updates(e, layers, hidden, seed)
+    sent = MemoryUpdates(
+        sent.entity_ids,
+        rng.normal(0, 3, (e, layers, hidden)).astype(np.float32),
+        rng.normal(0, 3, (e, layers, hidden)).astype(np.float32),
+        sent.step,
+        sent.fence_partition,
+        sent.fence_offset,
+    )
+    values = codec.encode_many(sent, 1.0, codec.FLOAT16)
+    assert len(values[0]) == codec.HEADER_SIZE + 2 * layers * hidden * 2
+
+    batch = codec.decode_many(sent.entity_ids, values, layers, hidden, codec.FLOAT16)
+    assert batch.ltm.dtype == np.float32
+    np.testing.assert_array_equal(batch.ltm, sent.ltm.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(batch.stm, sent.stm.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(batch.fence_offset, sent.fence_offset)
+
+
+def test_a_batch_of_mixed_storage_dtypes_loads_whatever_the_store_writes() -> None:
+    sent = updates(2, 1, 3)
+    sent = MemoryUpdates(
+        sent.entity_ids,
+        np.ones((2, 1, 3), np.float32),
+        -np.ones((2, 1, 3), np.float32),
+        sent.step,
+        sent.fence_partition,
+        sent.fence_offset,
+    )
+    mixed = [
+        codec.encode_many(sent, 1.0, codec.FLOAT32)[0],
+        codec.encode_many(sent, 1.0, codec.FLOAT16)[1],
+    ]
+    for code in (codec.FLOAT32, codec.FLOAT16):
+        batch = codec.decode_many(["e0", "e1", "e2"], [*mixed, None], 1, 3, code)
+        np.testing.assert_array_equal(batch.ltm[:2], np.ones((2, 1, 3)))
+        np.testing.assert_array_equal(batch.stm[:2], -np.ones((2, 1, 3)))
+        assert batch.found.tolist() == [True, True, False]

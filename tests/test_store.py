@@ -531,6 +531,24 @@ async def test_memory_per_entity_fits_the_budget(redis_server: RedisServer) -> N
     assert usage <= 1200
 
 
+async def test_float16_memory_fits_the_smaller_budget(redis_server: RedisServer) -> None:
+    """The opt-in float16 storage: at most 0.7 KB per entity at L=1, H=128, key included."""
+    async with MemoryStore(redis_server.url, "budget16", "v1", dtype="float16") as store:
+        await store.commit_many(make_updates(["user-12345678"], 3, layers=1, hidden=128))
+        stored = await store.get("user-12345678")
+    assert stored is not None
+    assert stored.ltm.dtype == np.float32
+    assert (stored.ltm == 3.0).all()
+    async with Redis.from_url(redis_server.url) as client:
+        usage = await client.memory_usage(KeyLayout("budget16", "v1").memory("user-12345678"))
+    assert usage <= 700
+
+
+def test_unknown_storage_dtype_is_refused() -> None:
+    with pytest.raises(ConfigError, match="dtype must be one of float32, float16"):
+        MemoryStore("redis://localhost", "ns", "v1", dtype="bfloat16")
+
+
 def test_server_will_not_mistake_another_server_for_its_own(redis_server: RedisServer) -> None:
     taken = RedisServer(port=redis_server.port, startup_timeout_s=2)
     with pytest.raises(StoreError, match=f"did not start on 127.0.0.1:{redis_server.port}"):

@@ -15,7 +15,6 @@ from faust.app.base import BootStrategy
 from faust.web import Request, Response, View
 from mode import BaseSignalT
 
-from state import MemoryStore
 from stream_lstm.exceptions import BrokerError
 from stream_lstm.model import StreamModel
 from workers.batch import BatchProcessor
@@ -83,9 +82,7 @@ class StreamWorker:
             web_host="127.0.0.1",
             logging_config=None,
         )
-        self.store = MemoryStore(
-            settings.redis_url, settings.app_id, model.version, ttl_s=settings.memory_ttl_s
-        )
+        self.store = settings.memory_store(model.version)
         self.emitter = KafkaEmitter(settings.bootstrap_servers)
         self.processor = BatchProcessor(
             model,

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from state import MemoryStore
 from stream_lstm.exceptions import ConfigError
 from stream_lstm.tvshows import DEFAULT_MODEL
 
@@ -77,6 +78,9 @@ class Settings(BaseSettings):
     memory_ttl_s: int | None = Field(
         None, gt=0, description="expire memories idle this long; unset keeps them"
     )
+    memory_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="storage of memories in Redis: float16 halves them, rounded"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @property
@@ -84,6 +88,16 @@ class Settings(BaseSettings):
         """The broker URL as Kafka clients take it: host:port,host:port."""
         return ",".join(
             part.strip().removeprefix("kafka://") for part in self.broker.split(";") if part.strip()
+        )
+
+    def memory_store(self, model_version: str) -> MemoryStore:
+        """The memory store these settings name, for memories of that model version."""
+        return MemoryStore(
+            self.redis_url,
+            self.app_id,
+            model_version,
+            ttl_s=self.memory_ttl_s,
+            dtype=self.memory_dtype,
         )
 
     @classmethod

@@ -1,0 +1,146 @@
+"""Redis bytes per entity (measured with MEMORY USAGE) and the drift of float16 storage.
+
+    python bench/footprint.py
+
+1. Footprint: entities committed through ``MemoryStore`` to a real Redis-protocol server, for
+   hidden sizes 32 to 512, 1 and 2 layers, float32 and float16; ``MEMORY USAGE`` of each key
+   (key, value and Redis' own overhead), averaged over 1000 entities.
+2. Drift: 1000 events of one entity through the target model (input 32, hidden 128, softmax
+   over 8 labels), once with float32 memories and once rounding them to float16 after every
+   event, as the float16 store does; the largest difference in memory and output, and how often
+   the predicted label differs. Averaged over 64 entities with random events.
+Results: bench/RESULTS.md, section "Memory footprint".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from redis.asyncio import Redis
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.results import machine, write_section
+from state import MemoryStore, MemoryUpdates, RedisServer
+from state.keys import KeyLayout
+from stream_lstm.engine import Events, Memory, step
+from stream_lstm.model import StreamModel
+
+ENTITIES = 1000
+SHAPES = [(1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (1, 512)]
+DRIFT_STEPS = 1000
+DRIFT_ENTITIES = 64
+
+
+async def bytes_per_entity(url: str, layers: int, hidden: int, dtype: str) -> float:
+    """Mean MEMORY USAGE of ENTITIES committed memories of this shape and dtype."""
+    namespace = f"fp-{layers}x{hidden}-{dtype}"
+    ids = [f"user-{k:08d}" for k in range(ENTITIES)]
+    rng = np.random.default_rng(0)
+    updates = MemoryUpdates(
+        ids,
+        rng.normal(size=(ENTITIES, layers, hidden)).astype(np.float32),
+        rng.normal(size=(ENTITIES, layers, hidden)).astype(np.float32),
+        np.ones(ENTITIES, dtype=np.int64),
+        np.zeros(ENTITIES, dtype=np.int64),
+        np.arange(ENTITIES, dtype=np.int64),
+    )
+    async with MemoryStore(url, namespace, "v1", dtype=dtype) as store:
+        await store.commit_many(updates)
+    keys = KeyLayout(namespace, "v1").memories(ids)
+    async with Redis.from_url(url) as client:
+        sizes = [await client.memory_usage(key) for key in keys]
+    return float(np.mean(sizes))
+
+
+def drift() -> dict[str, float]:
+    """float32 memories against memories rounded to float16 after every event."""
+    torch.manual_seed(0)
+    model = StreamModel.from_torch(
+        nn.LSTM(32, 128), nn.Linear(128, 8), labels=[f"label-{k}" for k in range(8)]
+    )
+    rows = torch.arange(DRIFT_ENTITIES)
+    exact = Memory.zeros(DRIFT_ENTITIES, 1, 128)
+    rounded = Memory.zeros(DRIFT_ENTITIES, 1, 128)
+    memory_error: list[float] = []
+    worst_output = 0.0
+    disagreements = 0
+    for _ in range(DRIFT_STEPS):
+        events = Events(
+            rows, torch.randn(DRIFT_ENTITIES, 32), torch.zeros(DRIFT_ENTITIES, dtype=torch.bool)
+        )
+        a = step(model, events, exact)
+        b = step(model, events, rounded)
+        exact = a.memory
+        rounded = Memory(
+            b.memory.ltm.half().float(), b.memory.stm.half().float(), b.memory.step
+        )  # what a float16 store gives back
+        memory_error.append(float((exact.ltm - rounded.ltm).abs().max()))
+        worst_output = max(worst_output, float((a.output - b.output).abs().max()))
+        disagreements += int((a.output.argmax(1) != b.output.argmax(1)).sum())
+    return {
+        "max |LTM difference|, events 1-100": max(memory_error[:100]),
+        f"max |LTM difference|, events {DRIFT_STEPS - 99}-{DRIFT_STEPS}": max(memory_error[-100:]),
+        "max |output difference|": worst_output,
+        "labels that differ": disagreements / (DRIFT_STEPS * DRIFT_ENTITIES),
+    }
+
+
+async def footprints(url: str) -> list[tuple[int, int, float, float]]:
+    rows = []
+    for layers, hidden in SHAPES:
+        f32 = await bytes_per_entity(url, layers, hidden, "float32")
+        f16 = await bytes_per_entity(url, layers, hidden, "float16")
+        print(f"layers {layers} hidden {hidden:4d}: float32 {f32:7.0f} B, float16 {f16:7.0f} B")
+        rows.append((layers, hidden, f32, f16))
+    return rows
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    with RedisServer() as server:
+        rows = asyncio.run(footprints(server.url))
+        version = asyncio.run(_server_version(server.url))
+    figures = drift()
+    for name, value in figures.items():
+        print(f"{name}: {value:.3g}")
+    table = [
+        "| layers | hidden | float32 B/entity | float16 B/entity | float16/float32 |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {layers} | {hidden} | {f32:.0f} | {f16:.0f} | {f16 / f32:.2f} |"
+            for layers, hidden, f32, f16 in rows
+        ),
+    ]
+    f32_128 = next(f32 for layers, hidden, f32, _ in rows if (layers, hidden) == (1, 128))
+    f16_128 = next(f16 for layers, hidden, _, f16 in rows if (layers, hidden) == (1, 128))
+    body = (
+        f"`python bench/footprint.py` ({machine()}; {version}).\n\n"
+        f"Bytes per entity are `MEMORY USAGE` of the entity's key (key, value, Redis overhead), "
+        f"mean of {ENTITIES} entities with ids like `user-00000042`.\n\n"
+        + "\n".join(table)
+        + f"\n\nTargets at hidden 128, 1 layer: float32 <= 1200 B: **{f32_128:.0f} B, "
+        f"{'met' if f32_128 <= 1200 else 'NOT met'}**; float16 <= 700 B: **{f16_128:.0f} B, "
+        f"{'met' if f16_128 <= 700 else 'NOT met'}**.\n\n"
+        f"float16 drift over {DRIFT_STEPS} events per entity ({DRIFT_ENTITIES} entities, input "
+        "32, hidden 128, softmax over 8 labels, random weights and events), memories rounded "
+        "to float16 after every event as the float16 store does, against float32:\n\n"
+        + "\n".join(f"- {name}: {value:.3g}" for name, value in figures.items())
+    )
+    write_section("Memory footprint", body)
+
+
+async def _server_version(url: str) -> str:
+    async with Redis.from_url(url) as client:
+        info = await client.info("server")
+    name = "valkey" if "valkey_version" in info else "redis"
+    return f"{name} {info.get('valkey_version') or info.get('redis_version')}"
+
+
+if __name__ == "__main__":
+    main()
