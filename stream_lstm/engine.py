@@ -5,7 +5,9 @@ A batch holds events for many entities, several per entity in arrival order, som
 entity's stored memory (or from zeros when it starts with a reset) and runs its events in order.
 Segments are sorted longest first and laid out as one ``PackedSequence``, so ``nn.LSTM`` steps a
 shrinking contiguous prefix of segments at each time step inside its own kernels (cuDNN on a GPU)
-with no Python loop over entities or time. An entity's new memory is its last segment's.
+with no Python loop over entities or time. An entity's new memory is its last segment's. When
+each entity has exactly one event (event n for entity n, the common case with many entities),
+the batch is one plain ``nn.LSTM`` time step with no grouping at all.
 
 Tensors are indexed by entity row ``e`` in ``0..E-1`` (the caller's memory rows) and event
 ``n`` in ``0..N-1`` (arrival order). Results come back on the CPU: they are headed for Kafka and
@@ -80,6 +82,8 @@ def step(model: StreamModel, events: Events, memory: Memory) -> StepResult:
         entity = events.entity.to(device)
         features = events.features.to(device, torch.float32)
         reset = events.reset.to(device, torch.bool)
+        if n == memory.step.numel() and bool((entity == torch.arange(n, device=device)).all()):
+            return _one_event_each(model, features, reset, memory)
 
         # Group each entity's events, keeping arrival order within the entity.
         order = torch.sort(entity, stable=True).indices  # (N,) grouped position -> event
@@ -131,6 +135,22 @@ def step(model: StreamModel, events: Events, memory: Memory) -> StepResult:
         stm[done_entity.cpu()] = h_n[:, done_rank].transpose(0, 1).cpu()
         steps[done_entity.cpu()] = grouped_step[last_of_entity].cpu()
         return StepResult(output.cpu(), event_step.cpu(), Memory(ltm, stm, steps))
+
+
+def _one_event_each(
+    model: StreamModel, features: Tensor, reset: Tensor, memory: Memory
+) -> StepResult:
+    """The common case, event n of entity n: one plain time step, no grouping, no packing."""
+    device = model.device
+    keep = (~reset).to(torch.float32)[:, None, None]  # (N, 1, 1)
+    h0 = (memory.stm.to(device) * keep).transpose(0, 1).contiguous()  # (L, N, H)
+    c0 = (memory.ltm.to(device) * keep).transpose(0, 1).contiguous()  # (L, N, H)
+    out, (h_n, c_n) = model.lstm(features.unsqueeze(0), (h0, c0))  # (1, N, H), (L, N, H)
+    output = model.readout(out[0])  # (N, O)
+    steps = torch.where(reset, 0, memory.step.to(device)) + 1  # (N,)
+    ltm = c_n.transpose(0, 1).contiguous().cpu()  # (N, L, H)
+    stm = h_n.transpose(0, 1).contiguous().cpu()
+    return StepResult(output.cpu(), steps.cpu(), Memory(ltm, stm, steps.cpu()))
 
 
 def _check(model: StreamModel, events: Events, memory: Memory) -> None:

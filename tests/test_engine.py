@@ -138,6 +138,26 @@ def test_reset_ignores_stored_memory_and_step() -> None:
     assert not torch.allclose(continued.output, from_zero.output)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_one_event_per_entity_equals_nn_lstm_from_each_stored_memory(layers: int) -> None:
+    torch.manual_seed(layers)
+    model = StreamModel.from_torch(nn.LSTM(3, 5, layers), nn.Linear(5, 2), labels=["a", "b"])
+    n = 40
+    memory = Memory(torch.randn(n, layers, 5), torch.randn(n, layers, 5), torch.arange(n))
+    x, reset = torch.randn(n, 3), torch.rand(n) < 0.3
+    result = step(model, Events(torch.arange(n), x, reset), memory)
+    for k in range(n):
+        keep = 0.0 if reset[k] else 1.0
+        h0 = (memory.stm[k] * keep).unsqueeze(1)  # (L, 1, H)
+        c0 = (memory.ltm[k] * keep).unsqueeze(1)
+        with torch.no_grad():
+            y, (h_n, c_n) = model.lstm(x[k].view(1, 1, 3), (h0, c0))
+        torch.testing.assert_close(result.output[k], model.readout(y[0, 0]), atol=TOL, rtol=0)
+        torch.testing.assert_close(result.memory.stm[k], h_n[:, 0], atol=TOL, rtol=0)
+        torch.testing.assert_close(result.memory.ltm[k], c_n[:, 0], atol=TOL, rtol=0)
+        assert int(result.step[k]) == (1 if reset[k] else k + 1)
+
+
 def test_entities_without_events_keep_their_memory() -> None:
     model = StreamModel.from_torch(nn.LSTM(2, 3))
     memory = Memory(torch.randn(3, 1, 3), torch.randn(3, 1, 3), torch.tensor([5, 6, 7]))

@@ -226,8 +226,8 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
         model,
         Events(
             torch.from_numpy(rows),
-            torch.from_numpy(checked.features[fresh]),  # (N', I)
-            torch.from_numpy(checked.reset[fresh]),  # (N',)
+            torch.from_numpy(checked.features if all_fresh else checked.features[fresh]),  # (N', I)
+            torch.from_numpy(checked.reset if all_fresh else checked.reset[fresh]),  # (N',)
         ),
         Memory(
             torch.from_numpy(memory.ltm),
