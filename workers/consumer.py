@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -192,7 +193,9 @@ class BatchConsumer(mode.Service):
                 report = await self.processor.process(records)
             except Exception as error:
                 fail_stop(records, error)
+            started = time.perf_counter()
             await self._commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
+            report.seconds["offsets"] = time.perf_counter() - started
             self.metrics.observe(report)
             for tp, messages in fetched.items():
                 highwater = self.consumer.highwater(tp)

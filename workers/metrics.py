@@ -47,7 +47,14 @@ class Metrics:
         )
         self.step_seconds = Histogram(
             "stream_lstm_step_seconds",
-            "Engine step time per micro-batch",
+            "Engine step time per micro-batch (prediction encoding included)",
+            buckets=STEP_SECONDS,
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "stream_lstm_stage_seconds",
+            "Wall time per micro-batch of each stage: check, load, step, emit, commit, offsets",
+            ["stage"],
             buckets=STEP_SECONDS,
             registry=self.registry,
         )
@@ -68,7 +75,9 @@ class Metrics:
         self.replayed.inc(report.replayed)
         self.stale.inc(report.stale)
         self.batch_size.observe(report.events)
-        self.step_seconds.observe(report.step_s)
+        self.step_seconds.observe(report.seconds["step"])
+        for stage, seconds in report.seconds.items():
+            self.stage_seconds.labels(stage).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
