@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator
 
 ENTITY_ID_MAX = 256
 EntityId = Annotated[str, Field(min_length=1, max_length=ENTITY_ID_MAX)]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+Feature = Annotated[FiniteFloat, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+"""The model computes in float32: a larger number would become infinity and poison a memory."""
 
 
 class _Wire(BaseModel):
@@ -23,7 +27,7 @@ class Event(_Wire):
     """One event of one entity, published to the input topic keyed by ``entity_id``."""
 
     entity_id: EntityId
-    features: list[FiniteFloat] = Field(min_length=1)
+    features: list[Feature] = Field(min_length=1)
     event_id: str | None = None
     ts: FiniteFloat | None = None
     reset: bool = False

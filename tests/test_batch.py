@@ -54,6 +54,7 @@ def empty_memory(checked: Checked, model: StreamModel) -> MemoryBatch:
         (event(features=[1.0]), b"a", "invalid_event", "1 features, the model takes 2"),
         (b'{"entity_id": "a", "features": [NaN, 1]}', b"a", "invalid_event", "features.0"),
         (b'{"entity_id": "a", "features": [1e999, 1]}', b"a", "invalid_event", "features.0"),
+        (b'{"entity_id": "a", "features": [1, 1e300]}', b"a", "invalid_event", "features.1"),
         (b'{"features": [1, 2]}', None, "invalid_event", "entity_id: Field required"),
         (event(entity=""), b"", "invalid_event", "entity_id"),
         (event(entity="b"), b"a", "key_mismatch", "differs from entity_id"),

@@ -26,6 +26,8 @@ def test_a_full_event() -> None:
         ('{"entity_id": "a", "features": [NaN]}', "features.0"),
         ('{"entity_id": "a", "features": [1e999]}', "features.0"),
         ('{"entity_id": "a", "features": [-Infinity]}', "features.0"),
+        ('{"entity_id": "a", "features": [1e300]}', "features.0"),
+        ('{"entity_id": "a", "features": [0, -3.5e38]}', "features.1"),
         ('{"entity_id": "a", "features": ["1.0"]}', "features.0"),
         ('{"entity_id": "a", "features": []}', "features"),
         ('{"entity_id": "a"}', "features"),

@@ -32,7 +32,7 @@ from state import MemoryBatch, MemoryStore, MemoryUpdates
 from stream_lstm.engine import Events, Memory, entity_rows, step
 from stream_lstm.exceptions import StoreError
 from stream_lstm.model import StreamModel
-from stream_lstm.schema import ENTITY_ID_MAX, Event
+from stream_lstm.schema import ENTITY_ID_MAX, FLOAT32_MAX, Event
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ _NUMBER_TYPES = frozenset(_NUMBERS)
 def _fast_event(value: bytes, input_size: int) -> tuple[str, list[float], str | None, bool] | None:
     """The event's fields when it is plainly well-formed, else None (the schema decides).
 
-    orjson refuses NaN and infinities, so every number it returns is finite.
+    orjson refuses NaN and infinities, so every number it returns is finite; the float32 bound
+    is checked here as in the schema.
     """
     try:
         data = orjson.loads(value)
@@ -192,6 +193,7 @@ def _fast_event(value: bytes, input_size: int) -> tuple[str, list[float], str | 
         or type(features) is not list
         or len(features) != input_size
         or not _NUMBER_TYPES.issuperset(map(type, features))
+        or max(map(abs, features)) > FLOAT32_MAX
         or (event_id is not None and type(event_id) is not str)
         or (ts is not None and type(ts) not in _NUMBERS)
         or type(reset) is not bool
