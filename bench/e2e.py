@@ -238,8 +238,10 @@ async def naive(
 # --- phases 2 and 3: the worker ------------------------------------------------------------
 
 
-def start_worker(services: Services, name: str) -> WorkerProcess:
-    """A worker reading ``<name>-events`` in its own consumer group and memory namespace."""
+def start_worker(
+    services: Services, name: str, replica: int = 0, *, wait: bool = True
+) -> WorkerProcess:
+    """A worker reading ``<name>-events`` in the consumer group and namespace of ``name``."""
     env = {
         "STREAM_LSTM_BROKER": services.broker.url,
         "STREAM_LSTM_REDIS_URL": services.redis.url,
@@ -252,12 +254,13 @@ def start_worker(services: Services, name: str) -> WorkerProcess:
         "STREAM_LSTM_MAX_BATCH": str(services.max_batch),
         "STREAM_LSTM_SESSION_TIMEOUT_S": "2",
     }
-    worker = WorkerProcess(env, services.workdir / f"worker-{name}.log").start()
-    try:
-        worker.wait_ready()
-    except BaseException:
-        worker.stop()
-        raise
+    worker = WorkerProcess(env, services.workdir / f"worker-{name}-{replica}.log").start()
+    if wait:
+        try:
+            worker.wait_ready()
+        except BaseException:
+            worker.stop()
+            raise
     return worker
 
 
