@@ -257,3 +257,23 @@ async def test_cli_publishes_tails_and_queries_memory(
     missing = run_cli(stack, "memory", "get", "nobody")
     assert missing.returncode == 1
     assert "no memory stored for 'nobody'" in missing.stderr
+
+
+@pytest.mark.slow
+async def test_three_workers_in_one_group_give_golden_output(
+    kafka_broker: KafkaBroker, redis_server: RedisServer, model_path: Path, tmp_path: Path
+) -> None:
+    stack = StreamSlice(kafka_broker, redis_server, model_path, tmp_path)
+    try:
+        rng = random.Random(8)
+        messages, history = random_stream(rng, [f"trio-{k}" for k in range(60)], per_entity=12)
+        workers = [stack.start_worker() for _ in range(3)]
+        await stack.publish(messages)
+        predictions = await stack.predictions(len(messages), entities=history)
+        check_against_offline(stack.model, history, predictions)
+        sources = {p["source"]["partition"] for p in predictions}
+        assert len(sources) == 4, "the stream spread over every partition"
+        batches = [w.metric("stream_lstm_batches_total") for w in workers]
+        assert sum(b > 0 for b in batches) >= 2, f"the group shared the work: {batches}"
+    finally:
+        stack.stop_all()
