@@ -179,6 +179,7 @@ async def _tail(
         group_id=None,
         auto_offset_reset="earliest" if from_beginning else "latest",
         enable_auto_commit=False,
+        fetch_max_wait_ms=100,  # print predictions as they come, not every 500 ms
     )
     await consumer.start()
     printed = 0

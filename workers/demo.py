@@ -65,6 +65,7 @@ async def _stream(stack: Stack, workload: Sequence[tvshows.Frame], rate: float) 
         bootstrap_servers=bootstrap,
         group_id=None,
         auto_offset_reset="earliest",
+        fetch_max_wait_ms=10,  # aiokafka's 500 ms default would be most of the measured latency
     )
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await consumer.start()

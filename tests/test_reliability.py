@@ -1,0 +1,809 @@
+"""Issue 7: the delivery guarantees hold whatever fails, shown by breaking real processes.
+
+The promise: memory is updated exactly once per event, no event is lost, and bad input never
+stops the stream. Each test runs worker processes (``python -m stream_lstm worker``) against a
+real Kafka-protocol broker (Tansu) and a real Redis-protocol server, breaks something while
+predictions are still arriving (kill -9, SIGSTOP, SIGTERM, a Redis outage, a stalled broker,
+hostile bytes, another model), and then checks every entity's predictions (a prediction seen
+twice must be identical) and final memories against ``nn.LSTM`` run offline on its history.
+
+The worker is a black box: processes, signals, topics, Redis and its HTTP API, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from state import MemoryStore, RedisServer
+from stream_lstm.model import StreamModel
+from tests.offline import offline
+from tests.stack import SESSION_TIMEOUT_S, StreamSlice, check_against_offline, event
+from tests.test_worker import BAD_INPUTS
+from workers.broker import KafkaBroker
+from workers.stack import WorkerProcess
+
+INPUT = 4
+ENTITIES = 100
+History = dict[str, list[tuple[list[float], bool]]]
+Message = tuple[bytes | None, bytes | None]
+Finals = dict[str, tuple[torch.Tensor, torch.Tensor]]
+T = TypeVar("T")
+
+
+def save_model(path: Path, seed: int, hidden: int, layers: int) -> Path:
+    torch.manual_seed(seed)
+    model = StreamModel.from_torch(
+        nn.LSTM(INPUT, hidden, layers), nn.Linear(hidden, 3), labels=["cat", "dog", "wolf"]
+    )
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The offline reference on one thread: with the broker, Redis and workers busy on 2 cores,
+    torch's second thread makes it ~40x slower (25 ms an event instead of 0.6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_model(tmp_path_factory.mktemp("model") / "model.pt", seed=11, hidden=8, layers=2)
+
+
+@pytest.fixture
+def stack(
+    kafka_broker: KafkaBroker, redis_server: RedisServer, model_path: Path, tmp_path: Path
+) -> Iterator[StreamSlice]:
+    """This test's topics, group and namespace; its workers are killed at the end."""
+    stack = StreamSlice(kafka_broker, redis_server, model_path, tmp_path)
+    yield stack
+    stack.stop_all()
+
+
+def random_stream(
+    rng: random.Random, entity_ids: Sequence[str], per_entity: int
+) -> tuple[list[tuple[bytes, bytes]], History]:
+    """Interleaved events of the entities, each entity's in its own order, a few with reset."""
+    history: History = {e: [] for e in entity_ids}
+    for entity_id in entity_ids:
+        for k in range(rng.randint(per_entity // 2, 3 * per_entity // 2)):
+            features = [rng.uniform(-2, 2) for _ in range(INPUT)]
+            history[entity_id].append((features, k > 0 and rng.random() < 0.05))
+    queues = {e: list(h) for e, h in history.items()}
+    messages = []
+    while queues:
+        entity_id = rng.choice(sorted(queues))
+        features, reset = queues[entity_id].pop(0)
+        messages.append(event(entity_id, features, reset=reset))
+        if not queues[entity_id]:
+            del queues[entity_id]
+    return messages, history
+
+
+def history_of(messages: Sequence[Message]) -> History:
+    """Each entity's events in a run of well-formed messages."""
+    history: History = {}
+    for _, value in messages:
+        assert value is not None
+        parsed = orjson.loads(value)
+        history.setdefault(parsed["entity_id"], []).append(
+            (parsed["features"], parsed.get("reset", False))
+        )
+    return history
+
+
+class Feed:
+    """A producer on one topic that says where each message landed: ``async with``."""
+
+    def __init__(self, stack: StreamSlice, topic: str | None = None) -> None:
+        self.topic = topic or stack.env["STREAM_LSTM_INPUT_TOPIC"]
+        self._producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap, acks="all")
+
+    async def __aenter__(self) -> Feed:
+        await self._producer.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._producer.stop()
+
+    async def publish(self, messages: Sequence[Message]) -> list[tuple[int, int]]:
+        """Send all, wait until the broker acknowledged all; (partition, offset) of each."""
+        send = self._producer.send
+        pending = [await send(self.topic, value, key=key) for key, value in messages]
+        return [(m.partition, m.offset) for m in await asyncio.gather(*pending)]
+
+    async def paced(self, messages: Sequence[Message], chunk: int, pause_s: float) -> None:
+        """A live stream: ``chunk`` messages at a time, ``pause_s`` apart."""
+        for start in range(0, len(messages), chunk):
+            await self.publish(messages[start : start + chunk])
+            await asyncio.sleep(pause_s)
+
+
+class Tail:
+    """Every message of one topic from its start, read in the background: ``async with``."""
+
+    def __init__(self, stack: StreamSlice, topic: str) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self._consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=stack.broker.bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Tail:
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._consumer.stop()
+
+    async def _read(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                self.messages.extend(orjson.loads(r.value) for r in records)
+
+    def sources(self) -> set[tuple[int, int]]:
+        """The distinct input records the messages are about: (partition, offset)."""
+        return {(m["source"]["partition"], m["source"]["offset"]) for m in self.messages}
+
+    async def wait_for(self, count: int, timeout_s: float = 90.0) -> None:
+        """Until messages about ``count`` distinct input records have arrived."""
+        await eventually(lambda: len(self.sources()) >= count, f"{count} records", timeout_s)
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = 60.0
+) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = condition()
+        if held if isinstance(held, bool) else await held:
+            return
+        assert time.monotonic() < deadline, f"waited {timeout_s:.0f}s for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def start_worker(stack: StreamSlice, **settings: str) -> WorkerProcess:
+    """Start a worker and wait until it is ready, without blocking the event loop."""
+    return await asyncio.to_thread(stack.start_worker, **settings)
+
+
+async def metric(worker: WorkerProcess, name: str) -> float:
+    return await asyncio.to_thread(worker.metric, name)
+
+
+def redis_pid(stack: StreamSlice) -> int | None:
+    assert isinstance(stack.redis, RedisServer), "one Redis server, to freeze"
+    return stack.redis.pid
+
+
+def freeze(pid: int | None) -> None:
+    assert pid is not None, "the process is not running"
+    os.kill(pid, signal.SIGSTOP)
+
+
+def thaw(pid: int | None) -> None:
+    assert pid is not None, "the process is not running"
+    os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.asynccontextmanager
+async def predictions_unacknowledged(
+    stack: StreamSlice, feed: Feed, messages: Sequence[Message]
+) -> AsyncIterator[None]:
+    """Publish ``messages`` and hold the workers, inside the block, with them in hand: loaded,
+    stepped and their predictions sent, but never acknowledged by the (frozen) broker.
+
+    Redis is frozen while the messages arrive, so the workers take them and wait for their
+    memories; then the broker is frozen and Redis thawed, so they load, step and send.
+    """
+    freeze(redis_pid(stack))
+    try:
+        await feed.publish(messages)
+        await asyncio.sleep(1.5)
+        freeze(stack.broker.pid)
+    finally:
+        thaw(redis_pid(stack))
+    try:
+        await asyncio.sleep(0.5)
+        yield
+    finally:
+        thaw(stack.broker.pid)
+
+
+def steps_since_reset(events: list[tuple[list[float], bool]]) -> int:
+    since = 0
+    for _, reset in events:
+        since = 1 if reset else since + 1
+    return since
+
+
+def offline_finals(model: StreamModel, history: History) -> Finals:
+    """nn.LSTM's final (h, c) of each entity's history."""
+    finals = {}
+    for entity_id, events in history.items():
+        _, h_n, c_n = offline(model, [(torch.tensor(x), reset) for x, reset in events])
+        finals[entity_id] = (h_n, c_n)
+    return finals
+
+
+def assert_memories(worker: WorkerProcess, history: History, finals: Finals) -> None:
+    """Every entity's stored memories, read through the worker, equal nn.LSTM's final (h, c)."""
+    for entity_id, events in history.items():
+        status, snapshot = worker.memory(entity_id)
+        assert status == 200, (entity_id, snapshot)
+        assert snapshot["step"] == steps_since_reset(events), entity_id
+        h_n, c_n = finals[entity_id]
+        torch.testing.assert_close(torch.tensor(snapshot["ltm"]), c_n, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(snapshot["stm"]), h_n, atol=1e-4, rtol=0)
+
+
+def replays(predictions: list[dict[str, Any]]) -> int:
+    """Predictions emitted more than once (check_against_offline asserts they are identical)."""
+    sources = {(p["source"]["partition"], p["source"]["offset"]) for p in predictions}
+    return len(predictions) - len(sources)
+
+
+# --- Hard crash ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_kill_9_twice_mid_stream_loses_nothing_and_applies_nothing_twice(
+    stack: StreamSlice,
+) -> None:
+    messages, history = random_stream(
+        random.Random(71), [f"crash-{k}" for k in range(ENTITIES)], 30
+    )
+    total = len(messages)
+    worker = await start_worker(stack, max_batch="32")
+    async with Feed(stack) as feed, Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as tail:
+        # A live stream of ~10 s: the first kill lands in it, the second while the restarted
+        # worker chews the backlog that piled up while it was down.
+        publishing = asyncio.create_task(feed.paced(messages, chunk=total // 50, pause_s=0.2))
+        for more in (total // 4, 100):
+            await tail.wait_for(len(tail.sources()) + more)
+            assert len(tail.sources()) < total, "the kill must land mid-stream"
+            assert await asyncio.to_thread(worker.stop, signal.SIGKILL) == -signal.SIGKILL
+            worker = await start_worker(stack, max_batch="32")
+        await publishing
+        await tail.wait_for(total)
+        predictions = list(tail.messages)
+
+    finals = check_against_offline(stack.model, history, predictions)
+    assert_memories(worker, history, finals)
+
+
+# --- Graceful shutdown -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_sigterm_mid_stream_exits_0_within_10s_and_a_restart_continues_exactly(
+    stack: StreamSlice,
+) -> None:
+    messages, history = random_stream(random.Random(72), [f"term-{k}" for k in range(ENTITIES)], 24)
+    thirds = [len(messages) // 3, 2 * len(messages) // 3]
+    worker = await start_worker(stack)
+    assert worker.process is not None
+    async with Feed(stack) as feed, Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as tail:
+        await feed.publish(messages[: thirds[0]])
+        await tail.wait_for(thirds[0])
+
+        # SIGTERM while the worker holds a batch whose predictions the broker has not
+        # acknowledged yet: it finishes that batch, commits it and exits.
+        async with predictions_unacknowledged(stack, feed, messages[thirds[0] : thirds[1]]):
+            worker.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+        exit_code = await asyncio.to_thread(worker.process.wait, 15.0)
+        stopped_s = time.monotonic() - started
+        assert exit_code == 0, worker.log_tail()
+        assert stopped_s < 10.0, f"SIGTERM took {stopped_s:.1f}s"
+
+        await start_worker(stack)
+        await feed.publish(messages[thirds[1] :])
+        await tail.wait_for(len(messages))
+        await asyncio.sleep(0.5)  # a re-emitted prediction would have come before the last ones
+        predictions = list(tail.messages)
+
+    finals = check_against_offline(stack.model, history, predictions)
+    assert replays(predictions) == 0, "after a graceful stop no prediction is emitted twice"
+    assert_memories(stack.workers[-1], history, finals)
+
+
+# --- Rebalance and a frozen worker -----------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_rebalance_and_a_frozen_worker_cannot_overwrite_newer_memories(
+    stack: StreamSlice,
+) -> None:
+    entity_ids = [f"group-{k}" for k in range(ENTITIES)]
+    messages, history = random_stream(random.Random(73), entity_ids, 40)
+    quarter = len(messages) // 4
+    phases = [messages[:quarter], messages[quarter : 2 * quarter]]
+    phases += [messages[2 * quarter : 3 * quarter], messages[3 * quarter :]]
+    first = await start_worker(stack)
+    second = await start_worker(stack)
+    assert first.process is not None
+    async with Feed(stack) as feed, Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as tail:
+        # 1. The two workers share the partitions (the second joins while this goes on).
+        await feed.paced(phases[0], chunk=25, pause_s=0.1)
+        await tail.wait_for(quarter)
+
+        async def both_busy() -> bool:
+            counts = await asyncio.gather(
+                metric(first, "stream_lstm_events_total"),
+                metric(second, "stream_lstm_events_total"),
+            )
+            return min(counts) > 0
+
+        await eventually(both_busy, "both workers to process events")
+        done_before = await metric(first, "stream_lstm_events_total")
+
+        # 2. Freeze `first` between loading a batch's memories and committing them, for three
+        # session timeouts: `second` takes its partitions over, replays the batch `first`
+        # holds and advances those entities' memories further.
+        async with predictions_unacknowledged(stack, feed, phases[1]):
+            freeze(first.process.pid)
+        try:
+            await asyncio.sleep(3 * SESSION_TIMEOUT_S)
+            await tail.wait_for(2 * quarter)
+            await feed.paced(phases[2], chunk=50, pause_s=0.05)
+            await tail.wait_for(3 * quarter)
+        finally:
+            thaw(first.process.pid)
+
+        # 3. Thawed, `first` goes on with the memories it loaded before the freeze and tries to
+        # commit what it computed from them: the fences `second` stored since refuse it.
+        async def finished_its_batch() -> bool:
+            return await metric(first, "stream_lstm_events_total") > done_before
+
+        await eventually(finished_its_batch, "the thawed worker to finish its batch")
+        stale = await metric(first, "stream_lstm_stale_commits_total")
+
+        # 4. `first` stops (SIGTERM) in a live stream; `second` takes its partitions over.
+        publishing = asyncio.create_task(feed.paced(phases[3], chunk=quarter // 25, pause_s=0.25))
+        await tail.wait_for(3 * quarter + quarter // 5)
+        assert not publishing.done(), "the worker must stop mid-stream"
+        assert await asyncio.to_thread(first.stop, signal.SIGTERM) == 0, first.log_tail()
+        await publishing
+        await tail.wait_for(len(messages))
+        predictions = list(tail.messages)
+
+    finals = check_against_offline(stack.model, history, predictions)
+    assert_memories(second, history, finals)
+    assert stale > 0, "the thawed worker had a batch in hand, and the fences refused it"
+
+
+# --- Redis outage ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_redis_away_for_10s_the_worker_waits_says_not_ready_and_loses_nothing(
+    kafka_broker: KafkaBroker, model_path: Path, tmp_path: Path
+) -> None:
+    redis = RedisServer(data_dir=tmp_path / "redis", appendonly=True)
+    redis.start()
+    stack = StreamSlice(kafka_broker, redis, model_path, tmp_path)
+    try:
+        entity_ids = [f"outage-{k}" for k in range(ENTITIES)]
+        messages, history = random_stream(random.Random(74), entity_ids, 30)
+        total = len(messages)
+        worker = await start_worker(stack)
+        async with Feed(stack) as feed, Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as tail:
+            # A live stream of ~16 s; Redis goes away 1/5 in, for 10 s.
+            publishing = asyncio.create_task(feed.paced(messages, chunk=total // 80, pause_s=0.2))
+            await tail.wait_for(total // 5)
+            await asyncio.to_thread(redis.stop)  # SIGTERM: the AOF is flushed, data kept
+            away_until = time.monotonic() + 10.0
+            health = []
+            while time.monotonic() < away_until:
+                health.append(await asyncio.to_thread(worker.http, "GET", "/health"))
+                assert worker.process is not None
+                assert worker.process.poll() is None, worker.log_tail()
+                await asyncio.sleep(0.5)
+            stalled_at = len(tail.sources())
+            await asyncio.to_thread(redis.start)  # the same port, the same data
+            assert redis.url == stack.env["STREAM_LSTM_REDIS_URL"]
+
+            assert any(
+                status == 503 and body["ready"] is False and body["checks"]["redis"] is False
+                for status, body in health
+            ), health
+            assert stalled_at < total, "Redis came back mid-stream"
+
+            async def ready() -> bool:
+                return (await asyncio.to_thread(worker.http, "GET", "/health"))[0] == 200
+
+            await eventually(ready, "/health to say ready again")
+            await publishing
+            await tail.wait_for(total)
+            predictions = list(tail.messages)
+
+        assert worker.process is not None
+        assert worker.process.poll() is None, worker.log_tail()
+        finals = check_against_offline(stack.model, history, predictions)
+        assert_memories(worker, history, finals)
+    finally:
+        stack.stop_all()
+        redis.stop()
+
+
+# --- Slow or failed produce ------------------------------------------------------------------
+
+
+async def memories(worker: WorkerProcess, entity_ids: Sequence[str]) -> dict[str, Any]:
+    """Each entity's stored memory snapshot through the worker's API, None when it has none."""
+
+    def read() -> dict[str, Any]:
+        snapshots = {}
+        for entity_id in entity_ids:
+            status, snapshot = worker.memory(entity_id)
+            assert status in (200, 404), (entity_id, snapshot)
+            snapshots[entity_id] = snapshot if status == 200 else None
+        return snapshots
+
+    return await asyncio.to_thread(read)
+
+
+def assert_snapshots(snapshots: dict[str, Any], model: StreamModel, history: History) -> None:
+    """The snapshots hold exactly the memories after ``history``: not one event further."""
+    finals = offline_finals(model, history)
+    for entity_id, snapshot in snapshots.items():
+        if entity_id not in history:
+            assert snapshot is None, entity_id
+            continue
+        assert snapshot is not None, entity_id
+        assert snapshot["step"] == steps_since_reset(history[entity_id]), entity_id
+        h_n, c_n = finals[entity_id]
+        torch.testing.assert_close(torch.tensor(snapshot["ltm"]), c_n, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(snapshot["stm"]), h_n, atol=1e-4, rtol=0)
+
+
+@contextlib.asynccontextmanager
+async def memories_in_flight(
+    stack: StreamSlice, feed: Feed, messages: Sequence[Message]
+) -> AsyncIterator[None]:
+    """Like ``predictions_unacknowledged``, but inside the block the predictions are
+    acknowledged and the workers wait for the (frozen) Redis to commit the batch's memories.
+
+    Redis runs the commits it has been sent when the block ends, even those of a worker that
+    was killed inside it: that worker's memories are then committed but not its offsets.
+    """
+    async with predictions_unacknowledged(stack, feed, messages):
+        freeze(redis_pid(stack))
+        try:
+            thaw(stack.broker.pid)
+            await asyncio.sleep(0.5)
+            yield
+        finally:
+            thaw(redis_pid(stack))
+
+
+@pytest.mark.slow
+async def test_memories_never_run_ahead_of_acknowledged_predictions_nor_apply_a_replay(
+    stack: StreamSlice,
+) -> None:
+    entity_ids = [f"produce-{k}" for k in range(ENTITIES)]
+    messages, history = random_stream(random.Random(75), entity_ids, 24)
+    cuts = [k * len(messages) // 5 for k in range(1, 5)]
+    model = stack.model
+    worker = await start_worker(stack)
+    async with Feed(stack) as feed, Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as tail:
+        await feed.publish(messages[: cuts[0]])
+        await tail.wait_for(cuts[0])
+
+        # Slow produce: the worker holds a batch whose predictions the broker does not
+        # acknowledge for ~2 s. Its memories stay exactly where the acknowledged ones left them.
+        async with predictions_unacknowledged(stack, feed, messages[cuts[0] : cuts[1]]):
+            held = await memories(worker, entity_ids)
+            await asyncio.sleep(1.0)
+            assert await memories(worker, entity_ids) == held
+        assert_snapshots(held, model, history_of(messages[: cuts[0]]))
+        await tail.wait_for(cuts[1])
+
+        # Failed produce: the worker dies while the broker has acknowledged none of a batch's
+        # predictions; nothing of that batch is in Redis, and its restart predicts it again.
+        async with predictions_unacknowledged(stack, feed, messages[cuts[1] : cuts[2]]):
+            held = await memories(worker, entity_ids)
+            assert await asyncio.to_thread(worker.stop, signal.SIGKILL) == -signal.SIGKILL
+        assert_snapshots(held, model, history_of(messages[: cuts[1]]))
+        worker = await start_worker(stack)
+        await tail.wait_for(cuts[2])
+
+        # The worker dies once its memory commit is sent, before its offsets are: the commit
+        # is applied, and its restart reads those events again, which must apply nothing.
+        async with memories_in_flight(stack, feed, messages[cuts[2] : cuts[3]]):
+            assert await asyncio.to_thread(worker.stop, signal.SIGKILL) == -signal.SIGKILL
+        worker = await start_worker(stack)
+        await feed.publish(messages[cuts[3] :])
+        await tail.wait_for(len(messages))
+        replayed = await metric(worker, "stream_lstm_replayed_events_total")
+        predictions = list(tail.messages)
+
+    finals = check_against_offline(model, history, predictions)
+    assert_memories(worker, history, finals)
+    assert replayed > 0, "the restarted worker read events whose memories were committed"
+
+
+# --- Hostile input ---------------------------------------------------------------------------
+
+Hostile = tuple[bytes | None, bytes | None, set[str]]  # key, value, the reasons it may be given
+FEATURES = [0.5, -0.5, 1.0, 0.0]
+
+
+def examples(strategy: st.SearchStrategy[T], count: int) -> list[T]:
+    """``count`` examples of a strategy, the same ones on every run."""
+    found: list[T] = []
+
+    @settings(
+        max_examples=count,
+        derandomize=True,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        deadline=None,
+    )
+    @given(strategy)
+    def collect(example: T) -> None:
+        found.append(example)
+
+    collect()
+    return found
+
+
+@st.composite
+def random_bytes(draw: st.DrawFn) -> Hostile:
+    key = draw(st.none() | st.binary(max_size=16))
+    return key, draw(st.binary(max_size=300)), {"not_json", "not_object", "invalid_event"}
+
+
+@st.composite
+def deep_nesting(draw: st.DrawFn) -> Hostile:
+    depth = draw(st.integers(2, 40_000))
+    opener, closer = draw(st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")]))
+    nested = opener * depth + b"0" + closer * depth
+    if draw(st.booleans()):  # the whole value: a list is no object, an object no event
+        shallow = "not_object" if opener == b"[" else "invalid_event"
+        return b"deep", nested, {"not_json", shallow, "oversized"}
+    value = b'{"entity_id":"deep","features":' + nested + b"}"
+    return b"deep", value, {"not_json", "invalid_event", "oversized"}
+
+
+@st.composite
+def huge_number(draw: st.DrawFn) -> Hostile:
+    """A number beyond float64: an exponent past 308, or hundreds to thousands of digits."""
+    digits = draw(st.integers(309, 20_000))
+    sign = draw(st.sampled_from(["", "-"]))
+    number = draw(
+        st.sampled_from([f"{sign}1e{digits}", f"{sign}2.5E+{digits}", sign + "9" * digits])
+    )
+    if draw(st.booleans()):
+        value = f'{{"entity_id":"huge","features":[0,{number},0,0]}}'
+    else:
+        value = f'{{"entity_id":"huge","features":[0,0,0,0],"ts":{number}}}'
+    return b"huge", value.encode(), {"invalid_event", "not_json"}
+
+
+@st.composite
+def long_id(draw: st.DrawFn) -> Hostile:
+    """An entity id of 10 KB or more of UTF-8, keyed by itself."""
+    unit = draw(st.text(min_size=1, max_size=4))
+    entity_id = unit * (10_240 // len(unit.encode()) + 1)
+    return (
+        entity_id.encode(),
+        orjson.dumps({"entity_id": entity_id, "features": FEATURES}),
+        {"invalid_event"},
+    )
+
+
+@st.composite
+def wrong_key(draw: st.DrawFn) -> Hostile:
+    """A good event under a key that is not its entity id: none, other text, bytes, 10 KB."""
+    entity_id = draw(st.text(min_size=1, max_size=40))
+    key = draw(
+        st.none()
+        | st.text(max_size=40).map(str.encode)
+        | st.binary(max_size=16)
+        | st.binary(min_size=1, max_size=8).map(lambda b: (b * 10_240)[:10_240])
+    )
+    if key == entity_id.encode():
+        key = None  # keyed right by chance: no key at all instead
+    return key, orjson.dumps({"entity_id": entity_id, "features": FEATURES}), {"key_mismatch"}
+
+
+HOSTILE = st.one_of(random_bytes(), deep_nesting(), huge_number(), long_id(), wrong_key())
+UNICODE_IDS = st.text(min_size=1, max_size=256)
+
+
+def decode(text: str | None, encoding: str | None) -> bytes | None:
+    if text is None:
+        return None
+    return base64.b64decode(text) if encoding == "base64" else text.encode()
+
+
+@pytest.fixture(scope="module")
+def hostile_stack(
+    kafka_broker: KafkaBroker,
+    redis_server: RedisServer,
+    model_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[StreamSlice, WorkerProcess]]:
+    """One worker that the hostile-input tests feed (each about its own entities)."""
+    stack = StreamSlice(kafka_broker, redis_server, model_path, tmp_path_factory.mktemp("hostile"))
+    try:
+        yield stack, stack.start_worker()
+    finally:
+        stack.stop_all()
+
+
+async def test_hostile_input_is_dead_lettered_with_a_reason_and_never_stops_the_stream(
+    hostile_stack: tuple[StreamSlice, WorkerProcess],
+) -> None:
+    stack, worker = hostile_stack
+    rng = random.Random(76)
+    good_ids = ["around-a", "around-b"] + [
+        f"u{k}:{text}" for k, text in enumerate(dict.fromkeys(examples(UNICODE_IDS, 30)))
+    ]
+    hostile: list[Hostile] = [(k, v, {reason}) for reason, k, v in BAD_INPUTS]
+    hostile.append((b"tombstone", None, {"not_json"}))
+    hostile += examples(HOSTILE, 50)
+
+    def good() -> tuple[bytes, bytes]:
+        return event(rng.choice(good_ids), [rng.uniform(-1, 1) for _ in range(INPUT)])
+
+    messages: list[Message] = [
+        event(e, [rng.uniform(-1, 1) for _ in range(INPUT)]) for e in good_ids
+    ]
+    bad_at: list[int] = []
+    for key, value, _ in hostile:
+        messages += [good(), (key, value)]
+        bad_at.append(len(messages) - 1)
+        messages.append(good())
+
+    async with (
+        Feed(stack) as feed,
+        Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as predicted,
+        Tail(stack, stack.env["STREAM_LSTM_DEAD_LETTER_TOPIC"]) as dead,
+    ):
+        landed = await feed.publish(messages)
+        await predicted.wait_for(len(messages) - len(hostile))
+        await dead.wait_for(len(hostile))
+
+    good_messages = [m for i, m in enumerate(messages) if i not in set(bad_at)]
+    history = history_of(good_messages)
+    finals = check_against_offline(stack.model, history, predicted.messages)
+    assert replays(predicted.messages) == 0
+
+    letters: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for letter in dead.messages:
+        letters.setdefault((letter["source"]["partition"], letter["source"]["offset"]), []).append(
+            letter
+        )
+    assert set(letters) == {landed[i] for i in bad_at}, "exactly the hostile messages"
+    for i, (key, value, reasons) in zip(bad_at, hostile, strict=True):
+        (letter,) = letters[landed[i]]
+        payload = value or b""
+        assert letter["reason"] in reasons, (payload[:80], letter["error"])
+        assert isinstance(letter["error"], str)
+        assert letter["error"]
+        assert decode(letter["payload"], letter["payload_encoding"]) == payload
+        assert letter["payload_bytes"] == len(payload)
+        assert not letter["payload_truncated"]
+        assert decode(letter["key"], letter["key_encoding"]) == key
+        assert letter["source"]["topic"] == stack.env["STREAM_LSTM_INPUT_TOPIC"]
+
+    assert worker.process is not None
+    assert worker.process.poll() is None, worker.log_tail()
+    assert worker.http("GET", "/health")[0] == 200
+    assert_memories(worker, history, finals)
+
+
+async def test_numbers_beyond_float32_are_dead_letters_and_never_poison_a_memory(
+    hostile_stack: tuple[StreamSlice, WorkerProcess],
+) -> None:
+    stack, _ = hostile_stack
+    rng = random.Random(77)
+    before = [[rng.uniform(-1, 1) for _ in range(INPUT)] for _ in range(3)]
+    after = [[rng.uniform(-1, 1) for _ in range(INPUT)] for _ in range(3)]
+    overflowing = [[1e300, -1e300, 0.0, 0.0], [3.5e38, -3.5e38, 1.0, 1.0]]
+    entity_id = "float32-overflow"
+    messages = [event(entity_id, x) for x in before + overflowing + after]
+
+    async with (
+        Feed(stack) as feed,
+        Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as predicted,
+        Tail(stack, stack.env["STREAM_LSTM_DEAD_LETTER_TOPIC"]) as dead,
+    ):
+        landed = await feed.publish(messages)
+        last = landed[-1]
+        await eventually(lambda: last in predicted.sources(), "the last event's prediction")
+        await asyncio.sleep(1.0)  # the dead letters of earlier events went out no later
+
+    ours = [p for p in predicted.messages if p["entity_id"] == entity_id]
+    letters = {(d["source"]["partition"], d["source"]["offset"]): d for d in dead.messages}
+    for position in landed[3:5]:
+        assert position in letters, "a feature beyond float32 is a dead letter"
+        assert letters[position]["reason"] == "invalid_event"
+    assert all(None not in p["output"] for p in ours), "no prediction is NaN"
+    check_against_offline(stack.model, {entity_id: [(x, False) for x in before + after]}, ours)
+
+
+# --- Model mismatch --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_worker_with_another_model_never_reads_memories_of_another_version(
+    stack: StreamSlice, tmp_path: Path
+) -> None:
+    paths = [
+        stack.model_path,
+        save_model(tmp_path / "other-shape.pt", seed=12, hidden=5, layers=1),
+        save_model(tmp_path / "same-shape.pt", seed=13, hidden=8, layers=2),
+    ]
+    models = [StreamModel.load(path, device="cpu") for path in paths]
+    assert len({m.version for m in models}) == 3
+    entity_ids = [f"model-{k}" for k in range(30)]
+    runs = []
+    for k, (path, model) in enumerate(zip(paths, models, strict=True)):
+        # The same app id (consumer group and memory namespace) and the same entities; each
+        # model gets fresh events on topics of its own, so its predictions are all its own.
+        topics = {
+            "input_topic": f"{stack.name}-events-{k}",
+            "output_topic": f"{stack.name}-predictions-{k}",
+        }
+        messages, history = random_stream(random.Random(80 + k), entity_ids, 10)
+        worker = await start_worker(stack, model=str(path), **topics)
+        async with (
+            Feed(stack, topics["input_topic"]) as feed,
+            Tail(stack, topics["output_topic"]) as tail,
+        ):
+            await feed.publish(messages)
+            await tail.wait_for(len(messages))
+            predictions = list(tail.messages)
+        finals = check_against_offline(model, history, predictions)  # from zero memories
+        assert_memories(worker, history, finals)
+        assert await asyncio.to_thread(worker.stop, signal.SIGTERM) == 0, worker.log_tail()
+        runs.append((model, history, finals))
+
+    # The first model's memories are still its own, untouched by the two after it.
+    model, history, finals = runs[0]
+    async with MemoryStore(stack.redis.url, stack.name, model.version) as store:
+        for entity_id, events in history.items():
+            stored = await store.get(entity_id)
+            assert stored is not None, entity_id
+            snapshot = stored.snapshot(entity_id, model.version)
+            assert snapshot.step == steps_since_reset(events)
+            h_n, c_n = finals[entity_id]
+            torch.testing.assert_close(torch.tensor(snapshot.ltm), c_n, atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(snapshot.stm), h_n, atol=1e-4, rtol=0)
