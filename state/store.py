@@ -13,8 +13,17 @@ So a worker that lost its partition cannot overwrite what the new owner wrote, a
 applies nothing twice, and a retried commit is harmless. Each batch is one Lua script call:
 atomic per entity and one round trip.
 
-Redis calls retry connection errors with redis-py's exponential backoff and jitter; each call,
-retries included, is bounded by ``retry_s`` and then raises StoreUnavailableError. A commit that
+On a Redis Cluster (``redis+cluster://host:port[,host:port...]``, ``rediss+cluster://`` for
+TLS) a script and an MGET may only touch keys of one hash slot, and each entity's key is its
+own slot (keys.py). So a batch is split by slot: a load is redis-py's ``mget_nonatomic`` (one
+MGET per slot), a commit one fence script call per slot, and each is one pipeline per node:
+one round trip to each node that holds some of the batch, all nodes at once. Fences are per
+entity, so their guarantees hold slot by slot; what a cluster cannot give is a whole batch
+applied or refused as one (see ``MemoryStore.commit_many``).
+
+Redis calls retry connection errors with exponential backoff and jitter (redis-py's on one
+server, the store's own on a cluster, with a fresh slot map each time); each call, retries
+included, is bounded by ``retry_s`` and then raises StoreUnavailableError. A commit that
 raises may or may not have been written; it is never reported as applied, and committing the
 same updates again is safe.
 """
@@ -24,20 +33,29 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import numpy.typing as npt
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from state import codec
@@ -57,6 +75,20 @@ _CONNECT_TIMEOUT_S = 5.0
 """A connect slower than this counts as a failed attempt (then retried). Replies have no socket
 timeout of their own (redis-py would spend a task per command on it): ``retry_s`` bounds them."""
 _SCAN_COUNT = 1000
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes naming a Redis Cluster, and the plain scheme of each node. redis-py has no cluster
+scheme of its own: ``redis+cluster://[user:password@]host:port[,host:port...][?option=value]``
+lists seed nodes (any one that answers is enough to discover the rest); options are redis-py's
+URL options, as for ``redis://``. No database number: a cluster has only database 0."""
+_CLUSTER_RETRIES = 0
+"""redis-py's own retries of a cluster call. None: it still follows MOVED and ASK within a call,
+but a lost node is retried by ``MemoryStore._call``, with backoff and a fresh slot map, and
+only for what that node has not answered (redis-py would resend a pipeline's unanswered calls,
+but after closing every connection of the client, those of calls still in flight included)."""
+_CLUSTER_SOCKET_TIMEOUT_S = 5.0
+"""A cluster node that stops answering counts as lost after this, so redis-py refreshes the
+slot map (a replica may have taken over) instead of waiting out ``retry_s`` on it."""
 
 # Lua 5.1 numbers are doubles: read integers byte by byte, and compare an i64 offset as its
 # signed high word then its unsigned low word, which is exact for every offset.
@@ -155,6 +187,16 @@ class CommitResult:
         return [self.entity_ids[i] for i in np.flatnonzero(~self.applied).tolist()]
 
 
+@dataclass(slots=True, eq=False)
+class _SlotCommit:
+    """A cluster commit in progress, kept across retries: the codes of the slots answered."""
+
+    keys: list[str]
+    values: list[bytes]
+    codes: list[int]  # (E,)
+    pending: list[list[int]]  # the rows of each slot whose script call has not answered
+
+
 class MemoryStore:
     """Entity memories of one namespace and model version, in one Redis.
 
@@ -170,9 +212,13 @@ class MemoryStore:
       rounding them at every write (bench/footprint.py measures the drift). Loads read values
       of either dtype, so a store can switch modes without a migration.
     - ``client``: a ready client to use instead of connecting to ``redis_url`` (the tests pass
-      fakeredis); the store closes it.
+      fakeredis); the store closes it. A ``RedisCluster`` client makes it a cluster store.
 
-    Raises ConfigError for an invalid namespace, model version, ttl_s, retry_s or dtype.
+    ``redis_url`` names one server (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
+    (``redis+cluster://host:port[,host:port...]``, ``rediss+cluster://``); the API is the same.
+
+    Raises ConfigError for an invalid namespace, model version, ttl_s, retry_s, dtype or cluster
+    URL.
     """
 
     def __init__(
@@ -184,7 +230,7 @@ class MemoryStore:
         *,
         retry_s: float = 30.0,
         dtype: str = "float32",
-        client: Redis | None = None,
+        client: Redis | RedisCluster | None = None,
     ) -> None:
         if dtype not in codec.CODES:
             raise ConfigError(f"dtype must be one of {', '.join(codec.CODES)}, got {dtype!r}")
@@ -198,6 +244,7 @@ class MemoryStore:
         self._ttl_ms = 0 if ttl_s is None else max(1, round(ttl_s * 1000))
         self._retry_s = retry_s
         self._redis = client if client is not None else _connect(redis_url, retry_s)
+        self._cluster = self._redis if isinstance(self._redis, RedisCluster) else None
         self._commit = self._redis.register_script((_LUA_HEADER + _COMMIT) % _LUA_CONSTANTS)
         self._reset = self._redis.register_script((_LUA_HEADER + _RESET) % _LUA_CONSTANTS)
         logger.debug("memory store %s at %s", self._keys.memory_prefix, self._url)
@@ -220,13 +267,18 @@ class MemoryStore:
     async def load_many(self, entity_ids: Sequence[str], layers: int, hidden: int) -> MemoryBatch:
         """The stored memories of these entities, in one MGET; zeros where nothing is stored.
 
+        On a cluster, one MGET per slot, pipelined: one round trip per node.
         Raises StoreError naming the entity when a value does not decode or has another shape.
         """
         if not entity_ids:
             return codec.decode_many(entity_ids, [], layers, hidden, self._code)
         keys = self._keys.memories(entity_ids)
+        cluster = self._cluster
         values = await self._call(
-            f"load_many of {len(keys)} entities", lambda: self._redis.mget(keys)
+            f"load_many of {len(keys)} entities",
+            (lambda: cluster.mget_nonatomic(keys))
+            if cluster is not None
+            else (lambda: self._redis.mget(keys)),
         )
         return codec.decode_many(
             entity_ids, cast("list[bytes | None]", values), layers, hidden, self._code
@@ -235,31 +287,105 @@ class MemoryStore:
     async def commit_many(self, updates: MemoryUpdates) -> CommitResult:
         """Write each update whose fence is newer than the stored one, in one script call.
 
-        Raises StoreError when a stored value is foreign (then nothing is written), and
+        On a cluster, one script call per slot, pipelined: one round trip per node. Repeats of
+        an entity share its slot, so they stay in one call, in order.
+
+        Raises StoreError when a stored value is foreign: then nothing in the batch is written,
+        on a cluster nothing in that value's slot (the other slots' updates are committed,
+        which is safe: committing the batch again applies nothing twice). Raises
         StoreUnavailableError when Redis does not answer within the retry budget.
         """
         if not updates.entity_ids:
             return CommitResult(updates.entity_ids, np.zeros(0, dtype=np.bool_))
         keys = self._keys.memories(updates.entity_ids)
         values = codec.encode_many(updates, time.time(), self._code)
-        codes = np.asarray(
-            await self._call(
-                f"commit_many of {len(keys)} entities", lambda: self._commit_group(keys, values)
-            ),
-            dtype=np.int64,
-        )
+        what = f"commit_many of {len(keys)} entities"
+        cluster = self._cluster
+        if cluster is None:
+            answer = await self._call(what, lambda: self._commit_group(keys, values))
+        else:
+            slots: dict[int, list[int]] = {}
+            for row, key in enumerate(keys):
+                slots.setdefault(cluster.keyslot(key), []).append(row)
+            commit = _SlotCommit(keys, values, [0] * len(keys), list(slots.values()))
+            answer = await self._call(what, lambda: self._commit_slots(commit))
+        codes = np.asarray(answer, dtype=np.int64)
         if (codes < 0).any():
             foreign = [updates.entity_ids[i] for i in np.flatnonzero(codes < 0).tolist()]
+            written = "their hash slots" if self._cluster is not None else "this batch"
             raise StoreError(
                 f"entities {foreign[:5]!r} hold values that are not stream-lstm memories of "
-                f"format {codec.FORMAT_VERSION}; nothing in this batch was written"
+                f"format {codec.FORMAT_VERSION}; nothing in {written} was written"
             )
         return CommitResult(updates.entity_ids, codes == 1)
 
     async def _commit_group(self, keys: list[str], values: list[bytes]) -> list[int]:
-        """One fenced script call; the unit a Redis Cluster would run per slot."""
+        """One fenced script call: a whole batch on one server, one slot's keys on a cluster."""
         codes: list[int] = await self._commit(keys=keys, args=[self._ttl_ms, *values])
         return codes
+
+    async def _commit_slots(self, commit: _SlotCommit) -> list[int]:
+        """The fenced script once per slot, one pipeline per node; codes in the batch's order.
+
+        redis-py sends each node its calls in one write and reads the replies back: one round
+        trip per node, all nodes at once; it follows MOVED/ASK redirections call by call. A
+        node that lost the script (a restart, a failover) answers NOSCRIPT: the script is
+        loaded on every primary and those calls are sent again. When a node fails, its calls
+        stay pending in ``commit`` and the error goes up to ``_call``, whose retry sends only
+        them: an update a healthy node applied is never sent twice (it would come back stale).
+        """
+        cluster = self._cluster
+        assert cluster is not None, "only a cluster store commits by slot"
+        await cluster.initialize()  # the slot map, to group the calls by node
+        for _ in range(2):  # a second pass only for calls a node answered NOSCRIPT
+            by_node: dict[str, list[list[int]]] = {}
+            for rows in commit.pending:
+                node = cluster.get_node_from_key(commit.keys[rows[0]])
+                by_node.setdefault(node.name if node else "", []).append(rows)
+            sends = list(by_node.values())
+            replies = await asyncio.gather(
+                *(self._send_slots(cluster, commit, send) for send in sends),
+                return_exceptions=True,
+            )
+            commit.pending, failure, unloaded = [], None, False
+            for send, reply in zip(sends, replies, strict=True):
+                if isinstance(reply, BaseException):  # the node: none of its calls answered
+                    commit.pending += send
+                    failure = failure or reply
+                    continue
+                for rows, answer in zip(send, reply, strict=True):
+                    if isinstance(answer, BaseException):  # this call did not run
+                        commit.pending.append(rows)
+                        if isinstance(answer, NoScriptError):
+                            unloaded = True
+                        else:
+                            failure = failure or answer
+                    else:
+                        for row, code in zip(rows, answer, strict=True):
+                            commit.codes[row] = code
+            if failure is not None:
+                raise failure
+            if not unloaded:
+                return commit.codes
+            self._commit.sha = await cluster.script_load(self._commit.script)
+        raise StoreError("the commit script is still not loaded after SCRIPT LOAD")
+
+    async def _send_slots(
+        self, cluster: RedisCluster, commit: _SlotCommit, send: list[list[int]]
+    ) -> list[Any]:
+        """One pipeline: a script call per slot (its rows), replies or errors in order."""
+        pipe = cluster.pipeline()
+        for rows in send:
+            pipe.execute_command(
+                "EVALSHA",
+                self._commit.sha,
+                len(rows),
+                *[commit.keys[row] for row in rows],
+                self._ttl_ms,
+                *[commit.values[row] for row in rows],
+            )
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def get(self, entity_id: str) -> StoredMemory | None:
         """One entity's stored memory, or None."""
@@ -291,11 +417,14 @@ class MemoryStore:
     async def count(self) -> int:
         """Entities stored under this namespace and model version.
 
-        SCANs the whole keyspace (O(all keys), non-blocking): for tests and operators, not for
-        the hot path. Exact on a quiet keyspace; SCAN may count a key twice while Redis resizes
-        its table.
+        SCANs the whole keyspace (O(all keys), non-blocking; on a cluster every primary): for
+        tests and operators, not for the hot path. Exact on a quiet keyspace; SCAN may count a
+        key twice while Redis resizes its table (or a cluster moves a slot).
         """
         pattern, cursor, total = self._keys.memory_pattern, 0, 0
+        cluster = self._cluster
+        if cluster is not None:
+            return await self._call("count", lambda: _count_cluster(cluster, pattern))
         while True:
             scan = functools.partial(self._redis.scan, cursor, match=pattern, count=_SCAN_COUNT)
             cursor, keys = await self._call("count", scan)
@@ -306,35 +435,164 @@ class MemoryStore:
     async def ping(self, timeout_s: float = 2.0) -> None:
         """Return when Redis answers within ``timeout_s``, else raise StoreUnavailableError.
 
-        For health checks, which must answer quickly rather than wait out ``retry_s``.
+        For health checks, which must answer quickly rather than wait out ``retry_s``. On a
+        cluster every primary must answer.
         """
-        await self._call("ping", self._redis.ping, budget_s=timeout_s)
+        cluster = self._cluster
+        if cluster is not None:
+            await self._call(
+                "ping",
+                lambda: cluster.execute_command("PING", target_nodes=RedisCluster.PRIMARIES),
+                budget_s=timeout_s,
+            )
+        else:
+            await self._call("ping", self._redis.ping, budget_s=timeout_s)
 
     async def _call(
         self, what: str, operation: Callable[[], Awaitable[T]], budget_s: float | None = None
     ) -> T:
-        """Run one Redis call within the retry budget; map failures to StoreError."""
+        """Run one Redis call within the retry budget; map failures to StoreError.
+
+        A single server's client retries lost connections itself. A cluster client tries once
+        (following MOVED and ASK redirections; it raises RedisClusterException when no node
+        answers at all), so on a cluster the call is retried here, with the same backoff.
+        """
         budget_s = self._retry_s if budget_s is None else budget_s
+        failures: list[BaseException] = []
         try:
-            async with asyncio.timeout(budget_s):
-                return await operation()
+            async with asyncio.timeout(budget_s) as scope:
+                if self._cluster is None:
+                    return await operation()
+                deadline = cast("float", scope.when())
+                return await _retry_transient(self._cluster, operation, failures, deadline)
         except (TimeoutError, RedisConnectionError, RedisTimeoutError) as error:
-            logger.warning("%s: Redis at %s unavailable: %r", what, self._url, error)
+            cause = failures[-1] if failures and isinstance(error, TimeoutError) else error
+            logger.warning("%s: Redis at %s unavailable: %r", what, self._url, cause)
             raise StoreUnavailableError(
                 f"{what}: Redis at {self._url} did not answer within {budget_s:g} s "
-                f"of retries ({error!r})"
+                f"of retries ({cause!r})"
             ) from error
-        except RedisError as error:
+        except (RedisError, RedisClusterException) as error:
             raise StoreError(f"{what}: Redis at {self._url} failed: {error}") from error
 
 
-def _connect(redis_url: str, retry_s: float) -> Redis:
+def _transient(error: BaseException) -> bool:
+    """Whether a cluster call may succeed if tried again: a node lost or the slot map moving."""
+    if isinstance(
+        error,
+        (
+            RedisConnectionError,
+            RedisTimeoutError,
+            ClusterDownError,
+            TryAgainError,
+            SlotNotCoveredError,
+        ),
+    ):
+        return True
+    # "cannot be connected": no seed node answered the slot map query. Not a seed that answered
+    # but is no cluster node, nor a programming error (keys of several slots in one call).
+    return isinstance(error, RedisClusterException) and isinstance(
+        error.__cause__, (RedisConnectionError, RedisTimeoutError)
+    )
+
+
+async def _retry_transient(
+    cluster: RedisCluster,
+    operation: Callable[[], Awaitable[T]],
+    failures: list[BaseException],
+    deadline: float,
+) -> T:
+    """Run ``operation`` until it succeeds or fails for good, backing off with full jitter;
+    transient failures are appended to ``failures``.
+
+    The caller's timeout cancels it at ``deadline`` (event loop time); it also stops retrying
+    by itself then (TimeoutError), because a cancellation that lands inside redis-py's own
+    socket timeouts can come out as a redis TimeoutError, which would otherwise be retried
+    forever. After a failure the client is closed, so the next try reads the slot map afresh
+    (a replica may have taken over), as redis-py's own retries do.
+    """
+    loop = asyncio.get_running_loop()
+    delay = _BACKOFF_BASE_S
+    while True:
+        try:
+            return await operation()
+        except (RedisError, RedisClusterException) as error:
+            if not _transient(error):
+                raise
+            failures.append(error)
+            if loop.time() >= deadline:
+                raise TimeoutError from error
+            logger.debug("Redis Cluster call failed, retrying: %r", error)
+        await cluster.aclose()
+        await asyncio.sleep(random.uniform(0, delay))
+        delay = min(_BACKOFF_CAP_S, 2 * delay)
+
+
+async def _count_cluster(cluster: RedisCluster, pattern: str) -> int:
+    """Keys matching ``pattern`` on every primary (one SCAN cursor per node)."""
+    total = 0
+    async for _ in cluster.scan_iter(match=pattern, count=_SCAN_COUNT):
+        total += 1
+    return total
+
+
+def _connect(redis_url: str, retry_s: float) -> Redis | RedisCluster:
     """A client that retries lost connections forever, with backoff; ``_call`` bounds it."""
+    if redis_url.partition("://")[0] in CLUSTER_SCHEMES:
+        return _connect_cluster(redis_url, retry_s)
     return Redis.from_url(
         redis_url,
         retry=Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP_S, base=_BACKOFF_BASE_S), -1),
         socket_connect_timeout=min(retry_s, _CONNECT_TIMEOUT_S),
     )
+
+
+def _connect_cluster(redis_url: str, retry_s: float) -> RedisCluster:
+    """A cluster client seeded with every node the URL lists; it connects on first use.
+
+    The first seed goes through redis-py's URL parser (credentials, TLS, query options), the
+    others join it as startup nodes; redis-py asks them in turn for the slot map until one
+    answers.
+    """
+    parts = urlsplit(redis_url)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    seeds = [host.strip() for host in hosts.split(",") if host.strip()]
+    if not seeds:
+        raise ConfigError(
+            f"{_without_password(redis_url)}: a cluster URL names at least one node, "
+            f"{parts.scheme}://host:port[,host:port...]"
+        )
+    first = urlunsplit(
+        (
+            CLUSTER_SCHEMES[parts.scheme],
+            f"{credentials}@{seeds[0]}" if credentials else seeds[0],
+            parts.path,
+            parts.query,
+            "",
+        )
+    )
+    try:
+        others = [ClusterNode(*_host_port(seed)) for seed in seeds[1:]]
+        return RedisCluster.from_url(
+            first,
+            startup_nodes=others or None,
+            retry=Retry(
+                ExponentialWithJitterBackoff(cap=_BACKOFF_CAP_S, base=_BACKOFF_BASE_S),
+                _CLUSTER_RETRIES,
+            ),
+            socket_connect_timeout=min(retry_s, _CONNECT_TIMEOUT_S),
+            socket_timeout=min(retry_s, _CLUSTER_SOCKET_TIMEOUT_S),
+        )
+    except (ValueError, RedisClusterException) as error:
+        raise ConfigError(f"{_without_password(redis_url)}: {error}") from None
+
+
+def _host_port(seed: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``; the port defaults to 6379) as a pair."""
+    parts = urlsplit(f"//{seed}")
+    if not parts.hostname:
+        raise ValueError(f"{seed!r} is not host:port")
+    return parts.hostname, parts.port or 6379
 
 
 def _without_password(url: str) -> str:

@@ -17,6 +17,7 @@ import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from state import RedisServer
+from state.server import RedisClusterServer
 from stream_lstm.model import StreamModel
 from tests.offline import offline
 from workers.broker import KafkaBroker
@@ -30,7 +31,7 @@ class StreamSlice:
     """Topics, group, namespace and model of one test, on the session's broker and Redis."""
 
     broker: KafkaBroker
-    redis: RedisServer
+    redis: RedisServer | RedisClusterServer
     model_path: Path
     tmp: Path
     name: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")

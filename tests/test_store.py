@@ -1,4 +1,5 @@
-"""The memory store, on fakeredis and on a real server: round trips, fences, TTL, reset, retries."""
+"""The memory store, on fakeredis, a real server and a 3-primary Redis Cluster: round trips,
+fences, TTL, reset, retries; then what only a cluster has (batches split by slot over nodes)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,27 @@ import itertools
 import random
 import socket
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote
 
 import numpy as np
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 
 import state
 from state import MemoryStore, MemoryUpdates, RedisServer, codec
 from state.keys import KeyLayout
+from state.server import RedisClusterServer
 from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -68,6 +75,16 @@ def make_updates(
         step=offset.copy(),
         fence_partition=np.full(e, partition, dtype=np.int64),
         fence_offset=offset.copy(),
+    )
+
+
+def same_slot_id(layout: KeyLayout, entity_id: str) -> str:
+    """Another entity id whose key hashes to the same Redis Cluster slot."""
+    slot = key_slot(layout.memory(entity_id).encode())
+    return next(
+        f"twin-{n}"
+        for n in itertools.count()
+        if key_slot(layout.memory(f"twin-{n}").encode()) == slot
     )
 
 
@@ -211,6 +228,7 @@ async def test_get_returns_the_stored_memory(store: MemoryStore) -> None:
     assert before <= stored.updated_at <= time.time()
 
 
+@pytest.mark.parametrize("backend", ["fakeredis", "real"], indirect=True)  # cluster: below
 async def test_one_round_trip_per_batch(
     backend: StoreBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -413,15 +431,22 @@ async def test_foreign_values_raise_store_error(
     layout = KeyLayout(backend.namespace, "v1")
     async with backend.client() as client:
         await client.set(layout.memory("bad"), corrupt(await client.get(layout.memory("ok"))))
+    twin = same_slot_id(layout, "bad")
 
     with pytest.raises(StoreError, match=f"entity 'bad': .*{reason}"):
         await store.load_many(["ok", "bad"], 2, 4)
     with pytest.raises(StoreError, match=f"entity 'bad': .*{reason}"):
         await store.get("bad")
-    with pytest.raises(StoreError, match=r"\['bad'\] hold values that are not"):
-        await store.commit_many(make_updates(["new", "ok", "bad"], 5))
-    assert await store.get("new") is None  # nothing in the batch was written
-    assert await stored_offset(store, "ok") == 1
+    written = "their hash slots" if backend.name == "cluster" else "this batch"
+    with pytest.raises(StoreError, match=rf"\['bad'\] hold values that are not.*{written}"):
+        await store.commit_many(make_updates(["new", twin, "ok", "bad"], 5))
+    assert await store.get(twin) is None  # nothing in the foreign value's slot was written
+    if backend.name == "cluster":  # one script call per slot: the other slots committed
+        assert await stored_offset(store, "new") == 5
+        assert await stored_offset(store, "ok") == 5
+    else:
+        assert await store.get("new") is None  # nothing in the batch was written
+        assert await stored_offset(store, "ok") == 1
     with pytest.raises(StoreError, match="'bad': stored value is not"):
         await store.reset("bad")
 
@@ -522,26 +547,39 @@ def test_server_without_binary_says_what_to_install(monkeypatch: pytest.MonkeyPa
         RedisServer()
 
 
-async def test_memory_per_entity_fits_the_budget(redis_server: RedisServer) -> None:
-    """One entity at L=1, H=128 float32 costs at most 1.2 KB in Redis, key included."""
-    async with MemoryStore(redis_server.url, "budget", "v1") as store:
-        await store.commit_many(make_updates(["user-12345678"], 1, layers=1, hidden=128))
-    async with Redis.from_url(redis_server.url) as client:
-        usage = await client.memory_usage(KeyLayout("budget", "v1").memory("user-12345678"))
-    assert usage <= 1200
+BUDGETS = {"libc": {"float32": 1200, "float16": 700}, "jemalloc": {"float32": 1384, "float16": 744}}
+"""Bytes per entity at L=1, H=128 under MEMORY USAGE, key included, by the server's allocator.
+
+The performance issue's budgets (1.2 KB in float32, 0.7 KB in float16) hold where blocks are
+sized as asked (valkey's libc build). jemalloc (Debian's Redis 7) rounds every block up to a size
+class: the 1064-byte float32 value takes 1280 bytes and the 552-byte float16 one 640, so there
+the same entity measures 1384 and 744 bytes; those figures are its bound, so growth still fails.
+The key is a production one: namespace stream-lstm, a 16-hex model version.
+"""
 
 
-async def test_float16_memory_fits_the_smaller_budget(redis_server: RedisServer) -> None:
-    """The opt-in float16 storage: at most 0.7 KB per entity at L=1, H=128, key included."""
-    async with MemoryStore(redis_server.url, "budget16", "v1", dtype="float16") as store:
-        await store.commit_many(make_updates(["user-12345678"], 3, layers=1, hidden=128))
+async def allocator_of(url: str) -> str:
+    async with Redis.from_url(url) as client:
+        allocator = str((await client.info("memory"))["mem_allocator"])
+    return "jemalloc" if allocator.startswith("jemalloc") else "libc"
+
+
+@pytest.mark.parametrize(("dtype", "value"), [("float32", 1.0), ("float16", 3.0)])
+async def test_memory_per_entity_fits_the_budget(
+    redis_server: RedisServer, dtype: str, value: float
+) -> None:
+    namespace, version = "stream-lstm", "0123456789abcdef"
+    async with MemoryStore(redis_server.url, namespace, version, dtype=dtype) as store:
+        await store.commit_many(make_updates(["user-12345678"], int(value), layers=1, hidden=128))
         stored = await store.get("user-12345678")
     assert stored is not None
     assert stored.ltm.dtype == np.float32
-    assert (stored.ltm == 3.0).all()
+    assert (stored.ltm == value).all()
     async with Redis.from_url(redis_server.url) as client:
-        usage = await client.memory_usage(KeyLayout("budget16", "v1").memory("user-12345678"))
-    assert usage <= 700
+        key = KeyLayout(namespace, version).memory("user-12345678")
+        usage = await client.memory_usage(key)
+        await client.delete(key)
+    assert usage <= BUDGETS[await allocator_of(redis_server.url)][dtype]
 
 
 def test_unknown_storage_dtype_is_refused() -> None:
@@ -553,3 +591,202 @@ def test_server_will_not_mistake_another_server_for_its_own(redis_server: RedisS
     taken = RedisServer(port=redis_server.port, startup_timeout_s=2)
     with pytest.raises(StoreError, match=f"did not start on 127.0.0.1:{redis_server.port}"):
         taken.start()
+
+
+# --- Redis Cluster ------------------------------------------------------------------------
+
+
+def command_calls(cluster: RedisClusterServer, command: str) -> dict[int, int]:
+    """How many times each node ran ``command`` since its stats were last reset."""
+    calls = {}
+    for port in cluster.ports:
+        with redis.Redis(host="127.0.0.1", port=port) as admin:
+            stats = admin.info("commandstats").get(f"cmdstat_{command}", {"calls": 0})
+            calls[port] = stats["calls"]
+    return calls
+
+
+def reset_stats(cluster: RedisClusterServer) -> None:
+    for port in cluster.ports:
+        with redis.Redis(host="127.0.0.1", port=port) as admin:
+            admin.config_resetstat()
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
+    """Writes sent by asyncio clients, per server port: one per command or pipeline sent."""
+    sent: Counter[int] = Counter()
+    send = AbstractConnection.send_packed_command
+
+    async def counting(
+        self: AbstractConnection, command: object, check_health: bool = True
+    ) -> None:
+        sent[cast("int", getattr(self, "port", 0))] += 1
+        await send(self, command, check_health)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return sent
+
+
+async def test_cluster_batch_over_all_nodes_is_one_round_trip_per_node(
+    redis_cluster: RedisClusterServer, round_trips: Counter[int]
+) -> None:
+    layout = KeyLayout(f"spread-{uuid.uuid4().hex[:8]}", "v1")
+    ids = [f"spread-{i}" for i in range(300)]
+    slots_per_node = Counter(redis_cluster.ports_of(layout.memories(ids)))
+    assert set(slots_per_node) == set(redis_cluster.ports), "the batch spans all three nodes"
+
+    async with MemoryStore(redis_cluster.url, layout.namespace, "v1") as store:
+        offsets = list(range(1, len(ids) + 1))
+        await store.commit_many(make_updates(ids, offsets))  # first use: slot map, scripts
+        reset_stats(redis_cluster)
+        round_trips.clear()
+        batch = await store.load_many(ids, 2, 4)
+        assert dict(round_trips) == dict.fromkeys(redis_cluster.ports, 1)
+        round_trips.clear()
+        assert (await store.commit_many(make_updates(ids, 1000))).applied.all()
+        assert dict(round_trips) == dict.fromkeys(redis_cluster.ports, 1)
+        # in those round trips, one MGET and one fenced script call per slot (entity)
+        assert command_calls(redis_cluster, "mget") == slots_per_node
+        assert command_calls(redis_cluster, "evalsha") == slots_per_node
+        assert batch.fence_offset.tolist() == offsets  # in the batch's order
+        assert batch.ltm[:, 0, 0].tolist() == offsets
+        assert await store.count() == len(ids)
+
+    for port in redis_cluster.ports:  # and the memories really live on every node
+        with redis.Redis(host="127.0.0.1", port=port) as node:
+            stored = list(node.scan_iter(match=layout.memory_pattern, count=1000))
+        assert len(stored) == slots_per_node[port]
+
+
+async def test_cluster_fences_hold_in_every_slot(redis_cluster: RedisClusterServer) -> None:
+    ids = [f"fenced-{i}" for i in range(60)]
+    repeated = [entity_id for entity_id in ids for _ in range(3)]  # each entity 3 times
+    offsets = [10 * (i // 3) + [5, 9, 7][i % 3] for i in range(len(repeated))]
+    async with MemoryStore(redis_cluster.url, f"f-{uuid.uuid4().hex[:8]}", "v1") as store:
+        result = await store.commit_many(make_updates(repeated, offsets))
+        assert result.applied.tolist() == [True, True, False] * len(ids)  # order kept per slot
+        batch = await store.load_many(ids, 2, 4)
+        assert batch.fence_offset.tolist() == [10 * k + 9 for k in range(len(ids))]
+
+        replay = await store.commit_many(make_updates(repeated, offsets))
+        assert not replay.applied.any()  # a replayed batch applies nothing, on any node
+        newer = [10 * k + 9 + (k % 2) for k in range(len(ids))]  # every other entity moves on
+        result = await store.commit_many(make_updates(ids, newer))
+        assert result.applied.tolist() == [k % 2 == 1 for k in range(len(ids))]
+
+
+async def test_cluster_node_that_lost_the_script_is_sent_it_again(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    """A restarted or failed-over node has no scripts: only its slots' calls are resent, so
+    no update is reported stale by a resend of its own."""
+    ids = [f"noscript-{i}" for i in range(100)]
+    async with MemoryStore(redis_cluster.url, f"n-{uuid.uuid4().hex[:8]}", "v1") as store:
+        await store.commit_many(make_updates(ids, 1))
+        with redis.Redis(host="127.0.0.1", port=redis_cluster.ports[1]) as node:
+            node.script_flush()
+        result = await store.commit_many(make_updates(ids, 2))
+        assert result.applied.all()
+        assert (await store.load_many(ids, 2, 4)).fence_offset.tolist() == [2] * len(ids)
+
+
+async def test_cluster_url_lists_seed_nodes(redis_cluster: RedisClusterServer) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))  # a seed nobody answers on comes first
+        dead = probe.getsockname()[1]
+        url = f"redis+cluster://127.0.0.1:{dead},127.0.0.1:{redis_cluster.ports[2]}"
+        async with MemoryStore(url, f"s-{uuid.uuid4().hex[:8]}", "v1") as store:
+            await store.ping(5.0)
+            await store.commit_many(make_updates(["a", "b", "c"], 1))
+            assert await store.count() == 3
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+cluster://", "names at least one node"),
+        ("redis+cluster://u:s3cret@", r"names at least one node"),
+        ("redis+cluster://127.0.0.1:7000/1", "db"),
+        ("redis+cluster://127.0.0.1:7000,127.0.0.1:port", "port"),
+    ],
+)
+def test_bad_cluster_urls_are_config_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        MemoryStore(url, "ns", "v1")
+    assert "s3cret" not in str(raised.value)
+
+
+async def test_unreachable_cluster_raises_within_the_retry_budget() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"redis+cluster://user:s3cret@127.0.0.1:{probe.getsockname()[1]}"
+        async with MemoryStore(url, "ns", "v1", retry_s=0.3) as store:
+            for call in (
+                lambda: store.load_many(["a"], 1, 1),
+                lambda: store.commit_many(make_updates(["a"], 1)),
+                lambda: store.get("a"),
+                lambda: store.reset("a"),
+                store.count,
+                lambda: store.ping(0.3),
+            ):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailableError, match=r"user:\*\*\*@.* within 0.3 s"):
+                    await call()
+                assert time.monotonic() - started < 1.0
+
+
+async def test_cluster_url_naming_a_plain_server_fails_at_once(redis_server: RedisServer) -> None:
+    url = f"redis+cluster://127.0.0.1:{redis_server.port}"
+    async with MemoryStore(url, "ns", "v1", retry_s=10) as store:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="Cluster mode is not enabled") as raised:
+            await store.get("a")
+        assert not isinstance(raised.value, StoreUnavailableError)
+        assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.slow
+async def test_cluster_calls_retry_until_a_lost_node_is_back(tmp_path: Path) -> None:
+    with RedisClusterServer(3, data_dir=tmp_path, appendonly=True) as cluster:
+        layout = KeyLayout("ns", "v1")
+        ids = [f"e{i}" for i in range(30)]
+        lost = cluster.nodes[1]
+        nodes = cluster.ports_of(layout.memories(ids))
+        on_lost = next(i for i, port in zip(ids, nodes, strict=True) if port == lost.port)
+        async with MemoryStore(cluster.url, "ns", "v1", retry_s=0.3) as store:
+            await store.commit_many(make_updates(ids, 1))
+            lost.stop()
+            with pytest.raises(StoreUnavailableError):
+                await store.get(on_lost)
+            with pytest.raises(StoreUnavailableError):
+                await store.ping(0.3)  # every primary must answer
+
+            async with MemoryStore(cluster.url, "ns", "v1", retry_s=15) as retrying:
+                pending = asyncio.create_task(retrying.commit_many(make_updates(ids, 2)))
+                await asyncio.sleep(0.3)
+                assert not pending.done()
+                lost.start()  # same ports, same data and cluster config: it rejoins
+                assert (await pending).applied.all()
+            assert (await store.load_many(ids, 2, 4)).fence_offset.tolist() == [2] * len(ids)
+
+
+async def test_cluster_retries_stop_at_the_budget_even_if_a_cancellation_is_swallowed(
+    redis_cluster: RedisClusterServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncio.timeout cancels once; a cancellation that a socket timeout turns into a redis
+    TimeoutError must not become one more retry, forever."""
+
+    async def hangs(self: RedisCluster, key: str) -> bytes:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise redis.TimeoutError("Timeout reading from socket") from None
+        return b""
+
+    monkeypatch.setattr(RedisCluster, "get", hangs)
+    async with MemoryStore(redis_cluster.url, "ns", "v1", retry_s=0.2) as store:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match=r"within 0\.2 s"):
+            await store.get("a")
+        assert time.monotonic() - started < 1.0

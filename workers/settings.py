@@ -39,8 +39,14 @@ class Settings(BaseSettings):
     broker: Annotated[str, _url("kafka")] = Field(
         "kafka://localhost:9092", description="Kafka bootstrap URL(s), kafka://host:port;host:port"
     )
-    redis_url: Annotated[str, _url("redis", "rediss", "unix")] = Field(
-        "redis://localhost:6379/0", description="Redis holding the entities' memories"
+    redis_url: Annotated[
+        str, _url("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+    ] = Field(
+        "redis://localhost:6379/0",
+        description=(
+            "Redis holding the entities' memories; a Redis Cluster as "
+            "redis+cluster://host:port[,host:port...] (rediss+cluster:// for TLS)"
+        ),
     )
     model: Path = Field(
         DEFAULT_MODEL,
