@@ -194,6 +194,21 @@ def test_health_reports_each_dependency(worker: WorkerProcess) -> None:
     assert body == {"ready": True, "checks": {"model": True, "redis": True, "broker": True}}
 
 
+def test_metrics_show_counts_histograms_and_lag(worker: WorkerProcess) -> None:
+    status, text = worker.http("GET", "/metrics")
+    assert status == 200
+    assert worker.metric("stream_lstm_events_total") > 2000
+    assert worker.metric("stream_lstm_batches_total") > 0
+    assert worker.metric("stream_lstm_dead_letters_total") >= len(BAD_INPUTS)
+    for sample in (
+        "stream_lstm_batch_size_bucket{",
+        "stream_lstm_step_seconds_bucket{",
+        'stream_lstm_stage_seconds_bucket{le="+Inf",stage="commit"}',
+        'stream_lstm_consumer_lag{partition="',
+    ):
+        assert sample in text, sample
+
+
 @pytest.mark.slow
 async def test_graceful_restart_continues_every_memory(
     kafka_broker: KafkaBroker, redis_server: RedisServer, model_path: Path, tmp_path: Path
