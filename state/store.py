@@ -72,8 +72,11 @@ T = TypeVar("T")
 _BACKOFF_BASE_S = 0.01
 _BACKOFF_CAP_S = 1.0
 _CONNECT_TIMEOUT_S = 5.0
-"""A connect slower than this counts as a failed attempt (then retried). Replies have no socket
-timeout of their own (redis-py would spend a task per command on it): ``retry_s`` bounds them."""
+"""A connect slower than this counts as a failed attempt (then retried)."""
+_REPLY_TIMEOUT_S = 5.0
+"""A reply slower than this counts as a failed attempt, and the command is sent again: harmless,
+since loads only read and a repeated fenced commit applies nothing twice (it reports stale).
+``retry_s`` bounds the whole call. (Also redis-py's own default, stated here so it is ours.)"""
 _SCAN_COUNT = 1000
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -544,6 +547,7 @@ def _connect(redis_url: str, retry_s: float) -> Redis | RedisCluster:
         redis_url,
         retry=Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP_S, base=_BACKOFF_BASE_S), -1),
         socket_connect_timeout=min(retry_s, _CONNECT_TIMEOUT_S),
+        socket_timeout=min(retry_s, _REPLY_TIMEOUT_S),
     )
 
 

@@ -115,7 +115,7 @@ async def test_golden_end_to_end_on_a_cluster(
         torch.testing.assert_close(torch.tensor(snapshot["stm"]), h_n, atol=1e-4, rtol=0)
     assert worker.http("GET", "/health") == (
         200,
-        {"ready": True, "checks": {"model": True, "redis": True, "broker": True}},
+        {"ready": True, "checks": {"model": True, "group": True, "redis": True, "broker": True}},
     )
 
     stored = {}

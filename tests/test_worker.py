@@ -191,7 +191,8 @@ async def test_memory_api_reset_and_missing(stack: StreamSlice, worker: WorkerPr
 def test_health_reports_each_dependency(worker: WorkerProcess) -> None:
     status, body = worker.http("GET", "/health")
     assert status == 200
-    assert body == {"ready": True, "checks": {"model": True, "redis": True, "broker": True}}
+    checks = {"model": True, "group": True, "redis": True, "broker": True}
+    assert body == {"ready": True, "checks": checks}
 
 
 def test_metrics_show_counts_histograms_and_lag(worker: WorkerProcess) -> None:

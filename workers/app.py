@@ -147,9 +147,11 @@ class StreamWorker:
         return MetricsView
 
     async def health(self) -> dict[str, bool]:
-        """Ready only when the model is loaded and both the broker and Redis answer now."""
+        """Ready only when the model is loaded, the worker has joined its consumer group, and
+        both the broker and Redis answer now."""
         return {
             "model": self.model is not None,
+            "group": self.consumer.joined,
             "redis": await self._answers(self.store.ping(HEALTH_TIMEOUT_S)),
             "broker": await self._answers(self.emitter.producer.client.fetch_all_metadata()),
         }

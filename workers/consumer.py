@@ -130,6 +130,7 @@ class BatchConsumer(mode.Service):
         self.emitter = emitter  # the processor sends with it; started and stopped here
         self.metrics = metrics
         self.in_hand = asyncio.Lock()
+        self.joined = False  # has the group given this worker its partitions (maybe none) yet?
         self._consumer: AIOKafkaConsumer | None = None
         super().__init__(**kwargs)
 
@@ -224,6 +225,7 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
                 logger.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.service.joined = True
         logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
 
