@@ -4,6 +4,7 @@ broker and Redis, a model file, and worker processes started as a user would sta
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import time
 import uuid
@@ -15,6 +16,7 @@ from typing import Any
 import orjson
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from torch import nn
 
 from state import RedisServer
 from state.server import RedisClusterServer
@@ -23,6 +25,8 @@ from tests.offline import offline
 from workers.broker import KafkaBroker
 from workers.stack import WorkerProcess
 
+INPUT = 4
+"""Features per event of the e2e tests' models."""
 SESSION_TIMEOUT_S = 2.0  # joins take ~1 s on Tansu at this setting (FIELD-NOTES)
 
 
@@ -164,3 +168,37 @@ def check_against_offline(
         assert all(p["model_version"] == model.version for p in got)
         finals[entity_id] = (h_n, c_n)
     return finals
+
+
+History = dict[str, list[tuple[list[float], bool]]]
+"""Each entity's events in order: (features, reset)."""
+
+
+def save_model(path: Path, seed: int, hidden: int = 8, layers: int = 2) -> Path:
+    """A small random model with a 3-label head, saved where a worker can load it."""
+    torch.manual_seed(seed)
+    model = StreamModel.from_torch(
+        nn.LSTM(INPUT, hidden, layers), nn.Linear(hidden, 3), labels=["cat", "dog", "wolf"]
+    )
+    model.save(path)
+    return path
+
+
+def random_stream(
+    rng: random.Random, entity_ids: Sequence[str], per_entity: int
+) -> tuple[list[tuple[bytes, bytes]], History]:
+    """Interleaved events of the entities, each entity's in its own order, a few with reset."""
+    history: History = {e: [] for e in entity_ids}
+    for entity_id in entity_ids:
+        for k in range(rng.randint(per_entity // 2, 3 * per_entity // 2)):
+            features = [rng.uniform(-2, 2) for _ in range(INPUT)]
+            history[entity_id].append((features, k > 0 and rng.random() < 0.05))
+    queues = {e: list(h) for e, h in history.items()}
+    messages = []
+    while queues:
+        entity_id = rng.choice(sorted(queues))
+        features, reset = queues[entity_id].pop(0)
+        messages.append(event(entity_id, features, reset=reset))
+        if not queues[entity_id]:
+            del queues[entity_id]
+    return messages, history

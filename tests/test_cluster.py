@@ -16,26 +16,16 @@ import orjson
 import pytest
 import redis
 import torch
-from torch import nn
 
 from state.keys import KeyLayout
 from state.server import RedisClusterServer
-from stream_lstm.model import StreamModel
-from tests.stack import StreamSlice, check_against_offline, event
+from tests.stack import INPUT, StreamSlice, check_against_offline, event, save_model
 from workers.broker import KafkaBroker
-
-INPUT = 4
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(12)
-    model = StreamModel.from_torch(
-        nn.LSTM(INPUT, 8, 2), nn.Linear(8, 3), labels=["cat", "dog", "wolf"]
-    )
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    model.save(path)
-    return path
+    return save_model(tmp_path_factory.mktemp("model") / "model.pt", seed=12)
 
 
 @pytest.fixture

@@ -29,31 +29,28 @@ import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from state import MemoryStore, RedisServer
 from stream_lstm.model import StreamModel
 from tests.offline import offline
-from tests.stack import SESSION_TIMEOUT_S, StreamSlice, check_against_offline, event
+from tests.stack import (
+    INPUT,
+    SESSION_TIMEOUT_S,
+    History,
+    StreamSlice,
+    check_against_offline,
+    event,
+    random_stream,
+    save_model,
+)
 from tests.test_worker import BAD_INPUTS
 from workers.broker import KafkaBroker
 from workers.stack import WorkerProcess
 
-INPUT = 4
 ENTITIES = 100
-History = dict[str, list[tuple[list[float], bool]]]
 Message = tuple[bytes | None, bytes | None]
 Finals = dict[str, tuple[torch.Tensor, torch.Tensor]]
 T = TypeVar("T")
-
-
-def save_model(path: Path, seed: int, hidden: int, layers: int) -> Path:
-    torch.manual_seed(seed)
-    model = StreamModel.from_torch(
-        nn.LSTM(INPUT, hidden, layers), nn.Linear(hidden, 3), labels=["cat", "dog", "wolf"]
-    )
-    model.save(path)
-    return path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,26 +76,6 @@ def stack(
     stack = StreamSlice(kafka_broker, redis_server, model_path, tmp_path)
     yield stack
     stack.stop_all()
-
-
-def random_stream(
-    rng: random.Random, entity_ids: Sequence[str], per_entity: int
-) -> tuple[list[tuple[bytes, bytes]], History]:
-    """Interleaved events of the entities, each entity's in its own order, a few with reset."""
-    history: History = {e: [] for e in entity_ids}
-    for entity_id in entity_ids:
-        for k in range(rng.randint(per_entity // 2, 3 * per_entity // 2)):
-            features = [rng.uniform(-2, 2) for _ in range(INPUT)]
-            history[entity_id].append((features, k > 0 and rng.random() < 0.05))
-    queues = {e: list(h) for e, h in history.items()}
-    messages = []
-    while queues:
-        entity_id = rng.choice(sorted(queues))
-        features, reset = queues[entity_id].pop(0)
-        messages.append(event(entity_id, features, reset=reset))
-        if not queues[entity_id]:
-            del queues[entity_id]
-    return messages, history
 
 
 def history_of(messages: Sequence[Message]) -> History:

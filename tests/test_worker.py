@@ -14,15 +14,12 @@ from pathlib import Path
 import orjson
 import pytest
 import torch
-from torch import nn
 
 from state import RedisServer
-from stream_lstm.model import StreamModel
-from tests.stack import StreamSlice, check_against_offline, event
+from tests.stack import INPUT, StreamSlice, check_against_offline, event, random_stream, save_model
 from workers.broker import KafkaBroker
 from workers.stack import WorkerProcess
 
-INPUT = 4
 AWKWARD_IDS = [
     "tv/1",
     "channel: nature",
@@ -37,13 +34,7 @@ AWKWARD_IDS = [
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(11)
-    model = StreamModel.from_torch(
-        nn.LSTM(INPUT, 8, 2), nn.Linear(8, 3), labels=["cat", "dog", "wolf"]
-    )
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    model.save(path)
-    return path
+    return save_model(tmp_path_factory.mktemp("model") / "model.pt", seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -62,26 +53,6 @@ def stack(
 @pytest.fixture(scope="module")
 def worker(stack: StreamSlice) -> WorkerProcess:
     return stack.start_worker()
-
-
-def random_stream(
-    rng: random.Random, entity_ids: list[str], per_entity: int
-) -> tuple[list[tuple[bytes, bytes]], dict[str, list[tuple[list[float], bool]]]]:
-    """Interleaved events of the entities, each in its own order, some with reset."""
-    history: dict[str, list[tuple[list[float], bool]]] = {e: [] for e in entity_ids}
-    for entity_id in entity_ids:
-        for k in range(rng.randint(1, 2 * per_entity)):
-            features = [rng.uniform(-2, 2) for _ in range(INPUT)]
-            history[entity_id].append((features, k > 0 and rng.random() < 0.05))
-    queues = {e: list(h) for e, h in history.items()}
-    messages = []
-    while queues:
-        entity_id = rng.choice(sorted(queues))
-        features, reset = queues[entity_id].pop(0)
-        messages.append(event(entity_id, features, reset=reset))
-        if not queues[entity_id]:
-            del queues[entity_id]
-    return messages, history
 
 
 async def test_golden_end_to_end(stack: StreamSlice, worker: WorkerProcess) -> None:
