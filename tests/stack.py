@@ -4,8 +4,11 @@ broker and Redis, a model file, and worker processes started as a user would sta
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Collection, Sequence
@@ -67,6 +70,16 @@ class StreamSlice:
         self.workers.append(worker)
         worker.wait_ready()
         return worker
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The stream-lstm command, configured by this slice's environment, as a user runs it."""
+        return subprocess.run(
+            [sys.executable, "-m", "stream_lstm", *args],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def stop_all(self) -> None:
         for worker in self.workers:

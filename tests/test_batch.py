@@ -39,7 +39,7 @@ def model() -> StreamModel:
 
 
 def empty_memory(checked: Checked, model: StreamModel) -> MemoryBatch:
-    ids = list(dict.fromkeys(checked.entity_ids))
+    ids = checked.ids
     return decode_many(ids, [None] * len(ids), model.num_layers, model.hidden_size)
 
 

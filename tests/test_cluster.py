@@ -3,11 +3,8 @@ whose ``STREAM_LSTM_REDIS_URL`` names the cluster, checked against nn.LSTM offli
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,10 +113,10 @@ async def test_golden_end_to_end_on_a_cluster(
     assert sum(stored.values()) == len(entity_ids) + 1  # and the warm-up entity
 
     # The CLI reads and resets memories on the cluster as it does on one server.
-    got = run_cli(stack, "memory", "get", "ключ")
+    got = stack.cli("memory", "get", "ключ")
     assert got.returncode == 0, got.stderr
     assert orjson.loads(got.stdout) == worker.memory("ключ")[1]
-    assert run_cli(stack, "memory", "reset", "ключ").returncode == 0
+    assert stack.cli("memory", "reset", "ключ").returncode == 0
     assert worker.memory("ключ")[1]["step"] == 0
 
 
@@ -128,14 +125,3 @@ def predictions_step(predictions: list[dict[str, Any]], entity_id: str) -> int:
     mine = [p for p in predictions if p["entity_id"] == entity_id]
     step: int = max(mine, key=lambda p: p["source"]["offset"])["step"]
     return step
-
-
-def run_cli(stack: StreamSlice, *args: str) -> subprocess.CompletedProcess[str]:
-    """The stream-lstm command, configured by the stack's environment, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "stream_lstm", *args],
-        env={**os.environ, **stack.env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import base64
-import os
 import random
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,17 +202,6 @@ async def test_graceful_restart_continues_every_memory(
         stack.stop_all()
 
 
-def run_cli(stack: StreamSlice, *args: str) -> subprocess.CompletedProcess[str]:
-    """The stream-lstm command, configured by the stack's environment, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "stream_lstm", *args],
-        env={**os.environ, **stack.env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 async def test_cli_publishes_tails_and_queries_memory(
     stack: StreamSlice, worker: WorkerProcess, tmp_path: Path
 ) -> None:
@@ -224,24 +210,24 @@ async def test_cli_publishes_tails_and_queries_memory(
     events_file = tmp_path / "events.jsonl"
     events_file.write_bytes(b"\n".join(lines) + b"\n")
 
-    published = run_cli(stack, "publish", str(events_file))
+    published = stack.cli("publish", str(events_file))
     assert published.returncode == 0, published.stderr
     assert "published 6 events" in published.stderr
     predictions = await stack.predictions(6, entities=entities)
 
-    tailed = run_cli(stack, "tail", "--from-beginning", "--idle-timeout-s", "3")
+    tailed = stack.cli("tail", "--from-beginning", "--idle-timeout-s", "3")
     assert tailed.returncode == 0, tailed.stderr
     ours = [p for p in map(orjson.loads, tailed.stdout.splitlines()) if p["entity_id"] in entities]
     assert sorted(ours, key=str) == sorted(predictions, key=str)
 
-    got = run_cli(stack, "memory", "get", "cli/2")
+    got = stack.cli("memory", "get", "cli/2")
     assert got.returncode == 0, got.stderr
     assert orjson.loads(got.stdout) == worker.memory("cli/2")[1]
     assert orjson.loads(got.stdout)["step"] == 3
 
-    assert run_cli(stack, "memory", "reset", "cli/2").returncode == 0
-    assert orjson.loads(run_cli(stack, "memory", "get", "cli/2").stdout)["step"] == 0
-    missing = run_cli(stack, "memory", "get", "nobody")
+    assert stack.cli("memory", "reset", "cli/2").returncode == 0
+    assert orjson.loads(stack.cli("memory", "get", "cli/2").stdout)["step"] == 0
+    missing = stack.cli("memory", "get", "nobody")
     assert missing.returncode == 1
     assert "no memory stored for 'nobody'" in missing.stderr
 

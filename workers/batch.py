@@ -95,6 +95,8 @@ class Checked:
     """A batch split into valid events (with their records, aligned) and dead letters."""
 
     entity_ids: list[str]
+    ids: list[str]  # distinct entity ids, first seen first
+    rows: npt.NDArray[np.int64]  # (N,) each event's entity among ids
     features: npt.NDArray[np.float32]  # (N, I)
     reset: npt.NDArray[np.bool_]  # (N,)
     event_ids: list[str | None]
@@ -155,8 +157,11 @@ def check(records: Sequence[Record], input_size: int, max_event_bytes: int) -> C
         reset.append(event_reset)
         event_ids.append(event_id)
         good.append(record)
+    ids, rows = entity_rows(entity_ids)
     return Checked(
         entity_ids,
+        ids,
+        rows.numpy(),
         np.array(features, dtype=np.float32).reshape(len(good), input_size),
         np.array(reset, dtype=np.bool_),
         event_ids,
@@ -205,11 +210,9 @@ def _fast_event(value: bytes, input_size: int) -> tuple[str, list[float], str | 
 def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
     """Drop events already applied, step the rest in one call, and build what to send and store.
 
-    ``memory`` holds the stored memories of exactly the entities ``entity_rows`` finds in
-    ``checked.entity_ids``, in that order.
+    ``memory`` holds the stored memories of exactly ``checked.ids``, in that order.
     """
-    ids, rows_t = entity_rows(checked.entity_ids)
-    rows = rows_t.numpy()  # (N,)
+    ids, rows = checked.ids, checked.rows  # (N,)
     partitions = np.fromiter((r.partition for r in checked.records), np.int64, len(rows))  # (N,)
     offsets = np.fromiter((r.offset for r in checked.records), np.int64, len(rows))  # (N,)
     applied_before = (
@@ -301,10 +304,11 @@ class BatchProcessor:
                 dead.error,
             )
         clock.done("check")
-        ids, _ = entity_rows(checked.entity_ids)
         memory = await self._retry(
             "load memories",
-            lambda: self.store.load_many(ids, self.model.num_layers, self.model.hidden_size),
+            lambda: self.store.load_many(
+                checked.ids, self.model.num_layers, self.model.hidden_size
+            ),
         )
         clock.done("load")
         applied = apply(self.model, checked, memory)
