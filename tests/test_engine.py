@@ -138,10 +138,13 @@ def test_reset_ignores_stored_memory_and_step() -> None:
     assert not torch.allclose(continued.output, from_zero.output)
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_one_event_per_entity_equals_nn_lstm_from_each_stored_memory(layers: int) -> None:
+@pytest.mark.parametrize(("layers", "bias"), [(1, True), (2, True), (3, False)])
+def test_one_event_per_entity_equals_nn_lstm_from_each_stored_memory(
+    layers: int, bias: bool
+) -> None:
     torch.manual_seed(layers)
-    model = StreamModel.from_torch(nn.LSTM(3, 5, layers), nn.Linear(5, 2), labels=["a", "b"])
+    lstm = nn.LSTM(3, 5, layers, bias=bias)
+    model = StreamModel.from_torch(lstm, nn.Linear(5, 2), labels=["a", "b"])
     n = 40
     memory = Memory(torch.randn(n, layers, 5), torch.randn(n, layers, 5), torch.arange(n))
     x, reset = torch.randn(n, 3), torch.rand(n) < 0.3
