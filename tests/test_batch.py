@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
+import msgspec
 import numpy as np
 import orjson
 import pytest
@@ -17,7 +18,7 @@ from torch import nn
 from state.codec import MemoryBatch, decode_many
 from stream_lstm.model import StreamModel
 from stream_lstm.schema import Event, Prediction
-from workers.batch import DEAD_PAYLOAD_MAX, Checked, Record, _fast_event, apply, check
+from workers.batch import DEAD_PAYLOAD_MAX, Checked, Record, _fast_decoder, apply, check
 
 TOPIC = "events"
 
@@ -166,6 +167,15 @@ ANYTHING = st.one_of(
 )
 
 
+def fast_event(value: bytes, input_size: int) -> tuple[object, ...] | None:
+    """The fast decoder's fields, or None when it refuses the value."""
+    try:
+        event = _fast_decoder(input_size)(value)
+    except msgspec.MsgspecError:
+        return None
+    return event.entity_id, event.features, event.event_id, event.reset
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     entity_id=st.one_of(st.text(min_size=1, max_size=300), ANYTHING),
@@ -186,7 +196,7 @@ def test_the_fast_path_accepts_only_what_the_schema_accepts(
     entity_id: object, features: object, extra: dict[str, object]
 ) -> None:
     value = json.dumps({"entity_id": entity_id, "features": features, **extra}).encode()
-    fast = _fast_event(value, 3)
+    fast = fast_event(value, 3)
     try:
         event = Event.model_validate_json(value, context={"input_size": 3})
     except ValidationError:
@@ -196,6 +206,33 @@ def test_the_fast_path_accepts_only_what_the_schema_accepts(
         assert fast == (event.entity_id, event.features, event.event_id, event.reset)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"entity_id":"a","features":[1e999,0,0]}',
+        b'{"entity_id":"a","features":[3.5e38,0,0]}',
+        b'{"entity_id":"a","features":[1180591620717411303424,0,0]}',
+        b'{"entity_id":"a","features":[true,0,0]}',
+        b'{"entity_id":"a","features":[1,2,3],"ts":1e999}',
+        b'{"entity_id":"a","features":[1,2,3],"entity_id":"b"}',
+        b'{"entity_id":"\\ud800","features":[1,2,3]}',
+        b'{"entity_id":"a","features":[1,2,3]} trailing',
+        b' {"entity_id":"a","features":[1,2,3]}\n',
+        b'{"entity_id":"a","features":[1,2,3],"reset":1}',
+        b'{"entity_id":"","features":[1,2,3]}',
+        b'\xef\xbb\xbf{"entity_id":"a","features":[1,2,3]}',
+    ],
+)
+def test_the_fast_path_agrees_with_the_schema_on_edge_cases(value: bytes) -> None:
+    fast = fast_event(value, 3)
+    try:
+        event = Event.model_validate_json(value, context={"input_size": 3})
+    except ValidationError:
+        assert fast is None, f"fast path accepted what the schema refuses: {value!r}"
+        return
+    assert fast in (None, (event.entity_id, event.features, event.event_id, event.reset))
+
+
 def test_the_fast_path_takes_plain_events() -> None:
     value = orjson.dumps({"entity_id": "a", "features": [1, 2.5, -3.0], "ts": 5, "reset": True})
-    assert _fast_event(value, 3) == ("a", [1, 2.5, -3.0], None, True)
+    assert fast_event(value, 3) == ("a", [1, 2.5, -3.0], None, True)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Annotated, Protocol, TypeVar
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import orjson
@@ -44,9 +47,25 @@ RETRY_PAUSE_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 T = TypeVar("T")
 
 
+class Consumed(Protocol):
+    """A consumed message, where it was read and its raw bytes: aiokafka's ``ConsumerRecord``
+    as fetched (no copy per event on the hot path), or a ``Record``."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A consumed message: where it was read and its raw bytes."""
+    """A consumed message made by hand (tests, tools)."""
 
     topic: str
     partition: int
@@ -59,7 +78,7 @@ class Record:
 class DeadLetter:
     """A record that cannot become an event, and why."""
 
-    record: Record
+    record: Consumed
     reason: str  # oversized | not_json | not_object | invalid_event | key_mismatch
     error: str
 
@@ -100,7 +119,7 @@ class Checked:
     features: npt.NDArray[np.float32]  # (N, I)
     reset: npt.NDArray[np.bool_]  # (N,)
     event_ids: list[str | None]
-    records: list[Record]
+    records: list[Consumed]
     dead: list[DeadLetter]
 
 
@@ -119,18 +138,19 @@ class Emitter(Protocol):
     async def emit(self, topic: str, messages: Sequence[tuple[bytes | None, bytes]]) -> None: ...
 
 
-def check(records: Sequence[Record], input_size: int, max_event_bytes: int) -> Checked:
+def check(records: Sequence[Consumed], input_size: int, max_event_bytes: int) -> Checked:
     """Parse and validate each record; the bad ones become dead letters with the reason.
 
-    Well-formed events take a fast path (orjson and type checks at least as strict as the
-    schema); anything else goes through the ``Event`` schema itself, which accepts it or says
-    exactly what is wrong.
+    Well-formed events take a fast path (a msgspec decoder at least as strict as the schema);
+    anything else goes through the ``Event`` schema itself, which accepts it or says exactly
+    what is wrong.
     """
+    fast = _fast_decoder(input_size)
     entity_ids: list[str] = []
     features: list[list[float]] = []
     reset: list[bool] = []
     event_ids: list[str | None] = []
-    good: list[Record] = []
+    good: list[Consumed] = []
     dead: list[DeadLetter] = []
     for record in records:
         value = record.value or b""
@@ -139,30 +159,30 @@ def check(records: Sequence[Record], input_size: int, max_event_bytes: int) -> C
                 DeadLetter(record, "oversized", f"{len(value)} bytes; at most {max_event_bytes}")
             )
             continue
-        fields = _fast_event(value, input_size)
-        if fields is None:
+        try:
+            event: _EventFields = fast(value)
+        except msgspec.MsgspecError:
             try:
                 event = Event.model_validate_json(value, context={"input_size": input_size})
             except ValidationError as e:
                 dead.append(DeadLetter(record, *_reason(e)))
                 continue
-            fields = event.entity_id, event.features, event.event_id, event.reset
-        entity_id, event_features, event_id, event_reset = fields
-        key_error = _key_error(record.key, entity_id)
+        key_error = _key_error(record.key, event.entity_id)
         if key_error:
             dead.append(DeadLetter(record, "key_mismatch", key_error))
             continue
-        entity_ids.append(entity_id)
-        features.append(event_features)
-        reset.append(event_reset)
-        event_ids.append(event_id)
+        entity_ids.append(event.entity_id)
+        features.append(event.features)
+        reset.append(event.reset)
+        event_ids.append(event.event_id)
         good.append(record)
     ids, rows = entity_rows(entity_ids)
+    flat = np.fromiter(itertools.chain.from_iterable(features), np.float32, len(good) * input_size)
     return Checked(
         entity_ids,
         ids,
         rows.numpy(),
-        np.array(features, dtype=np.float32).reshape(len(good), input_size),
+        flat.reshape(len(good), input_size),
         np.array(reset, dtype=np.bool_),
         event_ids,
         good,
@@ -170,41 +190,49 @@ def check(records: Sequence[Record], input_size: int, max_event_bytes: int) -> C
     )
 
 
-_FIELDS = frozenset(Event.model_fields)
-_NUMBERS = (float, int)
-_NUMBER_TYPES = frozenset(_NUMBERS)
+class _EventFields(Protocol):
+    """What ``check`` reads of an event, from the fast decoder or from the schema."""
+
+    @property
+    def entity_id(self) -> str: ...
+    @property
+    def features(self) -> list[float]: ...
+    @property
+    def event_id(self) -> str | None: ...
+    @property
+    def reset(self) -> bool: ...
 
 
-def _fast_event(value: bytes, input_size: int) -> tuple[str, list[float], str | None, bool] | None:
-    """The event's fields when it is plainly well-formed, else None (the schema decides).
+@functools.cache
+def _fast_decoder(input_size: int) -> Callable[[bytes], _EventFields]:
+    """A decoder for events of ``input_size`` features that refuses whatever the schema does.
 
-    orjson refuses NaN and infinities, so every number it returns is finite; the float32 bound
-    is checked here as in the schema.
+    Decoding and checking in C costs ~2 us an event against ~8 for orjson plus checks in
+    Python. It may refuse more than the schema (a refusal only sends the value to the schema),
+    never less: a test holds it to that. JSON has no NaN or infinity, and the bounds keep huge
+    literals such as 1e999 out.
     """
-    try:
-        data = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return None
-    if type(data) is not dict or not data.keys() <= _FIELDS:
-        return None
-    entity_id = data.get("entity_id")
-    features = data.get("features")
-    event_id = data.get("event_id")
-    ts = data.get("ts")
-    reset = data.get("reset", False)
-    if (
-        type(entity_id) is not str
-        or not 0 < len(entity_id) <= ENTITY_ID_MAX
-        or type(features) is not list
-        or len(features) != input_size
-        or not _NUMBER_TYPES.issuperset(map(type, features))
-        or max(map(abs, features)) > FLOAT32_MAX
-        or (event_id is not None and type(event_id) is not str)
-        or (ts is not None and type(ts) not in _NUMBERS)
-        or type(reset) is not bool
-    ):
-        return None
-    return entity_id, features, event_id, reset
+    feature = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+    finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+    fast_event = msgspec.defstruct(
+        "FastEvent",
+        [
+            ("entity_id", Annotated[str, msgspec.Meta(min_length=1, max_length=ENTITY_ID_MAX)]),
+            (
+                "features",
+                Annotated[
+                    list[feature], msgspec.Meta(min_length=input_size, max_length=input_size)
+                ],
+            ),
+            ("event_id", str | None, None),
+            ("ts", finite | None, None),
+            ("reset", bool, False),
+        ],
+        forbid_unknown_fields=True,
+        gc=False,
+    )
+    decoder: msgspec.json.Decoder[_EventFields] = msgspec.json.Decoder(fast_event)
+    return decoder.decode
 
 
 def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
@@ -291,7 +319,7 @@ class BatchProcessor:
         self.dead_letter_topic = dead_letter_topic
         self.max_event_bytes = max_event_bytes
 
-    async def process(self, records: Sequence[Record]) -> BatchReport:
+    async def process(self, records: Sequence[Consumed]) -> BatchReport:
         clock = _Stages()
         checked = check(records, self.model.input_size, self.max_event_bytes)
         for dead in checked.dead:
@@ -372,7 +400,7 @@ def _predictions(
     model: StreamModel,
     entity_ids: list[str],
     event_ids: list[str | None],
-    records: list[Record],
+    records: list[Consumed],
     output: torch.Tensor,
     steps: torch.Tensor,
 ) -> list[tuple[bytes, bytes]]:

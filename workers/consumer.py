@@ -33,7 +33,7 @@ from aiokafka import (
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-from workers.batch import BatchProcessor, Record
+from workers.batch import BatchProcessor, Consumed
 from workers.metrics import Metrics
 from workers.settings import Settings
 
@@ -185,11 +185,7 @@ class BatchConsumer(mode.Service):
     async def _run(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         """Process the batch and commit its offsets, holding the lock a rebalance waits for."""
         async with self.in_hand:
-            records = [
-                Record(m.topic, m.partition, m.offset, m.key, m.value)
-                for messages in fetched.values()
-                for m in messages
-            ]
+            records: list[Consumed] = [m for messages in fetched.values() for m in messages]
             try:
                 report = await self.processor.process(records)
             except Exception as error:
@@ -243,7 +239,7 @@ async def _finish_in_hand(work: asyncio.Future[None]) -> None:
         )
 
 
-def fail_stop(records: list[Record], error: Exception) -> NoReturn:
+def fail_stop(records: list[Consumed], error: Exception) -> NoReturn:
     """Stop at once, committing nothing: the batch and all after it are replayed on restart.
 
     Skipping the batch and going on would let later events of the same entities commit fences
