@@ -26,8 +26,8 @@ A value that is not ours, truncated or of another shape raises StoreError naming
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -95,6 +95,8 @@ class MemoryBatch:
     fence_partition: I64  # (E,)  NO_FENCE where not found
     fence_offset: I64  # (E,)  NO_FENCE where not found
     found: npt.NDArray[np.bool_]  # (E,)
+    partition_fences: Mapping[int, int | None] = field(default_factory=dict)
+    """The fences of the partitions the load was asked for (None: no commit yet)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)

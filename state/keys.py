@@ -31,6 +31,8 @@ __all__ = ["KeyLayout"]
 
 MEMORY = "mem"
 """The key kind of an entity's memory (LTM, STM, step, fence in one value)."""
+FENCE = "fence"
+"""The key kind of a partition's fence: the highest offset any commit carried for it."""
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -74,6 +76,10 @@ class KeyLayout:
     def memory(self, entity_id: str) -> str:
         """The key of one entity's memory."""
         return f"{self.memory_prefix}{{{_escape(entity_id)}}}"
+
+    def fence(self, partition: int) -> str:
+        """The key of one input partition's fence (one server only: it has no hash tag)."""
+        return f"{self.namespace}:{FENCE}:{self.model_version}:{partition}"
 
     def memories(self, entity_ids: Sequence[str]) -> list[str]:
         """The keys of many entities' memories, in order."""

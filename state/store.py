@@ -31,11 +31,12 @@ same updates again is safe.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
@@ -56,6 +57,7 @@ from redis.exceptions import (
     RedisError,
     SlotNotCoveredError,
     TryAgainError,
+    WatchError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -120,13 +122,18 @@ local function write(key, v, ttl)
 end
 """
 
-# KEYS[i]: memory keys. ARGV[1]: TTL in ms (0: none). ARGV[i + 1]: the new value of KEYS[i].
-# Returns one code per key: 1 applied, 0 stale. When a stored value is not a memory of this
-# format, nothing is written and its keys get -1. A key may repeat: each occurrence is compared
-# with the fence the previous one left.
+# KEYS[1..n]: memory keys, then (one server only) partition fence keys. ARGV[1]: TTL in ms
+# (0: none). ARGV[2]: n. ARGV[i + 2]: the new value of KEYS[i]; for a fence key, the batch's
+# highest offset in that partition, in decimal. Returns one code per memory key: 1 applied,
+# 0 stale. When a stored value is not a memory of this format, nothing is written and its keys
+# get -1. A key may repeat: each occurrence is compared with the fence the previous one left.
+# A partition fence only grows, whatever was applied: an over-estimate only costs a later
+# batch the fast commit.
 _COMMIT = r"""
+local n = tonumber(ARGV[2])
 local stored, foreign = {}, false
-for _, key in ipairs(KEYS) do
+for i = 1, n do
+  local key = KEYS[i]
   if stored[key] == nil then
     local v = redis.call('GETRANGE', key, 0, HEADER - 1)  -- the header only: no 1 KB copies
     if v == '' and redis.call('EXISTS', key) == 0 then stored[key] = false
@@ -136,12 +143,12 @@ for _, key in ipairs(KEYS) do
 end
 local codes = {}
 if foreign then
-  for i, key in ipairs(KEYS) do codes[i] = stored[key] == 'foreign' and -1 or 0 end
+  for i = 1, n do codes[i] = stored[KEYS[i]] == 'foreign' and -1 or 0 end
   return codes
 end
 local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  local v, old = ARGV[i + 1], stored[key]
+for i = 1, n do
+  local key, v, old = KEYS[i], ARGV[i + 2], stored[KEYS[i]]
   local new = fence(v)
   if not old or new[1] ~= old[1] or new[2] > old[2] or (new[2] == old[2] and new[3] > old[3]) then
     write(key, v, ttl)
@@ -150,6 +157,10 @@ for i, key in ipairs(KEYS) do
   else
     codes[i] = 0
   end
+end
+for j = n + 1, #KEYS do
+  local new, old = ARGV[j + 2], redis.call('GET', KEYS[j])
+  if not old or #new > #old or (#new == #old and new > old) then redis.call('SET', KEYS[j], new) end
 end
 return codes
 """
@@ -270,8 +281,19 @@ class MemoryStore:
         """Close the connections."""
         await self._redis.aclose()
 
-    async def load_many(self, entity_ids: Sequence[str], layers: int, hidden: int) -> MemoryBatch:
+    async def load_many(
+        self,
+        entity_ids: Sequence[str],
+        layers: int,
+        hidden: int,
+        *,
+        partitions: Collection[int] = (),
+    ) -> MemoryBatch:
         """The stored memories of these entities, in one MGET; zeros where nothing is stored.
+
+        ``partitions``: the input partitions of the batch about to be committed; on one server
+        their fences come back in ``partition_fences``, in the same MGET, so that
+        ``commit_many(updates, loaded=...)`` can take the fast commit.
 
         On a cluster, one MGET per slot, pipelined: one round trip per node.
         Raises StoreError naming the entity when a value does not decode or has another shape.
@@ -280,21 +302,34 @@ class MemoryStore:
             return codec.decode_many(entity_ids, [], layers, hidden, self._code)
         keys = self._keys.memories(entity_ids)
         cluster = self._cluster
+        if cluster is not None:
+            values = await self._call(
+                f"load_many of {len(keys)} entities", lambda: cluster.mget_nonatomic(keys)
+            )
+            return codec.decode_many(entity_ids, values, layers, hidden, self._code)
+        fenced = sorted(partitions)
+        fence_keys = [self._keys.fence(partition) for partition in fenced]
         values = await self._call(
-            f"load_many of {len(keys)} entities",
-            (lambda: cluster.mget_nonatomic(keys))
-            if cluster is not None
-            else (lambda: self._redis.mget(keys)),
+            f"load_many of {len(keys)} entities", lambda: self._redis.mget(keys + fence_keys)
         )
-        return codec.decode_many(
-            entity_ids, cast("list[bytes | None]", values), layers, hidden, self._code
-        )
+        memories = codec.decode_many(entity_ids, values[: len(keys)], layers, hidden, self._code)
+        stored = values[len(keys) :]
+        fences = {p: None if f is None else int(f) for p, f in zip(fenced, stored, strict=True)}
+        return dataclasses.replace(memories, partition_fences=fences)
 
-    async def commit_many(self, updates: MemoryUpdates) -> CommitResult:
+    async def commit_many(
+        self, updates: MemoryUpdates, *, loaded: MemoryBatch | None = None
+    ) -> CommitResult:
         """Write each update whose fence is newer than the stored one, in one script call.
 
         On a cluster, one script call per slot, pipelined: one round trip per node. Repeats of
         an entity share its slot, so they stay in one call, in order.
+
+        ``loaded``: what ``load_many`` returned for these entities in this batch, asked with
+        the updates' partitions (a load refuses a foreign value); each entity appears once. On
+        one server without a TTL the batch may then skip the script for one MSET when the
+        partition fences prove the script would write every update (``_commit_fast``); that
+        path does not read the stored values again.
 
         Raises StoreError when a stored value is foreign: then nothing in the batch is written,
         on a cluster nothing in that value's slot (the other slots' updates are committed,
@@ -308,7 +343,9 @@ class MemoryStore:
         what = f"commit_many of {len(keys)} entities"
         cluster = self._cluster
         if cluster is None:
-            answer = await self._call(what, lambda: self._commit_group(keys, values))
+            answer = await self._call(
+                what, lambda: self._commit_one_server(keys, values, updates, loaded)
+            )
         else:
             slots: dict[int, list[int]] = {}
             for row, key in enumerate(keys):
@@ -325,10 +362,76 @@ class MemoryStore:
             )
         return CommitResult(updates.entity_ids, codes == 1)
 
-    async def _commit_group(self, keys: list[str], values: list[bytes]) -> list[int]:
-        """One fenced script call: a whole batch on one server, one slot's keys on a cluster."""
-        codes: list[int] = await self._commit(keys=keys, args=[self._ttl_ms, *values])
+    async def _commit_one_server(
+        self,
+        keys: list[str],
+        values: list[bytes],
+        updates: MemoryUpdates,
+        loaded: MemoryBatch | None,
+    ) -> list[int]:
+        """The fast commit where it writes exactly what the script would, else the script.
+
+        The fences read with the load decide whether to try: a fence already reached means
+        the script at once, in one round trip.
+        """
+        bounds = _offset_bounds(updates)
+        fence_keys = [self._keys.fence(partition) for partition in bounds]
+        fast = (
+            loaded is not None
+            and not self._ttl_ms
+            and all(
+                _below(loaded.partition_fences.get(partition), low)
+                for partition, (low, _) in bounds.items()
+            )
+        )
+        if fast and await self._commit_fast(keys, values, fence_keys, bounds):
+            return [1] * len(keys)
+        highest = [str(high) for _, high in bounds.values()]
+        codes: list[int] = await self._commit(
+            keys=[*keys, *fence_keys], args=[self._ttl_ms, len(keys), *values, *highest]
+        )
         return codes
+
+    async def _commit_fast(
+        self,
+        keys: list[str],
+        values: list[bytes],
+        fence_keys: list[str],
+        bounds: dict[int, tuple[int, int]],
+    ) -> bool:
+        """MSET the whole batch when no commit can have reached its offsets; False otherwise.
+
+        The script costs Redis ~8 us per entity (each value goes through Lua), a plain MSET
+        ~0.3. Every commit raises its partitions' fences to its highest offsets, atomically with
+        its writes. So when each partition's stored fence is below the batch's lowest offset
+        there, every entity's stored fence is older than its update, and the script would write
+        them all: MSET writes the same. WATCH makes that hold until the write; a missing fence
+        (the partition's first commit), a fence reached, or a commit in between leaves the
+        batch to the script.
+        """
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(*fence_keys)
+            stored = await pipe.mget(fence_keys)
+            if not all(
+                _below(None if fence is None else int(fence), low)
+                for fence, (low, _) in zip(stored, bounds.values(), strict=True)
+            ):
+                return False
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.mset(
+                {
+                    **dict(zip(keys, values, strict=True)),
+                    **{
+                        key: high
+                        for key, (_, high) in zip(fence_keys, bounds.values(), strict=True)
+                    },
+                }
+            )
+            try:
+                await pipe.execute()
+            except WatchError:
+                return False
+        return True
 
     async def _commit_slots(self, commit: _SlotCommit) -> list[int]:
         """The fenced script once per slot, one pipeline per node; codes in the batch's order.
@@ -388,6 +491,7 @@ class MemoryStore:
                 len(rows),
                 *[commit.keys[row] for row in rows],
                 self._ttl_ms,
+                len(rows),
                 *[commit.values[row] for row in rows],
             )
         replies: list[Any] = await pipe.execute(raise_on_error=False)
@@ -480,6 +584,21 @@ class MemoryStore:
             ) from error
         except (RedisError, RedisClusterException) as error:
             raise StoreError(f"{what}: Redis at {self._url} failed: {error}") from error
+
+
+def _below(fence: int | None, offset: int) -> bool:
+    """Whether a partition's fence proves no commit reached ``offset`` (None: none yet, so no
+    proof: the script sets it)."""
+    return fence is not None and fence < offset
+
+
+def _offset_bounds(updates: MemoryUpdates) -> dict[int, tuple[int, int]]:
+    """Each partition of the updates' fences: (lowest, highest) offset, partitions ascending."""
+    bounds: dict[int, tuple[int, int]] = {}
+    for partition in np.unique(updates.fence_partition).tolist():
+        offsets = updates.fence_offset[updates.fence_partition == partition]
+        bounds[partition] = (int(offsets.min()), int(offsets.max()))
+    return bounds
 
 
 def _transient(error: BaseException) -> bool:

@@ -137,6 +137,24 @@ class StreamSlice:
         return await self.read(self.env["STREAM_LSTM_DEAD_LETTER_TOPIC"], count)
 
 
+def settled_memory(
+    worker: WorkerProcess, entity_id: str, step: int, timeout_s: float = 10.0
+) -> dict[str, Any]:
+    """The entity's memory through the worker's API once it holds ``step`` events.
+
+    A batch's predictions are acknowledged before its memories are committed (so memories never
+    run ahead of predictions), so a reader that has seen a prediction may still read the
+    memory from before it for a moment.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, snapshot = worker.memory(entity_id)
+        if status == 200 and snapshot["step"] == step:
+            return snapshot
+        assert time.monotonic() < deadline, f"{entity_id!r} never reached step {step}: {snapshot}"
+        time.sleep(0.05)
+
+
 def event(entity_id: str, features: list[float], **extra: Any) -> tuple[bytes, bytes]:
     """A well-formed event, keyed by its entity id."""
     value = orjson.dumps({"entity_id": entity_id, "features": features, **extra})

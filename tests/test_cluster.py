@@ -16,7 +16,14 @@ import torch
 
 from state.keys import KeyLayout
 from state.server import RedisClusterServer
-from tests.stack import INPUT, StreamSlice, check_against_offline, event, save_model
+from tests.stack import (
+    INPUT,
+    StreamSlice,
+    check_against_offline,
+    event,
+    save_model,
+    settled_memory,
+)
 from workers.broker import KafkaBroker
 
 
@@ -94,10 +101,8 @@ async def test_golden_end_to_end_on_a_cluster(
     assert len(messages) / batches > short_of_all, (batches, short_of_all)
 
     for entity_id in ["cluster-0", "{braces}", "🦊 fox"]:  # the memory API reads the cluster
-        status, snapshot = worker.memory(entity_id)
-        assert status == 200, (entity_id, snapshot)
+        snapshot = settled_memory(worker, entity_id, predictions_step(predictions, entity_id))
         h_n, c_n = finals[entity_id]
-        assert snapshot["step"] == predictions_step(predictions, entity_id)
         torch.testing.assert_close(torch.tensor(snapshot["ltm"]), c_n, atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(snapshot["stm"]), h_n, atol=1e-4, rtol=0)
     assert worker.http("GET", "/health") == (
@@ -113,6 +118,7 @@ async def test_golden_end_to_end_on_a_cluster(
     assert sum(stored.values()) == len(entity_ids) + 1  # and the warm-up entity
 
     # The CLI reads and resets memories on the cluster as it does on one server.
+    settled_memory(worker, "ключ", predictions_step(predictions, "ключ"))
     got = stack.cli("memory", "get", "ключ")
     assert got.returncode == 0, got.stderr
     assert orjson.loads(got.stdout) == worker.memory("ключ")[1]

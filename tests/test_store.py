@@ -12,7 +12,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
 import numpy as np
@@ -26,7 +26,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 
 import state
-from state import MemoryStore, MemoryUpdates, RedisServer, codec
+from state import CommitResult, MemoryStore, MemoryUpdates, RedisServer, codec
 from state.keys import KeyLayout
 from state.server import RedisClusterServer
 from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
@@ -379,6 +379,94 @@ async def test_count_is_per_namespace_and_model_version(backend: StoreBackend) -
         assert await store.count() == 2500
         assert await other_version.count() == 2
         assert await other_namespace.count() == 1
+
+
+# --- the fast commit (one server, after a load) ----------------------------------------------
+
+
+async def commit_after_load(store: MemoryStore, updates: MemoryUpdates) -> CommitResult:
+    """Load the updates' entities and partition fences, then commit, as a worker does."""
+    partitions = set(updates.fence_partition.tolist())
+    loaded = await store.load_many(updates.entity_ids, 2, 4, partitions=partitions)
+    return await store.commit_many(updates, loaded=loaded)
+
+
+def count_script_calls(store: MemoryStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time the store runs its commit script."""
+    calls: list[int] = []
+    script = store._commit
+
+    async def counted(**kwargs: Any) -> Any:
+        calls.append(1)
+        return await script(**kwargs)
+
+    monkeypatch.setattr(store, "_commit", counted)
+    return calls
+
+
+async def test_commits_after_a_load_skip_the_script_once_the_partition_has_a_fence(
+    backend: StoreBackend, store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if backend.name == "cluster":
+        pytest.skip("a cluster commits by script, slot by slot")
+    scripts = count_script_calls(store, monkeypatch)
+    await commit_after_load(store, make_updates(["a", "b"], 1))
+    assert len(scripts) == 1  # the partition's first commit: no fence yet
+    result = await commit_after_load(store, make_updates(["a", "b", "c"], [5, 6, 7]))
+    assert len(scripts) == 1
+    assert result.applied.all()
+    assert [await stored_offset(store, e) for e in "abc"] == [5, 6, 7]
+    async with backend.client() as client:
+        assert await client.get(KeyLayout(backend.namespace, "v1").fence(0)) == b"7"
+
+
+async def test_the_fast_commit_stores_exactly_what_the_script_stores(
+    backend: StoreBackend,
+) -> None:
+    if backend.name == "cluster":
+        pytest.skip("a cluster commits by script, slot by slot")
+    batches = [
+        make_updates(["a", "b"], [1, 2]),
+        make_updates(["b", "c", "d"], [3, 4, 5], partition=1),
+        make_updates(["a", "c"], [6, 7]),
+        make_updates(["d", "e"], [8, 9], partition=1),
+    ]
+    stored = {}
+    for after_load, namespace in [(True, f"{backend.namespace}-fast"), (False, backend.namespace)]:
+        async with backend.store(namespace=namespace) as store:
+            for batch in batches:
+                commit = commit_after_load if after_load else MemoryStore.commit_many
+                assert (await commit(store, batch)).applied.all()
+            stored[after_load] = await store.load_many(list("abcde"), 2, 4)
+    fast, script = stored[True], stored[False]
+    for field in ("ltm", "stm", "step", "fence_partition", "fence_offset", "found"):
+        np.testing.assert_array_equal(getattr(fast, field), getattr(script, field))
+
+
+async def test_a_stale_writer_after_a_load_is_refused_by_the_script(
+    backend: StoreBackend, store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await commit_after_load(store, make_updates(["a"], 10))
+    await commit_after_load(store, make_updates(["a", "b"], [100, 120]))
+    on_one_server = backend.name != "cluster"  # a cluster calls its script by hash
+    scripts = count_script_calls(store, monkeypatch) if on_one_server else None
+    # A worker that lost the partition commits what it made of offsets 50 and 130: the fence
+    # (120) is past its lowest offset, so the script compares entity by entity.
+    zombie = await commit_after_load(store, make_updates(["a", "b"], [50, 130]))
+    if scripts is not None:
+        assert len(scripts) == 1
+    assert zombie.stale_ids == ["a"]
+    assert [await stored_offset(store, e) for e in "ab"] == [100, 130]
+
+
+async def test_a_store_with_a_ttl_commits_by_script_even_after_a_load(
+    backend: StoreBackend,
+) -> None:
+    key = KeyLayout(backend.namespace, "v1").memory("a")
+    async with backend.store(ttl_s=60) as store, backend.client() as client:
+        for offset in (1, 2):
+            await commit_after_load(store, make_updates(["a"], offset))
+            assert 59_000 < await client.pttl(key) <= 60_000
 
 
 async def test_no_ttl_by_default(backend: StoreBackend, store: MemoryStore) -> None:

@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from state import RedisServer
-from tests.stack import INPUT, StreamSlice, check_against_offline, event, random_stream, save_model
+from tests.stack import (
+    INPUT,
+    StreamSlice,
+    check_against_offline,
+    event,
+    random_stream,
+    save_model,
+    settled_memory,
+)
 from workers.broker import KafkaBroker
 from workers.stack import WorkerProcess
 
@@ -64,13 +72,10 @@ async def test_golden_end_to_end(stack: StreamSlice, worker: WorkerProcess) -> N
     assert len(predictions) == len(messages), "each event predicted once"
     finals = check_against_offline(stack.model, history, predictions)
     for entity_id in [entity_ids[0], *entity_ids[-len(AWKWARD_IDS) :]]:
-        status, snapshot = worker.memory(entity_id)
-        assert status == 200, (entity_id, snapshot)
+        step = next(p["step"] for p in reversed(predictions) if p["entity_id"] == entity_id)
+        snapshot = settled_memory(worker, entity_id, step)
         h_n, c_n = finals[entity_id]
         assert snapshot["entity_id"] == entity_id
-        assert snapshot["step"] == next(
-            p["step"] for p in reversed(predictions) if p["entity_id"] == entity_id
-        )
         torch.testing.assert_close(torch.tensor(snapshot["ltm"]), c_n, atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(snapshot["stm"]), h_n, atol=1e-4, rtol=0)
 
@@ -143,6 +148,7 @@ async def test_bad_input_goes_to_dead_letters_and_good_events_around_it_are_exac
 async def test_memory_api_reset_and_missing(stack: StreamSlice, worker: WorkerProcess) -> None:
     await stack.publish([event("api-1", [0.1, 0.2, 0.3, 0.4])])
     await stack.predictions(1, entities={"api-1"})
+    settled_memory(worker, "api-1", 1)
 
     assert worker.http("DELETE", "/entities/api-1/memory")[0] == 200
     status, snapshot = worker.memory("api-1")
@@ -220,6 +226,7 @@ async def test_cli_publishes_tails_and_queries_memory(
     ours = [p for p in map(orjson.loads, tailed.stdout.splitlines()) if p["entity_id"] in entities]
     assert sorted(ours, key=str) == sorted(predictions, key=str)
 
+    settled_memory(worker, "cli/2", 3)
     got = stack.cli("memory", "get", "cli/2")
     assert got.returncode == 0, got.stderr
     assert orjson.loads(got.stdout) == worker.memory("cli/2")[1]

@@ -335,7 +335,10 @@ class BatchProcessor:
         memory = await self._retry(
             "load memories",
             lambda: self.store.load_many(
-                checked.ids, self.model.num_layers, self.model.hidden_size
+                checked.ids,
+                self.model.num_layers,
+                self.model.hidden_size,
+                partitions={record.partition for record in checked.records},
             ),
         )
         clock.done("load")
@@ -344,7 +347,7 @@ class BatchProcessor:
         await self._retry("emit", lambda: self._emit(applied, checked.dead))
         clock.done("emit")
         committed = await self._retry(
-            "commit memories", lambda: self.store.commit_many(applied.updates)
+            "commit memories", lambda: self.store.commit_many(applied.updates, loaded=memory)
         )
         clock.done("commit")
         stale = committed.stale_ids
