@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 import tempfile
@@ -573,6 +574,7 @@ def main() -> None:
         args = parser.parse_args()
     args.load = os.getloadavg()[0]  # the run's context, reported with its figures
     torch.set_num_threads(1)  # as the worker runs
+    gc.freeze()  # as the worker does: no full collection over torch's objects mid-measurement
 
     with tempfile.TemporaryDirectory(prefix="stream-lstm-e2e-") as tmp:
         workdir = Path(tmp)
