@@ -112,6 +112,9 @@ def test_apply_predicts_each_event_and_fences_each_entity(model: StreamModel) ->
     applied = apply(model, checked, empty_memory(checked, model))
 
     predictions = [Prediction.model_validate_json(value) for _, value in applied.predictions]
+    for _, value in applied.predictions:  # the documented wire format, field for field
+        assert list(orjson.loads(value)) == list(Prediction.model_fields)
+        assert list(orjson.loads(value)["source"]) == ["topic", "partition", "offset"]
     assert [key for key, _ in applied.predictions] == [b"a", b"b", b"a"]
     assert [(p.entity_id, p.step, p.source.offset) for p in predictions] == [
         ("a", 1, 10),

@@ -127,7 +127,7 @@ class Checked:
 class Applied:
     """What one step produced: predictions to emit and memories to commit."""
 
-    predictions: list[tuple[bytes, bytes]]  # (key, Prediction JSON)
+    predictions: list[tuple[bytes | None, bytes]]  # (key, Prediction JSON)
     updates: MemoryUpdates
     replayed: int  # events whose fence was already stored: dropped
 
@@ -399,6 +399,30 @@ class _Stages:
         self._last = now
 
 
+class _Source(msgspec.Struct, gc=False):
+    """``schema.Source`` as the hot path encodes it."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class _Prediction(msgspec.Struct, gc=False):
+    """``schema.Prediction`` as the hot path encodes it: msgspec writes a Struct in ~1.7 us
+    against ~3.2 for a dict through orjson. Same fields, same order (a test holds them to it)."""
+
+    entity_id: str
+    event_id: str | None
+    step: int
+    output: list[float]
+    label: str | None
+    model_version: str
+    source: _Source
+
+
+_encode = msgspec.json.Encoder().encode
+
+
 def _predictions(
     model: StreamModel,
     entity_ids: list[str],
@@ -406,29 +430,25 @@ def _predictions(
     records: list[Consumed],
     output: torch.Tensor,
     steps: torch.Tensor,
-) -> list[tuple[bytes, bytes]]:
+) -> list[tuple[bytes | None, bytes]]:
+    """Each event's prediction, keyed as its event was (a key equal to the entity id)."""
     outputs = output.tolist()  # (N, O) as floats: float32 values print exactly
     labels = model.labels
     names = [labels[k] for k in output.argmax(dim=1).tolist()] if labels else [None] * len(records)
     version = model.version
-    dumps = orjson.dumps
     return [
         (
-            entity_id.encode(),
-            dumps(
-                {
-                    "entity_id": entity_id,
-                    "event_id": event_id,
-                    "step": n_step,
-                    "output": out,
-                    "label": label,
-                    "model_version": version,
-                    "source": {
-                        "topic": record.topic,
-                        "partition": record.partition,
-                        "offset": record.offset,
-                    },
-                }
+            record.key,
+            _encode(
+                _Prediction(
+                    entity_id,
+                    event_id,
+                    n_step,
+                    out,
+                    label,
+                    version,
+                    _Source(record.topic, record.partition, record.offset),
+                )
             ),
         )
         for entity_id, event_id, record, out, n_step, label in zip(
