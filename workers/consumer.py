@@ -6,7 +6,7 @@ an agent: an aiokafka consumer in the worker's consumer group hands ``getmany`` 
 to the ``BatchProcessor``, and the batch's offsets are committed right after its memories are.
 
 - Rebalance: a partition is handed over only between batches (the revoke callback waits for
-  the batch in hand), and its offsets are committed by then.
+  the batch in hand and its offset commit, which otherwise overlaps the next batch).
 - Shutdown: the batch in hand finishes (within a grace period), is committed, and the consumer
   leaves the group so its partitions move at once.
 - An error the processor could not retry stops the process without committing the batch: it is
@@ -133,6 +133,7 @@ class BatchConsumer(mode.Service):
         self.in_hand = asyncio.Lock()
         self.joined = False  # has the group given this worker its partitions (maybe none) yet?
         self._consumer: AIOKafkaConsumer | None = None
+        self._offsets: asyncio.Future[None] | None = None  # the last batch's offset commit
         super().__init__(**kwargs)
 
     @property
@@ -168,6 +169,7 @@ class BatchConsumer(mode.Service):
 
     async def on_stop(self) -> None:
         async with self.in_hand:  # the batch in hand commits first (bounded by its grace period)
+            await self.offsets_committed()
             await self.consumer.stop()  # leaves the group: its partitions move at once
         await self.emitter.stop()
 
@@ -195,7 +197,10 @@ class BatchConsumer(mode.Service):
             except Exception as error:
                 fail_stop(records, error)
             started = time.perf_counter()
-            await self._commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
+            await self.offsets_committed()  # in order: the previous batch's first
+            self._offsets = asyncio.ensure_future(
+                self._commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
+            )
             report.seconds["offsets"] = time.perf_counter() - started
             self.metrics.observe(report)
             for tp, messages in fetched.items():
@@ -203,6 +208,16 @@ class BatchConsumer(mode.Service):
                 if highwater is not None:
                     lag = max(0, highwater - messages[-1].offset - 1)
                     self.metrics.lag.labels(str(tp.partition)).set(lag)
+
+    async def offsets_committed(self) -> None:
+        """Wait for the last batch's offset commit.
+
+        A batch's offsets are committed while the next batch is processed (the memories are
+        already committed, so a commit lost to a crash costs a fenced replay, not a loss); a
+        rebalance and a shutdown wait for it, so partitions move with their offsets committed.
+        """
+        if self._offsets is not None:
+            await self._offsets
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -222,6 +237,7 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         if revoked:
             async with self.service.in_hand:
+                await self.service.offsets_committed()
                 logger.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
