@@ -18,7 +18,15 @@ from torch import nn
 from state.codec import MemoryBatch, decode_many
 from stream_lstm.model import StreamModel
 from stream_lstm.schema import Event, Prediction
-from workers.batch import DEAD_PAYLOAD_MAX, Checked, Record, _fast_decoder, apply, check
+from workers.batch import (
+    DEAD_PAYLOAD_MAX,
+    Checked,
+    Record,
+    _fast_decoder,
+    apply,
+    check,
+    overlay,
+)
 
 TOPIC = "events"
 
@@ -143,6 +151,30 @@ def test_apply_drops_events_whose_fence_is_stored(model: StreamModel) -> None:
     assert [orjson.loads(v)["source"]["offset"] for _, v in applied.predictions] == [7]
     assert [orjson.loads(v)["step"] for _, v in applied.predictions] == [7]
     assert applied.updates.fence_offset.tolist() == [7]
+
+
+def test_a_batch_overlaid_with_the_one_in_flight_equals_one_after_its_commit(
+    model: StreamModel,
+) -> None:
+    first = check([record(event("a", [1, 0]), offset=1), record(event("b"), b"b", offset=2)], 2, 99)
+    second = check(
+        [record(event("a", [0, 1]), offset=3), record(event("c"), b"c", offset=4)], 2, 99
+    )
+    in_flight = apply(model, first, empty_memory(first, model)).updates
+    committed = empty_memory(second, model)  # as Redis holds it once the first batch committed
+    committed.ltm[0], committed.stm[0], committed.step[0] = in_flight.ltm[0], in_flight.stm[0], 1
+    committed.found[0], committed.fence_partition[0], committed.fence_offset[0] = True, 0, 1
+
+    not_yet = empty_memory(second, model)  # as Redis holds it while the first is in flight
+    overlay(not_yet, in_flight)
+
+    after, overlaid = apply(model, second, committed), apply(model, second, not_yet)
+    assert overlaid.predictions == after.predictions
+    assert [orjson.loads(v)["step"] for _, v in overlaid.predictions] == [2, 1]
+    for field in ("ltm", "stm", "step", "fence_offset"):
+        np.testing.assert_array_equal(
+            getattr(overlaid.updates, field), getattr(after.updates, field)
+        )
 
 
 def test_a_fully_replayed_entity_is_not_committed(model: StreamModel) -> None:

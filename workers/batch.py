@@ -284,6 +284,38 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
     return Applied(predictions, updates, replayed=len(checked.records) - len(records))
 
 
+def overlay(memory: MemoryBatch, in_flight: MemoryUpdates) -> None:
+    """Put the memories of a batch still being committed over what Redis returned.
+
+    They are the newest this worker has for those entities, and the next batch must start from
+    them. Each is every event of its entity up to its fence, applied in order (a partition is
+    consumed in order), so a write made from them is right even if the in-flight commit turns
+    out stale: the fences decide as for any write.
+    """
+    rows = {entity_id: row for row, entity_id in enumerate(in_flight.entity_ids)}
+    pairs = [(n, rows[e]) for n, e in enumerate(memory.entity_ids) if e in rows]
+    if not pairs:
+        return
+    at, src = (np.array(column, dtype=np.int64) for column in zip(*pairs, strict=True))
+    memory.ltm[at] = in_flight.ltm[src]
+    memory.stm[at] = in_flight.stm[src]
+    memory.step[at] = in_flight.step[src]
+    memory.fence_partition[at] = in_flight.fence_partition[src]
+    memory.fence_offset[at] = in_flight.fence_offset[src]
+    memory.found[at] = True
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A batch checked, loaded and stepped: ready to emit and commit."""
+
+    checked: Checked
+    memory: MemoryBatch
+    applied: Applied
+    records: int
+    clock: _Stages
+
+
 @dataclass(frozen=True, slots=True)
 class BatchReport:
     """What one batch did, for logs and metrics."""
@@ -320,6 +352,14 @@ class BatchProcessor:
         self.max_event_bytes = max_event_bytes
 
     async def process(self, records: Sequence[Consumed]) -> BatchReport:
+        """One batch through every stage."""
+        return await self.finish(await self.prepare(records))
+
+    async def prepare(
+        self, records: Sequence[Consumed], in_flight: MemoryUpdates | None = None
+    ) -> Prepared:
+        """Check, load and step a batch. ``in_flight``: the updates of a batch still finishing,
+        which this one starts from whether or not they have reached Redis yet."""
         clock = _Stages()
         checked = check(records, self.model.input_size, self.max_event_bytes)
         for dead in checked.dead:
@@ -341,13 +381,22 @@ class BatchProcessor:
                 partitions={record.partition for record in checked.records},
             ),
         )
+        if in_flight is not None:
+            overlay(memory, in_flight)
         clock.done("load")
         applied = apply(self.model, checked, memory)
         clock.done("step")
-        await self._retry("emit", lambda: self._emit(applied, checked.dead))
+        return Prepared(checked, memory, applied, len(records), clock)
+
+    async def finish(self, prepared: Prepared) -> BatchReport:
+        """Emit a prepared batch and wait for the broker, then commit its memories."""
+        clock, applied = prepared.clock, prepared.applied
+        clock.restart()
+        await self._retry("emit", lambda: self._emit(applied, prepared.checked.dead))
         clock.done("emit")
         committed = await self._retry(
-            "commit memories", lambda: self.store.commit_many(applied.updates, loaded=memory)
+            "commit memories",
+            lambda: self.store.commit_many(applied.updates, loaded=prepared.memory),
         )
         clock.done("commit")
         stale = committed.stale_ids
@@ -359,7 +408,11 @@ class BatchProcessor:
                 stale[:3],
             )
         return BatchReport(
-            len(records), len(checked.dead), applied.replayed, len(stale), clock.seconds
+            prepared.records,
+            len(prepared.checked.dead),
+            applied.replayed,
+            len(stale),
+            clock.seconds,
         )
 
     async def _emit(self, applied: Applied, dead: list[DeadLetter]) -> None:
@@ -391,6 +444,10 @@ class _Stages:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def restart(self) -> None:
+        """The next stage starts now (not when the last one ended): a prepared batch may wait."""
         self._last = time.perf_counter()
 
     def done(self, stage: str) -> None:

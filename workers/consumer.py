@@ -5,8 +5,10 @@ than the whole budget of a fast worker. So the worker's Faust app hosts this ser
 an agent: an aiokafka consumer in the worker's consumer group hands ``getmany`` batches straight
 to the ``BatchProcessor``, and the batch's offsets are committed right after its memories are.
 
+- Pipelining: a batch is checked, loaded and stepped while the previous one emits and commits
+  (``_run``); it starts from the previous batch's memories even before they reach Redis.
 - Rebalance: a partition is handed over only between batches (the revoke callback waits for
-  the batch in hand and its offset commit, which otherwise overlaps the next batch).
+  the batch in hand and the one finishing), and its offsets are committed by then.
 - Shutdown: the batch in hand finishes (within a grace period), is committed, and the consumer
   leaves the group so its partitions move at once.
 - An error the processor could not retry stops the process without committing the batch: it is
@@ -34,7 +36,8 @@ from aiokafka import (
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-from workers.batch import BatchProcessor, Consumed
+from state import MemoryUpdates
+from workers.batch import BatchProcessor, Consumed, Prepared
 from workers.metrics import Metrics
 from workers.settings import Settings
 
@@ -133,7 +136,8 @@ class BatchConsumer(mode.Service):
         self.in_hand = asyncio.Lock()
         self.joined = False  # has the group given this worker its partitions (maybe none) yet?
         self._consumer: AIOKafkaConsumer | None = None
-        self._offsets: asyncio.Future[None] | None = None  # the last batch's offset commit
+        self._finishing: asyncio.Future[None] | None = None  # the last batch: emit, commits
+        self._in_flight: MemoryUpdates | None = None  # its memories, until they are committed
         super().__init__(**kwargs)
 
     @property
@@ -169,7 +173,7 @@ class BatchConsumer(mode.Service):
 
     async def on_stop(self) -> None:
         async with self.in_hand:  # the batch in hand commits first (bounded by its grace period)
-            await self.offsets_committed()
+            await self.finished()
             await self.consumer.stop()  # leaves the group: its partitions move at once
         await self.emitter.stop()
 
@@ -189,35 +193,56 @@ class BatchConsumer(mode.Service):
                     raise
 
     async def _run(self, fetched: dict[TopicPartition, list[Any]]) -> None:
-        """Process the batch and commit its offsets, holding the lock a rebalance waits for."""
+        """Prepare the batch while the last one finishes, then let it finish in turn.
+
+        Checking, loading and stepping a batch (CPU) overlaps the previous batch's waits on
+        the broker and Redis. The order of what others see is kept: a batch emits only after
+        the previous one committed its memories and offsets. It starts from the previous
+        batch's memories even before they reach Redis (``overlay``). Holds the lock a
+        rebalance waits for.
+        """
         async with self.in_hand:
             records: list[Consumed] = [m for messages in fetched.values() for m in messages]
+            previous = self._finishing
+            in_flight = None if previous is None or previous.done() else self._in_flight
             try:
-                report = await self.processor.process(records)
+                prepared = await self.processor.prepare(records, in_flight)
             except Exception as error:
                 fail_stop(records, error)
-            started = time.perf_counter()
-            await self.offsets_committed()  # in order: the previous batch's first
-            self._offsets = asyncio.ensure_future(
-                self._commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
-            )
-            report.seconds["offsets"] = time.perf_counter() - started
-            self.metrics.observe(report)
-            for tp, messages in fetched.items():
-                highwater = self.consumer.highwater(tp)
-                if highwater is not None:
-                    lag = max(0, highwater - messages[-1].offset - 1)
-                    self.metrics.lag.labels(str(tp.partition)).set(lag)
+            await self.finished()
+            self._in_flight = prepared.applied.updates
+            self._finishing = asyncio.ensure_future(self._finish(fetched, records, prepared))
 
-    async def offsets_committed(self) -> None:
-        """Wait for the last batch's offset commit.
+    async def _finish(
+        self, fetched: dict[TopicPartition, list[Any]], records: list[Consumed], prepared: Prepared
+    ) -> None:
+        """Emit, commit the memories, then the offsets: the batch is done."""
+        try:
+            report = await self.processor.finish(prepared)
+        except Exception as error:
+            fail_stop(records, error)
+        started = time.perf_counter()
+        await self._commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
+        report.seconds["offsets"] = time.perf_counter() - started
+        self.metrics.observe(report)
+        for tp, messages in fetched.items():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                lag = max(0, highwater - messages[-1].offset - 1)
+                self.metrics.lag.labels(str(tp.partition)).set(lag)
 
-        A batch's offsets are committed while the next batch is processed (the memories are
-        already committed, so a commit lost to a crash costs a fenced replay, not a loss); a
-        rebalance and a shutdown wait for it, so partitions move with their offsets committed.
+    def forget_in_flight(self) -> None:
+        """After a rebalance the next batch loads from Redis alone: memories this worker made
+        before may be behind what another owner committed since."""
+        self._in_flight = None
+
+    async def finished(self) -> None:
+        """Wait until the last batch has emitted and committed its memories and offsets.
+
+        A rebalance and a shutdown wait for it, so partitions move with everything committed.
         """
-        if self._offsets is not None:
-            await self._offsets
+        if self._finishing is not None:
+            await self._finishing
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -237,7 +262,8 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         if revoked:
             async with self.service.in_hand:
-                await self.service.offsets_committed()
+                await self.service.finished()
+                self.service.forget_in_flight()
                 logger.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
