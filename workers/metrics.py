@@ -53,7 +53,8 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "stream_lstm_stage_seconds",
-            "Wall time per micro-batch of each stage: check, load, step, emit, commit, offsets",
+            "Wall time per micro-batch of each stage: check, load, step, emit, commit, offsets "
+            "(batches overlap: one's emit includes the next one's check, load and step)",
             ["stage"],
             buckets=STEP_SECONDS,
             registry=self.registry,
