@@ -42,6 +42,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
 import numpy as np
 import numpy.typing as npt
 from redis.asyncio import Redis
@@ -687,7 +688,13 @@ def _packed_by_hiredis(connection_class: type[AbstractConnection]) -> type[Abstr
     serializer = HiredisRespSerializer()
 
     def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
-        packed: list[bytes] = serializer.pack(*args)
+        command = args[0].encode() if isinstance(args[0], str) else args[0]
+        if b" " not in command:  # not a two-word command such as SCRIPT LOAD
+            try:  # str, bytes and ints, as the store sends, straight to hiredis
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass
+        packed: list[bytes] = serializer.pack(*args)  # splits the command, converts buffers
         return packed
 
     return type(

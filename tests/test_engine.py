@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from stream_lstm.engine import Events, Memory, entity_rows, step
+from stream_lstm.engine import Events, Memory, _by_cells, _by_sequence, entity_rows, step
 from stream_lstm.exceptions import ModelError
 from stream_lstm.model import StreamModel
 from tests.offline import offline
@@ -159,6 +159,18 @@ def test_one_event_per_entity_equals_nn_lstm_from_each_stored_memory(
         torch.testing.assert_close(result.memory.stm[k], h_n[:, 0], atol=TOL, rtol=0)
         torch.testing.assert_close(result.memory.ltm[k], c_n[:, 0], atol=TOL, rtol=0)
         assert int(result.step[k]) == (1 if reset[k] else k + 1)
+
+
+@pytest.mark.parametrize(("layers", "bias"), [(1, True), (3, False)])
+def test_the_gpu_step_by_cells_equals_the_cpu_step_by_sequence(layers: int, bias: bool) -> None:
+    torch.manual_seed(layers)
+    lstm = nn.LSTM(3, 5, layers, bias=bias)
+    x, stm, ltm = torch.randn(40, 3), torch.randn(40, layers, 5), torch.randn(40, layers, 5)
+    with torch.no_grad():
+        for by_cells, by_sequence in zip(
+            _by_cells(lstm, x, stm, ltm), _by_sequence(lstm, x, stm, ltm), strict=True
+        ):
+            torch.testing.assert_close(by_cells, by_sequence, atol=TOL, rtol=0)
 
 
 def test_entities_without_events_keep_their_memory() -> None:

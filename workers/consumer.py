@@ -70,18 +70,13 @@ class KafkaEmitter:
             raise RuntimeError("the emitter is not started")
         return self._producer
 
-    def _partition(self, topic: str, key: bytes | None, partitions: list[int]) -> int:
-        """The producer's partition for a key; entity keys repeat, so the hash is cached."""
-        if key is None:
-            return random.choice(partitions)
+    def _cache(self, topic: str, partitions: list[int]) -> dict[bytes, int]:
+        """The topic's key -> partition cache, emptied when the partitions change or it is full."""
         layout, cache = self._partitions.get(topic, (None, {}))
         if layout != partitions or len(cache) > PARTITION_CACHE:
             cache = {}
             self._partitions[topic] = (partitions, cache)
-        partition = cache.get(key)
-        if partition is None:
-            partition = cache[key] = self.partitioner(key, partitions, partitions)
-        return partition
+        return cache
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(
@@ -102,9 +97,14 @@ class KafkaEmitter:
             return
         producer = self.producer
         partitions = sorted(await producer.partitions_for(topic))
+        cache = self._cache(topic, partitions)  # entity keys repeat: hash each once
         by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
         for message in messages:
-            partition = self._partition(topic, message[0], partitions)
+            key = message[0]
+            if key is None:
+                partition = random.choice(partitions)
+            elif (partition := cache.get(key, -1)) < 0:
+                partition = cache[key] = self.partitioner(key, partitions, partitions)
             by_partition.setdefault(partition, []).append(message)
         pending = []
         for partition, items in by_partition.items():
