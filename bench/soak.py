@@ -3,18 +3,24 @@
     python bench/soak.py [--minutes 3] [--rate 2000] [--entities 20000]
 
 Starts the embedded stack with the bundled TV-show model, offers ``--rate`` events/s over
-``--entities`` channels, and every 10 s samples the worker's RSS (/proc) and its consumer lag
-(/metrics, the sum over partitions). Prints the samples and writes the figures to
-bench/RESULTS.md, section "Soak". Not part of the test suite: it takes minutes.
+``--entities`` channels, and every 10 s samples the worker's RSS (/proc), its true lag (events
+sent minus events the worker has processed, from /metrics) and the CPU share of the worker and
+of the broker (/proc). The producer sends every 50 ms (linger 50 ms): Tansu's fetches cost
+more with every record batch a partition holds, and tiny batches saturated it within minutes
+(a run where the broker is near a full core measures the broker, not the worker). Prints the
+samples and writes the figures to bench/RESULTS.md, section "Soak". Not part of the test
+suite: it takes minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -37,26 +43,44 @@ def rss_mb(worker: WorkerProcess) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def lag(worker: WorkerProcess) -> float:
+def processed(worker: WorkerProcess) -> float:
+    """Events the worker has taken through a batch so far."""
     _, text = worker.http("GET", "/metrics")
     return sum(
         float(line.split()[-1])
         for line in str(text).splitlines()
-        if line.startswith("stream_lstm_consumer_lag{")
+        if line.startswith("stream_lstm_events_total ")
     )
 
 
-async def offer(
-    stack: Stack, seconds: float, rate: float, entities: int
-) -> list[tuple[float, float, float, float]]:
-    """Send a steady stream, sampling (elapsed s, RSS MB, lag, events so far) as it goes."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Sample:
+    elapsed_s: float
+    rss_mb: float
+    lag: float  # events sent minus events processed
+    sent: int
+    worker_cpu: float  # share of one core over the last interval
+    broker_cpu: float
+
+
+async def offer(stack: Stack, seconds: float, rate: float, entities: int) -> list[Sample]:
+    """Send a steady stream, sampling the worker and the broker as it goes."""
     frames = tvshows.workload(entities, max(1, int(seconds * rate / entities) + 1), seed=5)
-    producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap, linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap, linger_ms=50)
     await producer.start()
+    assert stack.worker.process is not None
+    pids = (stack.worker.process.pid, stack.broker.pid)
     samples = []
     try:
         started = time.monotonic()
         next_sample, sent = started + SAMPLE_S, 0
+        cpu_before = [cpu_seconds(pid) for pid in pids]
         while (now := time.monotonic()) - started < seconds:
             due = int((now - started) * rate)
             pending = []
@@ -70,12 +94,23 @@ async def offer(
             sent = due
             await asyncio.gather(*pending)
             if now >= next_sample:
-                sample = (now - started, rss_mb(stack.worker), lag(stack.worker), float(sent))
-                elapsed, rss, behind, _ = sample
-                print(f"  {elapsed:5.0f}s  RSS {rss:6.1f} MB  lag {behind:7.0f}", flush=True)
+                cpu = [cpu_seconds(pid) for pid in pids]
+                worker_cpu, broker_cpu = (
+                    (a - b) / SAMPLE_S for a, b in zip(cpu, cpu_before, strict=True)
+                )
+                cpu_before = cpu
+                behind = sent - processed(stack.worker)
+                sample = Sample(
+                    now - started, rss_mb(stack.worker), behind, sent, worker_cpu, broker_cpu
+                )
+                print(
+                    f"  {sample.elapsed_s:5.0f}s  RSS {sample.rss_mb:6.1f} MB  lag {behind:7.0f}"
+                    f"  CPU worker {worker_cpu:4.0%} broker {broker_cpu:4.0%}",
+                    flush=True,
+                )
                 samples.append(sample)
                 next_sample += SAMPLE_S
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
     finally:
         await producer.stop()
     return samples
@@ -92,16 +127,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="stream-lstm-soak-") as tmp, Stack(Path(tmp)) as stack:
         samples = asyncio.run(offer(stack, args.minutes * 60, args.rate, args.entities))
     first, last = samples[0], samples[-1]
-    peak_rss = max(s[1] for s in samples)
+    peak_rss = max(s.rss_mb for s in samples)
     body = (
         f"`python bench/soak.py --minutes {args.minutes:g} --rate {args.rate:g}` ({machine()}).\n\n"
         f"The bundled TV-show model, {args.entities:,} channels, {args.rate:,.0f} events/s offered "
-        f"for {args.minutes:g} minutes ({last[3]:,.0f} events). Worker RSS {first[1]:.1f} MB at "
-        f"{first[0]:.0f}s and {last[1]:.1f} MB at {last[0]:.0f}s (max {peak_rss:.1f} MB); "
-        f"consumer lag at most {max(s[2] for s in samples):,.0f} events over the run, "
-        f"{last[2]:,.0f} at the end.\n\n"
-        "| s | RSS MB | lag |\n|---:|---:|---:|\n"
-        + "\n".join(f"| {s[0]:.0f} | {s[1]:.1f} | {s[2]:,.0f} |" for s in samples)
+        f"for {args.minutes:g} minutes ({last.sent:,} events), sent every 50 ms. Worker RSS "
+        f"{first.rss_mb:.1f} MB at {first.elapsed_s:.0f}s and {last.rss_mb:.1f} MB at "
+        f"{last.elapsed_s:.0f}s (max {peak_rss:.1f} MB); lag (events sent, not yet processed) "
+        f"at most {max(s.lag for s in samples):,.0f} over the run, {last.lag:,.0f} at the end. "
+        "CPU is the share of one core over each interval; a broker near 100% means the run "
+        "measured Tansu (its fetches cost more with every record batch it holds).\n\n"
+        "| s | RSS MB | lag | worker CPU | broker CPU |\n|---:|---:|---:|---:|---:|\n"
+        + "\n".join(
+            f"| {s.elapsed_s:.0f} | {s.rss_mb:.1f} | {s.lag:,.0f} | {s.worker_cpu:.0%} "
+            f"| {s.broker_cpu:.0%} |"
+            for s in samples
+        )
     )
     print("\n" + body)
     write_section("Soak", body)

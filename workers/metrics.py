@@ -61,7 +61,8 @@ class Metrics:
         )
         self.lag = Gauge(
             "stream_lstm_consumer_lag",
-            "Events behind the high watermark, per input partition",
+            "Events behind the high watermark, per input partition, as of the fetch that "
+            "delivered the partition's last batch (events that arrived since are not counted)",
             ["partition"],
             registry=self.registry,
         )
