@@ -164,11 +164,14 @@ class BatchConsumer(mode.Service):
         # torch, the model and the clients are ~200k long-lived objects: a full collection
         # walking them stalled the loop for 95-200 ms, straight into the latency tail.
         gc.freeze()
+        model = self.processor.model
         logger.info(
-            "consuming %s as group %s, batches of up to %d events",
+            "consuming %s as group %s, batches of up to %d events; model %s stepping on %s",
             self.settings.input_topic,
             self.settings.app_id,
             self.settings.max_batch,
+            model.version,
+            model.device,
         )
 
     async def on_stop(self) -> None:
