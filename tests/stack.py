@@ -31,6 +31,8 @@ from workers.stack import WorkerProcess
 INPUT = 4
 """Features per event of the e2e tests' models."""
 SESSION_TIMEOUT_S = 2.0  # joins take ~1 s on Tansu at this setting (FIELD-NOTES)
+WORKER_DEVICE = os.environ.get("STREAM_LSTM_TEST_DEVICE", "cpu")
+"""Where the tests' workers step: cpu, or cuda to run the end-to-end tests on a GPU machine."""
 
 
 @dataclass
@@ -60,7 +62,7 @@ class StreamSlice:
             "STREAM_LSTM_DEAD_LETTER_TOPIC": f"{self.name}-dead",
             "STREAM_LSTM_PARTITIONS": "4",
             "STREAM_LSTM_SESSION_TIMEOUT_S": str(SESSION_TIMEOUT_S),
-            "STREAM_LSTM_DEVICE": "cpu",
+            "STREAM_LSTM_DEVICE": WORKER_DEVICE,
         }
 
     def start_worker(self, **settings: str) -> WorkerProcess:
