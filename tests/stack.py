@@ -171,13 +171,19 @@ def check_against_offline(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every entity's predictions, in order, equal nn.LSTM on its history; returns final (h, c).
 
-    A prediction seen twice (a replay) must be identical to the first.
+    A prediction seen twice (a replay) must be the first one again: every field equal, the
+    outputs to float32 rounding (a replay may run in a batch of another shape, and the BLAS
+    kernels round a row differently with the shape: 1 ulp was seen).
     """
     by_source: dict[tuple[int, int], dict[str, Any]] = {}
     for prediction in predictions:
         source = (prediction["source"]["partition"], prediction["source"]["offset"])
         first = by_source.setdefault(source, prediction)
-        assert first == prediction, f"a replayed prediction differs: {first} vs {prediction}"
+        same = {**first, "output": None} == {**prediction, "output": None}
+        assert same, f"a replayed prediction differs: {first} vs {prediction}"
+        torch.testing.assert_close(
+            torch.tensor(prediction["output"]), torch.tensor(first["output"]), atol=1e-6, rtol=0
+        )
     per_entity: dict[str, list[dict[str, Any]]] = {}
     for prediction in sorted(by_source.values(), key=lambda p: p["source"]["offset"]):
         per_entity.setdefault(prediction["entity_id"], []).append(prediction)
