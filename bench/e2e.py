@@ -50,7 +50,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results import machine, write_section
+from bench.results import cpu_seconds, machine, write_section
 from state import RedisServer
 from stream_lstm.model import StreamModel
 from workers.broker import KafkaBroker, create_topics
@@ -276,12 +276,6 @@ def start_worker(
             worker.stop()
             raise
     return worker
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def worker_metrics(worker: WorkerProcess) -> dict[str, float]:

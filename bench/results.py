@@ -23,6 +23,12 @@ def machine() -> str:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def write_section(title: str, body: str) -> None:
     """Replace the ``## title`` section of RESULTS.md (or append it) with ``body``."""
     text = RESULTS.read_text() if RESULTS.exists() else HEADING

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import Services, build_model, cpu_seconds, events, prefill, reader, start_worker
-from bench.results import machine, write_section
+from bench.e2e import Services, build_model, events, prefill, reader, start_worker
+from bench.results import cpu_seconds, machine, write_section
 from state import RedisServer
 from workers.broker import KafkaBroker, create_topics
 

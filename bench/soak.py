@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from aiokafka import AIOKafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results import machine, write_section
+from bench.results import cpu_seconds, machine, write_section
 from stream_lstm import tvshows
 from workers.stack import Stack, WorkerProcess
 
@@ -51,12 +50,6 @@ def processed(worker: WorkerProcess) -> float:
         for line in str(text).splitlines()
         if line.startswith("stream_lstm_events_total ")
     )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
