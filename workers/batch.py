@@ -312,7 +312,6 @@ class Prepared:
     checked: Checked
     memory: MemoryBatch
     applied: Applied
-    records: int
     clock: _Stages
 
 
@@ -386,7 +385,7 @@ class BatchProcessor:
         clock.done("load")
         applied = apply(self.model, checked, memory)
         clock.done("step")
-        return Prepared(checked, memory, applied, len(records), clock)
+        return Prepared(checked, memory, applied, clock)
 
     async def finish(self, prepared: Prepared) -> BatchReport:
         """Emit a prepared batch and wait for the broker, then commit its memories."""
@@ -407,9 +406,10 @@ class BatchProcessor:
                 len(stale),
                 stale[:3],
             )
+        checked = prepared.checked
         return BatchReport(
-            prepared.records,
-            len(prepared.checked.dead),
+            len(checked.records) + len(checked.dead),  # every record is one or the other
+            len(checked.dead),
             applied.replayed,
             len(stale),
             clock.seconds,

@@ -206,6 +206,8 @@ class BatchConsumer(mode.Service):
         """
         async with self.in_hand:
             records: list[Consumed] = [m for messages in fetched.values() for m in messages]
+            # Once the previous batch is done, Redis holds its memories: always so after a
+            # rebalance (the revoke waits for it), when another owner may have moved them on.
             previous = self._finishing
             in_flight = None if previous is None or previous.done() else self._in_flight
             try:
@@ -234,11 +236,6 @@ class BatchConsumer(mode.Service):
                 lag = max(0, highwater - messages[-1].offset - 1)
                 self.metrics.lag.labels(str(tp.partition)).set(lag)
 
-    def forget_in_flight(self) -> None:
-        """After a rebalance the next batch loads from Redis alone: memories this worker made
-        before may be behind what another owner committed since."""
-        self._in_flight = None
-
     async def finished(self) -> None:
         """Wait until the last batch has emitted and committed its memories and offsets.
 
@@ -266,7 +263,6 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
         if revoked:
             async with self.service.in_hand:
                 await self.service.finished()
-                self.service.forget_in_flight()
                 logger.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
