@@ -23,7 +23,8 @@ COPY workers/ workers/
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 10001 stream
 
-# Faust writes its <app id>-data directory in the working directory: the user's home.
+# A writable working directory, the user's home. Faust's data directory is a temporary one
+# under /tmp unless STREAM_LSTM_DATA_DIR names another (the worker keeps nothing there).
 USER stream
 WORKDIR /home/stream
 

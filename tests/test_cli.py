@@ -1,7 +1,9 @@
-"""The stream-lstm command: complete help, and clear refusals of bad settings and model files."""
+"""The stream-lstm command: complete help, clear refusals of bad settings and model files, and
+a worker that leaves nothing in the working directory."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -9,9 +11,13 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from stream_lstm.cli import main
+from stream_lstm.model import StreamModel
+from workers.app import StreamWorker
+from workers.settings import Settings
 
 COMMANDS = [
     [],
@@ -97,3 +103,24 @@ def test_a_corrupt_model_file_fails_at_start(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "STREAM_LSTM_MODEL / --model: model file" in result.output
     assert "corrupt or truncated" in result.output
+
+
+def test_the_worker_keeps_faust_data_out_of_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STREAM_LSTM_DATA_DIR", raising=False)
+    model = StreamModel.from_torch(torch.nn.LSTM(2, 3))
+
+    worker = StreamWorker(Settings.load(app_id="datadir-test"), model)
+    asyncio.run(worker.app.on_first_start())  # where Faust creates datadir, appdir, tabledir
+    datadir = worker.app.conf.datadir
+    assert datadir == worker.data_dir
+    assert datadir.is_absolute()
+    assert not datadir.is_relative_to(tmp_path)
+    assert (datadir / "v1" / "tables").is_dir()
+    assert list(tmp_path.iterdir()) == []
+
+    configured = tmp_path / "faust {data}"  # braces: Faust formats the path; ours are literal
+    worker = StreamWorker(Settings.load(data_dir=configured), model)
+    assert worker.app.conf.datadir == configured

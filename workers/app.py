@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import faust
@@ -72,10 +74,23 @@ class StreamWorker:
         self.model = model
         self.started = time.monotonic()
         self.metrics = Metrics()
+        # Faust's datadir. Its default, <app id>-data in the working directory, left an empty
+        # directory behind wherever a worker ran; the worker keeps no tables there. Unset, it is
+        # a temporary directory of this worker's own, removed when the process exits.
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if settings.data_dir is not None:
+            self.data_dir = settings.data_dir
+        else:
+            self._scratch = tempfile.TemporaryDirectory(
+                prefix=f"{settings.app_id}-data-", ignore_cleanup_errors=True
+            )
+            self.data_dir = Path(self._scratch.name)
         self.app = _App(
             settings.app_id,
             broker=settings.broker,
             store="memory://",
+            # Faust expands {...} in the path as a format string: escape the braces of ours.
+            datadir=str(self.data_dir).replace("{", "{{").replace("}", "}}"),
             web_enabled=True,
             web_port=settings.web_port,
             web_bind="0.0.0.0",

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     memory_dtype: Literal["float32", "float16"] = Field(
         "float32", description="storage of memories in Redis: float16 halves them, rounded"
     )
+    data_dir: Path | None = Field(
+        None,
+        description=(
+            "where Faust keeps its local data (the worker keeps no tables there: nothing in it "
+            "must survive a restart); unset: a temporary directory per process, removed on exit"
+        ),
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @property

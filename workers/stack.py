@@ -58,6 +58,8 @@ class WorkerProcess:
 
     def start(self) -> Self:
         env = {**os.environ, **self.env, "STREAM_LSTM_WEB_PORT": str(self.web_port)}
+        # Faust's data directory beside the log: the default temporary one outlives a SIGKILL.
+        env.setdefault("STREAM_LSTM_DATA_DIR", str(self.log_path.with_suffix(".faust-data")))
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "stream_lstm", "worker"],
