@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from torch import nn
 
-from state.codec import MemoryBatch, decode_many
+from state.codec import MemoryBatch, MemoryUpdates, decode_many
 from stream_lstm.model import StreamModel
 from stream_lstm.schema import Event, Prediction
 from workers.batch import (
@@ -174,6 +174,34 @@ def test_a_batch_overlaid_with_the_one_in_flight_equals_one_after_its_commit(
     for field in ("ltm", "stm", "step", "fence_offset"):
         np.testing.assert_array_equal(
             getattr(overlaid.updates, field), getattr(after.updates, field)
+        )
+
+
+def test_a_batch_starts_from_every_batch_in_flight_newest_last(model: StreamModel) -> None:
+    batches = [
+        [record(event("a", [1, 0]), offset=1), record(event("b"), b"b", offset=2)],
+        [record(event("a", [0, 1]), offset=3), record(event("c"), b"c", offset=4)],
+        [
+            record(event("a", [1, 1]), offset=5),
+            record(event("b", [0, 1]), b"b", offset=6),
+            record(event("c", [1, 0]), b"c", offset=7),
+        ],
+    ]
+    in_flight: list[MemoryUpdates] = []  # none of them committed yet: Redis holds nothing
+    for records in batches:
+        checked = check(records, 2, 99)
+        memory = empty_memory(checked, model)
+        for updates in in_flight:
+            overlay(memory, updates)
+        applied = apply(model, checked, memory)
+        in_flight.append(applied.updates)
+
+    whole = check([r for records in batches for r in records], 2, 99)  # one batch, in order
+    expected = apply(model, whole, empty_memory(whole, model)).predictions[-3:]
+    assert [orjson.loads(v)["step"] for _, v in applied.predictions] == [3, 2, 2]
+    for (_, got), (_, want) in zip(applied.predictions, expected, strict=True):
+        np.testing.assert_allclose(
+            orjson.loads(got)["output"], orjson.loads(want)["output"], rtol=0, atol=1e-6
         )
 
 

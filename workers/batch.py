@@ -355,10 +355,10 @@ class BatchProcessor:
         return await self.finish(await self.prepare(records))
 
     async def prepare(
-        self, records: Sequence[Consumed], in_flight: MemoryUpdates | None = None
+        self, records: Sequence[Consumed], in_flight: Sequence[MemoryUpdates] = ()
     ) -> Prepared:
-        """Check, load and step a batch. ``in_flight``: the updates of a batch still finishing,
-        which this one starts from whether or not they have reached Redis yet."""
+        """Check, load and step a batch. ``in_flight``: the updates of batches still finishing,
+        oldest first, which this one starts from whether or not they have reached Redis yet."""
         clock = _Stages()
         checked = check(records, self.model.input_size, self.max_event_bytes)
         for dead in checked.dead:
@@ -380,8 +380,8 @@ class BatchProcessor:
                 partitions={record.partition for record in checked.records},
             ),
         )
-        if in_flight is not None:
-            overlay(memory, in_flight)
+        for updates in in_flight:
+            overlay(memory, updates)
         clock.done("load")
         applied = apply(self.model, checked, memory)
         clock.done("step")
@@ -389,10 +389,20 @@ class BatchProcessor:
 
     async def finish(self, prepared: Prepared) -> BatchReport:
         """Emit a prepared batch and wait for the broker, then commit its memories."""
+        await self.emit(prepared)
+        return await self.commit(prepared)
+
+    async def emit(self, prepared: Prepared) -> None:
+        """Send a prepared batch's predictions and dead letters; return once all are stored."""
+        clock = prepared.clock
+        clock.restart()
+        await self._retry("emit", lambda: self._emit(prepared.applied, prepared.checked.dead))
+        clock.done("emit")
+
+    async def commit(self, prepared: Prepared) -> BatchReport:
+        """Commit an emitted batch's memories with their fences: the batch is done."""
         clock, applied = prepared.clock, prepared.applied
         clock.restart()
-        await self._retry("emit", lambda: self._emit(applied, prepared.checked.dead))
-        clock.done("emit")
         committed = await self._retry(
             "commit memories",
             lambda: self.store.commit_many(applied.updates, loaded=prepared.memory),

@@ -5,10 +5,11 @@ than the whole budget of a fast worker. So the worker's Faust app hosts this ser
 an agent: an aiokafka consumer in the worker's consumer group hands ``getmany`` batches straight
 to the ``BatchProcessor``, and the batch's offsets are committed right after its memories are.
 
-- Pipelining: a batch is checked, loaded and stepped while the previous one emits and commits
-  (``_run``); it starts from the previous batch's memories even before they reach Redis.
+- Pipelining: a batch is checked, loaded and stepped while up to two earlier ones emit and
+  commit, each step in batch order (``_run``); it starts from their memories even before they
+  reach Redis.
 - Rebalance: a partition is handed over only between batches (the revoke callback waits for
-  the batch in hand and the one finishing), and its offsets are committed by then.
+  the batch in hand and the ones finishing), and its offsets are committed by then.
 - Shutdown: the batch in hand finishes (within a grace period), is committed, and the consumer
   leaves the group so its partitions move at once.
 - An error the processor could not retry stops the process without committing the batch: it is
@@ -36,13 +37,14 @@ from aiokafka import (
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-from state import MemoryUpdates
 from workers.batch import BatchProcessor, Consumed, Prepared
 from workers.metrics import Metrics
 from workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+MAX_FINISHING = 2
+"""Batches emitting and committing at once while the next one is prepared."""
 SHUTDOWN_GRACE_S = 6.0
 """How long SIGTERM waits for the batch in hand; the whole stop must stay under 10 s."""
 EXIT_SOFTWARE = 70
@@ -136,8 +138,7 @@ class BatchConsumer(mode.Service):
         self.in_hand = asyncio.Lock()
         self.joined = False  # has the group given this worker its partitions (maybe none) yet?
         self._consumer: AIOKafkaConsumer | None = None
-        self._finishing: asyncio.Future[None] | None = None  # the last batch: emit, commits
-        self._in_flight: MemoryUpdates | None = None  # its memories, until they are committed
+        self._finishing: list[_Finishing] = []  # batches emitting and committing, oldest first
         super().__init__(**kwargs)
 
     @property
@@ -196,36 +197,52 @@ class BatchConsumer(mode.Service):
                     raise
 
     async def _run(self, fetched: dict[TopicPartition, list[Any]]) -> None:
-        """Prepare the batch while the last one finishes, then let it finish in turn.
+        """Prepare the batch while earlier ones finish, then let it finish in turn.
 
-        Checking, loading and stepping a batch (CPU) overlaps the previous batch's waits on
-        the broker and Redis. The order of what others see is kept: a batch emits only after
-        the previous one committed its memories and offsets. It starts from the previous
-        batch's memories even before they reach Redis (``overlay``). Holds the lock a
-        rebalance waits for.
+        Checking, loading and stepping a batch (CPU) overlaps the waits of up to
+        ``MAX_FINISHING`` earlier batches on the broker and Redis. What others see keeps its
+        order: each step of finishing (emit, commit memories, commit offsets) waits for the
+        same step of the batch before. A batch starts from the memories of the batches still
+        finishing even before they reach Redis (``overlay``). Holds the lock a rebalance
+        waits for.
         """
         async with self.in_hand:
             records: list[Consumed] = [m for messages in fetched.values() for m in messages]
-            # Once the previous batch is done, Redis holds its memories: always so after a
-            # rebalance (the revoke waits for it), when another owner may have moved them on.
-            previous = self._finishing
-            in_flight = None if previous is None or previous.done() else self._in_flight
+            # Once a batch's memories are committed, Redis holds them: always so after a
+            # rebalance (the revoke waits for every batch), when another owner may have moved
+            # them on.
+            self._finishing = [f for f in self._finishing if not f.task.done()]
+            in_flight = [
+                f.prepared.applied.updates for f in self._finishing if not f.committed.is_set()
+            ]
             try:
                 prepared = await self.processor.prepare(records, in_flight)
             except Exception as error:
                 fail_stop(records, error)
-            await self.finished()
-            self._in_flight = prepared.applied.updates
-            self._finishing = asyncio.ensure_future(self._finish(fetched, records, prepared))
+            await self._drain(keep=MAX_FINISHING - 1)
+            finishing = _Finishing(prepared, self._finishing[-1] if self._finishing else None)
+            finishing.task = asyncio.ensure_future(self._finish(fetched, records, finishing))
+            self._finishing.append(finishing)
 
     async def _finish(
-        self, fetched: dict[TopicPartition, list[Any]], records: list[Consumed], prepared: Prepared
+        self, fetched: dict[TopicPartition, list[Any]], records: list[Consumed], this: _Finishing
     ) -> None:
-        """Emit, commit the memories, then the offsets: the batch is done."""
+        """Emit, commit the memories, then the offsets, each after the batch before did."""
+        before = this.before
         try:
-            report = await self.processor.finish(prepared)
+            if before is not None:
+                await before.emitted.wait()
+            await self.processor.emit(this.prepared)
+            this.emitted.set()
+            if before is not None:
+                await before.committed.wait()
+            report = await self.processor.commit(this.prepared)
+            this.committed.set()
         except Exception as error:
             fail_stop(records, error)
+        if before is not None:
+            await before.task  # its offsets are committed
+            this.before = None  # nothing keeps the batches before alive
         started = time.perf_counter()
         await self._commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
         report.seconds["offsets"] = time.perf_counter() - started
@@ -237,12 +254,17 @@ class BatchConsumer(mode.Service):
                 self.metrics.lag.labels(str(tp.partition)).set(lag)
 
     async def finished(self) -> None:
-        """Wait until the last batch has emitted and committed its memories and offsets.
+        """Wait until every batch has emitted and committed its memories and offsets.
 
-        A rebalance and a shutdown wait for it, so partitions move with everything committed.
+        A rebalance and a shutdown wait for them, so partitions move with everything committed.
         """
-        if self._finishing is not None:
-            await self._finishing
+        await self._drain(keep=0)
+
+    async def _drain(self, keep: int) -> None:
+        """Wait for the oldest batches to finish until at most ``keep`` are finishing."""
+        while len(self._finishing) > keep:
+            await self._finishing[0].task
+            self._finishing.pop(0)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -251,6 +273,17 @@ class BatchConsumer(mode.Service):
             # The memories are committed with their fences, so whoever replays these events
             # drops them as already applied: a lost offset commit costs a replay, not a loss.
             logger.warning("offset commit failed, the batch will be replayed (fenced): %r", e)
+
+
+class _Finishing:
+    """A prepared batch on its way out, and how far it got."""
+
+    def __init__(self, prepared: Prepared, before: _Finishing | None) -> None:
+        self.prepared = prepared
+        self.before = before  # the batch prepared just before this one, while it finishes
+        self.emitted = asyncio.Event()
+        self.committed = asyncio.Event()  # its memories are in Redis
+        self.task: asyncio.Future[None]
 
 
 class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
