@@ -1,7 +1,7 @@
 """End to end: one worker process against the naive per-event loop, on one machine.
 
-    python bench/e2e.py [--events 200000] [--entities 20000] [--rate R] [--naive-events 5000]
-                        [--max-batch 1024] [--quick]
+    python bench/e2e.py [--events 200000] [--entities 20000] [--runs 3] [--rate R]
+                        [--naive-events 5000] [--max-batch 1024] [--quick]
 
 Starts an embedded broker (Tansu) and Redis-protocol server, builds the target model (input 32,
 hidden 128, 1 layer, a linear head with softmax over 8 labels) and runs three phases on them:
@@ -9,17 +9,20 @@ hidden 128, 1 layer, a linear head with softmax over 8 labels) and runs three ph
 1. naive: the loop a first version would write, on raw aiokafka in a consumer group: per event
    ``getone``, GET its memory, one ``nn.LSTMCell`` step at batch 1, SET the memory, produce the
    prediction with ``send_and_wait``. The worker is not running yet, so it has the machine.
-2. throughput: the input topic is pre-filled with ``--events`` events, then the worker process
-   starts; events/s from the first to the last prediction, by the predictions' record
-   timestamps (set when the worker produced them). Bounded in time: a worker that has not
-   finished within ``--max-seconds`` of its first prediction is reported at the rate it made.
+2. throughput, ``--runs`` times (each on fresh topics, with a fresh worker; the median run
+   counts, as one run alone moves with whatever shares the cores): the input topic is
+   pre-filled with ``--events`` events, then the worker process starts; events/s from the
+   first to the last prediction, by the predictions' record timestamps (set when the worker
+   produced them). Bounded in time: a worker that has not finished within ``--max-seconds``
+   of its first prediction is reported at the rate it made.
 3. latency: a fresh worker on a fresh topic; events offered at ``--rate`` (default half the
-   rate of phase 2) for ``--latency-seconds``; latency = prediction received - event sent,
-   matched by event id, both clocks in this process. The same paced stream read straight
+   median rate of phase 2) for ``--latency-seconds``; latency = prediction received - event
+   sent, matched by event id, both clocks in this process. The same paced stream read straight
    back from a topic, with no worker and for as long, first gives the transport's own share
    (its floor). As long: Tansu's fetches cost more with every record batch a partition holds,
    so a paced stream's latency grows over the run (at 16k/s, p99 92 ms over 4 s, 507 ms over
-   12 s, through the worker, same run conditions).
+   12 s, through the worker, same run conditions). Run with the publisher sending every 5 ms
+   (judged), then every 20 ms (fewer, larger batches: the broker's share).
 
 The bench client (publisher, prediction reader) runs on the same cores as the worker, broker
 and Redis, as a real producer and consumer would. Results: bench/RESULTS.md.
@@ -66,10 +69,11 @@ FIRST_PREDICTION_S = 60.0
 LATENCY_GRACE_S = 15.0
 """How long the latency phase waits for the last predictions after the last event."""
 WARMUP_EVENTS = 200
-PUBLISH_EVERY_S = 0.005
-"""The paced publisher sends what is due every 5 ms, like a producer lingering 5 ms. Tansu's
-tail latency grows with the number of tiny produce batches: at 1 ms it doubled p99 measured
-with no worker at all."""
+PUBLISH_EVERY_S = (0.005, 0.020)
+"""The paced publisher sends what is due every 5 ms, like a producer lingering 5 ms (the Java
+client's default since Kafka 4.0): that run is judged. Then every 20 ms, to show the broker's
+share: each Tansu fetch lists every record batch stored in its partitions, so fewer, larger
+produce batches make every fetch cheaper (at 1 ms, p99 doubled with no worker at all)."""
 
 Message = tuple[bytes, bytes]  # (key, value)
 
@@ -95,6 +99,7 @@ class Throughput:
     complete: bool  # False when the phase hit its time bound
     cpu_s: dict[str, float]  # CPU seconds per process over the phase
     metrics: dict[str, float]  # the worker's /metrics at the end
+    steal: float  # share of the host's CPU time the hypervisor took during the phase
 
     @property
     def rate(self) -> float:
@@ -305,15 +310,17 @@ def reader(bootstrap: str, topic: str, fetch_wait_ms: int) -> AIOKafkaConsumer:
     )
 
 
-async def throughput(services: Services, count: int, entities: int, max_s: float) -> Throughput:
-    """Pre-fill, start the worker, and time its predictions from the first to the last."""
+async def throughput(
+    services: Services, name: str, count: int, entities: int, max_s: float
+) -> Throughput:
+    """Pre-fill ``<name>-events``, start a worker, and time its predictions first to last."""
     bootstrap = services.broker.bootstrap
-    print(f"throughput: pre-filling {count:,} events over {entities:,} entities", flush=True)
-    await prefill(bootstrap, "throughput-events", events("t", count, entities, seed=2))
-    consumer = reader(bootstrap, "throughput-predictions", fetch_wait_ms=100)
+    print(f"{name}: pre-filling {count:,} events over {entities:,} entities", flush=True)
+    await prefill(bootstrap, f"{name}-events", events("t", count, entities, seed=2))
+    consumer = reader(bootstrap, f"{name}-predictions", fetch_wait_ms=100)
     await consumer.start()
     try:
-        worker = start_worker(services, "throughput")
+        worker = start_worker(services, name)
         try:
             assert worker.process is not None, "start_worker started it"
             assert services.redis.pid is not None, "main started it"
@@ -323,7 +330,8 @@ async def throughput(services: Services, count: int, entities: int, max_s: float
                 "redis": services.redis.pid,
                 "bench client": os.getpid(),
             }
-            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cpu_before = {process: cpu_seconds(pid) for process, pid in pids.items()}
+            host_before = cpu_times()
             received, first_ts, last_ts = 0, None, 0
             deadline = time.monotonic() + FIRST_PREDICTION_S
             progress_at = time.monotonic() + 5
@@ -341,7 +349,8 @@ async def throughput(services: Services, count: int, entities: int, max_s: float
                 if time.monotonic() > progress_at:
                     print(f"  {received:,} of {count:,} predictions", flush=True)
                     progress_at += 5
-            cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+            cpu = {process: cpu_seconds(pid) - cpu_before[process] for process, pid in pids.items()}
+            steal, total = (now - then for now, then in zip(cpu_times(), host_before, strict=True))
             metrics = worker_metrics(worker)
         finally:
             worker.stop()
@@ -350,31 +359,43 @@ async def throughput(services: Services, count: int, entities: int, max_s: float
     if first_ts is None:
         raise RuntimeError(f"no prediction within {FIRST_PREDICTION_S:.0f}s:\n{worker.log_tail()}")
     seconds = (last_ts - first_ts) / 1000
-    return Throughput(received, count, seconds, received >= count, cpu, metrics)
+    return Throughput(
+        received, count, seconds, received >= count, cpu, metrics, steal / max(1, total)
+    )
+
+
+@dataclass(frozen=True)
+class Paced:
+    """The latency phase at one publishing interval."""
+
+    every_s: float
+    through: Latency  # through a fresh worker
+    floor: Latency  # the transport alone
+    metrics: dict[str, float]  # the worker's /metrics at the end
 
 
 async def latency(
-    services: Services, rate: float, seconds: float, entities: int
-) -> tuple[Latency, Latency, dict[str, float]]:
-    """(through a fresh worker, the transport alone, the worker's /metrics) at ``rate``/s."""
+    services: Services, name: str, rate: float, seconds: float, entities: int, every_s: float
+) -> Paced:
+    """The transport alone, then through a fresh worker reading ``<name>-events``."""
     producer = AIOKafkaProducer(bootstrap_servers=services.broker.bootstrap, linger_ms=1)
     await producer.start()
     try:
-        print(f"latency: the transport alone (no worker) at {rate:,.0f}/s", flush=True)
-        floor = await offer(
-            services, producer, ("floor-events", "floor-events"), rate, seconds, entities
-        )
-        worker = start_worker(services, "latency")
+        every = f"every {every_s * 1000:.0f} ms"
+        print(f"{name}: the transport alone (no worker) at {rate:,.0f}/s, {every}", flush=True)
+        floor_topics = (f"{name}-floor", f"{name}-floor")
+        floor = await offer(services, producer, floor_topics, rate, seconds, entities, every_s)
+        worker = start_worker(services, name)
         try:
-            print(f"latency: through the worker at {rate:,.0f}/s for {seconds:.0f}s", flush=True)
-            topics = ("latency-events", "latency-predictions")
-            through = await offer(services, producer, topics, rate, seconds, entities)
+            print(f"{name}: through the worker at {rate:,.0f}/s for {seconds:.0f}s", flush=True)
+            topics = (f"{name}-events", f"{name}-predictions")
+            through = await offer(services, producer, topics, rate, seconds, entities, every_s)
             metrics = worker_metrics(worker)
         finally:
             worker.stop()
     finally:
         await producer.stop()
-    return through, floor, metrics
+    return Paced(every_s, through, floor, metrics)
 
 
 async def offer(
@@ -384,8 +405,10 @@ async def offer(
     rate: float,
     seconds: float,
     entities: int,
+    every_s: float,
 ) -> Latency:
-    """Publish to ``topics[0]`` at ``rate``; time each event until ``topics[1]`` has its id.
+    """Publish to ``topics[0]`` at ``rate``, what is due every ``every_s``; time each event
+    until ``topics[1]`` has its id.
 
     A warm-up burst goes first and must come back, so joining a group and the first fetches
     are not counted.
@@ -409,7 +432,7 @@ async def offer(
             sent_at[sent:due] = now
             pending += await publisher.send(paced[sent:due])
             sent = due
-            await asyncio.sleep(PUBLISH_EVERY_S)
+            await asyncio.sleep(every_s)
         await asyncio.gather(*pending)
         try:
             await asyncio.wait_for(collecting, LATENCY_GRACE_S)
@@ -468,15 +491,16 @@ def report(
     args: argparse.Namespace,
     naive_events: int,
     naive_s: float,
+    runs: list[Throughput],
     peak: Throughput,
-    lat: Latency,
-    floor: Latency,
-    lat_metrics: dict[str, float],
+    paced: list[Paced],
     half_peak: bool,
 ) -> str:
     """The RESULTS.md section, every figure from this run, each target judged plainly."""
     naive_rate = naive_events / naive_s
     ratio = peak.rate / naive_rate
+    judged, *others = paced
+    lat = judged.through
     p50, p95, p99 = (lat.percentile(p) for p in (50, 95, 99))
     partial = (
         ""
@@ -499,7 +523,12 @@ def report(
         f"One worker process (max_batch {args.max_batch}, other settings default, 1 torch "
         f"thread), input topics of {PARTITIONS} partitions. Throughput: {peak.offered:,} events "
         f"over {args.entities:,} entities pre-filled, then the worker started; events/s from the "
-        "first to the last prediction by record timestamps." + partial,
+        f"first to the last prediction by record timestamps; {len(runs)} runs, each on fresh "
+        "topics with a fresh worker, and the median run counts (the cores are shared: one run "
+        "alone moves with the neighbours). Runs: "
+        + ", ".join(f"{r.rate:,.0f}/s (steal {r.steal:.0%})" for r in runs)
+        + "."
+        + partial,
         f"Naive loop (same broker, Redis and model, worker stopped): per event `getone`, GET, "
         f"`nn.LSTMCell` at batch 1, SET, `send_and_wait`; {naive_events:,} events, offsets "
         "auto-committed in the background, no fences (both flatter it).",
@@ -507,16 +536,14 @@ def report(
         f"{args.latency_seconds:.0f} s ({lat.sent:,} events, {len(lat.latencies_ms):,} predicted; "
         "one never predicted counts as infinitely late), time from handing the event to the "
         "producer to reading its prediction; events go out every "
-        f"{PUBLISH_EVERY_S * 1000:.0f} ms, the reader fetches with a 10 ms wait. The transport "
-        f"alone, at the same rate for as long with no worker (producer, broker, reader: "
-        f"one hop where the worker path has two): p50 {floor.percentile(50):.1f} ms, p99 "
-        f"{floor.percentile(99):.1f} ms. Host CPU steal (the hypervisor taking the cores, which "
-        f"stalls every process at once): {floor.steal:.1%} during the transport's phase, "
-        f"{lat.steal:.1%} during the worker's.",
+        f"{judged.every_s * 1000:.0f} ms, the reader fetches with a 10 ms wait. "
+        + " ".join(pacing(p) for p in paced)
+        + " Host CPU steal is the hypervisor taking the cores, which stalls every process at "
+        "once.",
         "",
         "| figure | measured | target | |",
         "|---|---:|---:|---|",
-        f"| worker events/s | {peak.rate:,.0f} | >= {TARGET_RATE:,} "
+        f"| worker events/s (median run) | {peak.rate:,.0f} | >= {TARGET_RATE:,} "
         f"| {verdict(peak.rate >= TARGET_RATE)} |",
         f"| naive loop events/s | {naive_rate:,.0f} | | |",
         f"| worker / naive | {ratio:.1f}x | >= {TARGET_RATIO}x "
@@ -525,22 +552,42 @@ def report(
         f"| latency p95 | {p95:.1f} ms | | |",
         f"| latency p99 | {p99:.1f} ms | <= {TARGET_P99_MS} ms at half of peak "
         f"| {verdict(p99 <= TARGET_P99_MS) if half_peak else 'not judged: rate set by --rate'} |",
+        *(
+            f"| latency p50 / p99, publisher every {p.every_s * 1000:.0f} ms "
+            f"| {p.through.percentile(50):.1f} / {p.through.percentile(99):.1f} ms | reported | |"
+            for p in others
+        ),
         "",
-        f"Where the time went in the throughput phase: CPU {cpu}. Worker /metrics: "
-        f"{batching(peak.metrics)}. In the latency phase: {batching(lat_metrics)}.",
+        f"Where the time went in the median throughput run: CPU {cpu}. Worker /metrics: "
+        f"{batching(peak.metrics)}. In the judged latency phase: {batching(judged.metrics)}.",
     ]
     return "\n".join(lines)
 
 
+def pacing(paced: Paced) -> str:
+    """One publishing interval's latencies, with the transport alone beside them."""
+    through, floor = paced.through, paced.floor
+    return (
+        f"Publisher every {paced.every_s * 1000:.0f} ms: through the worker p50 "
+        f"{through.percentile(50):.1f} ms, p99 {through.percentile(99):.1f} ms (steal "
+        f"{through.steal:.0%}); the transport alone at the same rate for as long (producer, "
+        f"broker, reader: one hop where the worker path has two) p50 "
+        f"{floor.percentile(50):.1f} ms, p99 {floor.percentile(99):.1f} ms (steal "
+        f"{floor.steal:.0%})."
+    )
+
+
 async def run(args: argparse.Namespace, services: Services, lstm: nn.LSTM, head: nn.Linear) -> str:
+    throughputs = [f"throughput{n}" for n in range(1, args.runs + 1)]
+    latencies = [f"latency{every_s * 1000:.0f}ms" for every_s in PUBLISH_EVERY_S]
     names = (
         ["naive-events", "naive-predictions"]
         + [
             f"{phase}-{topic}"
-            for phase in ("throughput", "latency")
+            for phase in throughputs + latencies
             for topic in ("events", "predictions", "dead-letters")
         ]
-        + ["floor-events"]
+        + [f"{phase}-floor" for phase in latencies]
     )
     await create_topics(services.broker.bootstrap, names, PARTITIONS)
 
@@ -550,15 +597,23 @@ async def run(args: argparse.Namespace, services: Services, lstm: nn.LSTM, head:
     )
     print(f"  {naive_events / naive_s:,.0f} events/s", flush=True)
 
-    peak = await throughput(services, args.events, args.entities, args.max_seconds)
-    print(f"  {peak.rate:,.0f} events/s ({peak.events:,} in {peak.seconds:.1f}s)", flush=True)
+    runs = []
+    for phase in throughputs:
+        run = await throughput(services, phase, args.events, args.entities, args.max_seconds)
+        print(
+            f"  {run.rate:,.0f} events/s ({run.events:,} in {run.seconds:.1f}s, steal "
+            f"{run.steal:.0%})",
+            flush=True,
+        )
+        runs.append(run)
+    peak = sorted(runs, key=lambda r: r.rate)[(len(runs) - 1) // 2]  # the median (the lower)
 
-    lat, floor, lat_metrics = await latency(
-        services, args.rate or peak.rate / 2, args.latency_seconds, args.entities
-    )
-    body = report(
-        args, naive_events, naive_s, peak, lat, floor, lat_metrics, half_peak=args.rate is None
-    )
+    rate = args.rate or peak.rate / 2
+    paced = [
+        await latency(services, name, rate, args.latency_seconds, args.entities, every_s)
+        for name, every_s in zip(latencies, PUBLISH_EVERY_S, strict=True)
+    ]
+    body = report(args, naive_events, naive_s, runs, peak, paced, half_peak=args.rate is None)
     print("\n" + body)
     return body
 
@@ -572,6 +627,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, help="offered events/s; default half the peak")
     parser.add_argument("--naive-events", type=int, default=5_000)
     parser.add_argument("--naive-seconds", type=float, default=30.0, help="naive loop time bound")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="throughput runs, each on fresh topics; the median counts",
+    )
     parser.add_argument("--max-batch", type=int, default=1024, help="the worker's max_batch")
     parser.add_argument(
         "--max-seconds", type=float, default=120.0, help="throughput bound after the first output"
@@ -583,7 +644,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:  # smaller defaults; flags given still win
         parser.set_defaults(
-            events=5_000, entities=1_000, naive_events=300, latency_seconds=3.0, max_seconds=30.0
+            events=5_000,
+            entities=1_000,
+            naive_events=300,
+            latency_seconds=3.0,
+            max_seconds=30.0,
+            runs=1,
         )
         args = parser.parse_args()
     args.load = os.getloadavg()[0]  # the run's context, reported with its figures
