@@ -67,7 +67,6 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.utils import HIREDIS_AVAILABLE
 
 from state import codec
 from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
@@ -678,8 +677,7 @@ def _connect(redis_url: str, retry_s: float) -> Redis | RedisCluster:
         socket_timeout=min(retry_s, _REPLY_TIMEOUT_S),
     )
     pool = client.connection_pool
-    if HIREDIS_AVAILABLE:
-        pool.connection_class = _packed_by_hiredis(pool.connection_class)
+    pool.connection_class = _packed_by_hiredis(pool.connection_class)
     return client
 
 
