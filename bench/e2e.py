@@ -46,8 +46,6 @@ import numpy as np
 import orjson
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.producer.message_accumulator import BatchBuilder
 from redis.asyncio import Redis
 from torch import nn
 
@@ -57,12 +55,11 @@ from bench.results import cpu_seconds, machine, write_section
 from state import RedisServer
 from stream_lstm.model import StreamModel
 from workers.broker import KafkaBroker, create_topics
+from workers.consumer import KafkaEmitter
 from workers.stack import WorkerProcess
 
 INPUT, HIDDEN, LABELS = 32, 128, [f"label-{k}" for k in range(8)]
 PARTITIONS = 8
-BATCH_BYTES = 1 << 20
-"""Producer buffer per partition for the pre-fill: thousands of events per request."""
 TARGET_RATE, TARGET_RATIO, TARGET_P99_MS = 40_000, 30, 50
 FIRST_PREDICTION_S = 60.0
 """How long a fresh worker may take to join its group and emit its first prediction."""
@@ -151,48 +148,13 @@ def events(prefix: str, count: int, entities: int, seed: int) -> list[Message]:
     return messages
 
 
-class Publisher:
-    """Sends events as one ``create_batch`` per partition, partitioned like ``send()`` would."""
-
-    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
-        self.producer, self.topic = producer, topic
-        self.partitioner = DefaultPartitioner()
-        self.partition_of: dict[bytes, int] = {}
-
-    async def send(self, messages: Sequence[Message]) -> list[asyncio.Future[object]]:
-        """Queue the messages; the futures resolve once the broker acknowledged them."""
-        all_partitions = list(range(PARTITIONS))
-        builders: dict[int, BatchBuilder] = {}
-        pending = []
-        for key, value in messages:
-            partition = self.partition_of.get(key)
-            if partition is None:
-                partition = self.partitioner(key, all_partitions, all_partitions)
-                self.partition_of[key] = partition
-            builder = builders.get(partition) or self.producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None) is None:  # full: send it
-                pending.append(await self._send(builder, partition))
-                builder = self.producer.create_batch()
-                builder.append(key=key, value=value, timestamp=None)
-            builders[partition] = builder
-        for partition, builder in builders.items():
-            pending.append(await self._send(builder, partition))
-        return pending
-
-    async def _send(self, builder: BatchBuilder, partition: int) -> asyncio.Future[object]:
-        future: asyncio.Future[object] = await self.producer.send_batch(
-            builder, self.topic, partition=partition
-        )
-        return future
-
-
 async def prefill(bootstrap: str, topic: str, messages: Sequence[Message]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=BATCH_BYTES)
-    await producer.start()
+    emitter = KafkaEmitter(bootstrap)  # the worker's: whole batches, partitioned by key
+    await emitter.start()
     try:
-        await asyncio.gather(*await Publisher(producer, topic).send(messages))
+        await emitter.emit(topic, messages)
     finally:
-        await producer.stop()
+        await emitter.stop()
 
 
 # --- phase 1: the naive loop ---------------------------------------------------------------
@@ -378,29 +340,29 @@ async def latency(
     services: Services, name: str, rate: float, seconds: float, entities: int, every_s: float
 ) -> Paced:
     """The transport alone, then through a fresh worker reading ``<name>-events``."""
-    producer = AIOKafkaProducer(bootstrap_servers=services.broker.bootstrap, linger_ms=1)
-    await producer.start()
+    emitter = KafkaEmitter(services.broker.bootstrap)
+    await emitter.start()
     try:
         every = f"every {every_s * 1000:.0f} ms"
         print(f"{name}: the transport alone (no worker) at {rate:,.0f}/s, {every}", flush=True)
         floor_topics = (f"{name}-floor", f"{name}-floor")
-        floor = await offer(services, producer, floor_topics, rate, seconds, entities, every_s)
+        floor = await offer(services, emitter, floor_topics, rate, seconds, entities, every_s)
         worker = start_worker(services, name)
         try:
             print(f"{name}: through the worker at {rate:,.0f}/s for {seconds:.0f}s", flush=True)
             topics = (f"{name}-events", f"{name}-predictions")
-            through = await offer(services, producer, topics, rate, seconds, entities, every_s)
+            through = await offer(services, emitter, topics, rate, seconds, entities, every_s)
             metrics = worker_metrics(worker)
         finally:
             worker.stop()
     finally:
-        await producer.stop()
+        await emitter.stop()
     return Paced(every_s, through, floor, metrics)
 
 
 async def offer(
     services: Services,
-    producer: AIOKafkaProducer,
+    emitter: KafkaEmitter,
     topics: tuple[str, str],
     rate: float,
     seconds: float,
@@ -416,12 +378,11 @@ async def offer(
     count = max(1, round(rate * seconds))
     paced = events("l", count, entities, seed=3)
     sent_at, received_at = np.full(count, np.nan), np.full(count, np.nan)
-    publisher = Publisher(producer, topics[0])
     consumer = reader(services.broker.bootstrap, topics[1], fetch_wait_ms=10)
     await consumer.start()
     try:
         warmup = events("w", WARMUP_EVENTS, entities, seed=4)
-        await asyncio.gather(*await publisher.send(warmup))
+        await emitter.emit(topics[0], warmup)
         await collect(consumer, "w", np.full(WARMUP_EVENTS, np.nan), FIRST_PREDICTION_S)
         collecting = asyncio.create_task(collect(consumer, "l", received_at, None))
         cpu_at_start = cpu_times()
@@ -430,7 +391,7 @@ async def offer(
             now = time.monotonic()
             due = min(count, int((now - start) * rate) + 1)
             sent_at[sent:due] = now
-            pending += await publisher.send(paced[sent:due])
+            pending += await emitter.send(topics[0], paced[sent:due])
             sent = due
             await asyncio.sleep(every_s)
         await asyncio.gather(*pending)

@@ -90,13 +90,21 @@ class KafkaEmitter:
         await self.producer.stop()
 
     async def emit(self, topic: str, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
-        """Group the messages by partition (the producer's own key hash) and send whole batches.
+        """Send the messages and return once the broker acknowledged every one."""
+        await asyncio.gather(*await self.send(topic, messages))
 
-        ``send`` per message costs a future and a lookup each (FIELD-NOTES: ~80k/s against
-        ~330k/s for batches); order within a partition is kept.
+    async def send(
+        self, topic: str, messages: Sequence[tuple[bytes | None, bytes]]
+    ) -> list[asyncio.Future[object]]:
+        """Queue the messages as whole batches, one per partition; the futures resolve once
+        the broker acknowledged them.
+
+        Grouped by partition with the producer's own key hash, keeping their order within a
+        partition: ``send`` per message costs a future and a lookup each (FIELD-NOTES: ~80k/s
+        against ~330k/s for batches).
         """
         if not messages:
-            return
+            return []
         producer = self.producer
         partitions = sorted(await producer.partitions_for(topic))
         cache = self._cache(topic, partitions)  # entity keys repeat: hash each once
@@ -108,7 +116,7 @@ class KafkaEmitter:
             elif (partition := cache.get(key, -1)) < 0:
                 partition = cache[key] = self.partitioner(key, partitions, partitions)
             by_partition.setdefault(partition, []).append(message)
-        pending = []
+        pending: list[asyncio.Future[object]] = []
         for partition, items in by_partition.items():
             batch = producer.create_batch()
             for key, value in items:
@@ -117,7 +125,7 @@ class KafkaEmitter:
                     batch = producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None)
             pending.append(await producer.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*pending)
+        return pending
 
 
 class BatchConsumer(mode.Service):
