@@ -246,12 +246,13 @@ def start_worker(
 
 
 def worker_metrics(worker: WorkerProcess) -> dict[str, float]:
-    """The worker's unlabelled /metrics samples (counters, histogram sums and counts)."""
+    """The worker's /metrics samples but histogram buckets (counters, histogram sums and
+    counts), by name with labels."""
     status, text = worker.http("GET", "/metrics")
     samples = {}
     for line in str(text).splitlines() if status == 200 else []:
-        name, _, value = line.partition(" ")
-        if name.startswith("stream_lstm_") and "{" not in name:
+        name, _, value = line.rpartition(" ")
+        if name.startswith("stream_lstm_") and "_bucket{" not in name:
             samples[name] = float(value)
     return samples
 
@@ -435,6 +436,23 @@ def verdict(ok: bool) -> str:
     return "**met**" if ok else "**NOT met**"
 
 
+def ages(metrics: dict[str, float]) -> str:
+    """The worker's share of the latency: its batches' oldest events, when fetched and when
+    their predictions were acknowledged (means over batches, from /metrics)."""
+    age = "stream_lstm_event_age_seconds"
+    mean = {}
+    for at in ("fetched", "emitted"):
+        count = metrics.get(f'{age}_count{{at="{at}"}}', 0.0)
+        if not count:
+            return "event ages not available"
+        mean[at] = metrics[f'{age}_sum{{at="{at}"}}'] / count * 1000
+    return (
+        f"each batch's oldest event was {mean['fetched']:.1f} ms old when the worker fetched it "
+        f"and {mean['emitted']:.1f} ms old when the broker acknowledged its prediction (means "
+        f"over batches): {mean['emitted'] - mean['fetched']:.1f} ms in the worker"
+    )
+
+
 def batching(metrics: dict[str, float]) -> str:
     """Batches, their mean size and the engine step's share, from the worker's /metrics."""
     if "stream_lstm_batches_total" not in metrics:
@@ -531,8 +549,8 @@ def pacing(paced: Paced) -> str:
     return (
         f"Publisher every {paced.every_s * 1000:.0f} ms: through the worker p50 "
         f"{through.percentile(50):.1f} ms, p99 {through.percentile(99):.1f} ms (steal "
-        f"{through.steal:.0%}); the transport alone at the same rate for as long (producer, "
-        f"broker, reader: one hop where the worker path has two) p50 "
+        f"{through.steal:.0%}; {ages(paced.metrics)}); the transport alone at the same rate "
+        f"for as long (producer, broker, reader: one hop where the worker path has two) p50 "
         f"{floor.percentile(50):.1f} ms, p99 {floor.percentile(99):.1f} ms (steal "
         f"{floor.steal:.0%})."
     )

@@ -183,6 +183,16 @@ def test_metrics_show_counts_histograms_and_lag(worker: WorkerProcess) -> None:
     ):
         assert sample in text, sample
 
+    samples = dict(line.rsplit(" ", 1) for line in str(text).splitlines() if line[:1] != "#")
+    age = "stream_lstm_event_age_seconds"
+    batches = float(samples["stream_lstm_batches_total"])
+    assert float(samples[f'{age}_count{{at="fetched"}}']) == batches
+    assert float(samples[f'{age}_count{{at="emitted"}}']) == batches
+    # a batch's predictions are acknowledged after it was fetched: its events are older by then
+    assert float(samples[f'{age}_sum{{at="emitted"}}']) > float(
+        samples[f'{age}_sum{{at="fetched"}}']
+    )
+
 
 @pytest.mark.slow
 async def test_graceful_restart_continues_every_memory(

@@ -203,14 +203,14 @@ class BatchConsumer(mode.Service):
                 timeout_ms=timeout_ms, max_records=self.settings.max_batch
             )
             if fetched:
-                work = asyncio.ensure_future(self._run(fetched))
+                work = asyncio.ensure_future(self._run(fetched, time.time()))
                 try:
                     await asyncio.shield(work)
                 except asyncio.CancelledError:
                     await _finish_in_hand(work)
                     raise
 
-    async def _run(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+    async def _run(self, fetched: dict[TopicPartition, list[Any]], fetched_at: float) -> None:
         """Prepare the batch while earlier ones finish, then let it finish in turn.
 
         Checking, loading and stepping a batch (CPU) overlaps the waits of up to
@@ -234,7 +234,9 @@ class BatchConsumer(mode.Service):
             except Exception as error:
                 fail_stop(records, error)
             await self._drain(keep=MAX_FINISHING - 1)
-            finishing = _Finishing(prepared, self._finishing[-1] if self._finishing else None)
+            finishing = _Finishing(
+                prepared, fetched_at, self._finishing[-1] if self._finishing else None
+            )
             finishing.task = asyncio.ensure_future(self._finish(fetched, records, finishing))
             self._finishing.append(finishing)
 
@@ -247,6 +249,7 @@ class BatchConsumer(mode.Service):
             if before is not None:
                 await before.emitted.wait()
             await self.processor.emit(this.prepared)
+            emitted_at = time.time()
             this.emitted.set()
             if before is not None:
                 await before.committed.wait()
@@ -261,6 +264,9 @@ class BatchConsumer(mode.Service):
         await self._commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
         report.seconds["offsets"] = time.perf_counter() - started
         self.metrics.observe(report)
+        oldest = min(m.timestamp for messages in fetched.values() for m in messages) / 1000
+        if oldest > 0:  # a record without a timestamp says -1
+            self.metrics.observe_age(this.fetched_at - oldest, emitted_at - oldest)
         for tp, messages in fetched.items():
             highwater = self.consumer.highwater(tp)
             if highwater is not None:
@@ -292,8 +298,9 @@ class BatchConsumer(mode.Service):
 class _Finishing:
     """A prepared batch on its way out, and how far it got."""
 
-    def __init__(self, prepared: Prepared, before: _Finishing | None) -> None:
+    def __init__(self, prepared: Prepared, fetched_at: float, before: _Finishing | None) -> None:
         self.prepared = prepared
+        self.fetched_at = fetched_at  # unix seconds, comparable with record timestamps
         self.before = before  # the batch prepared just before this one, while it finishes
         self.emitted = asyncio.Event()
         self.committed = asyncio.Event()  # its memories are in Redis

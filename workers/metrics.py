@@ -8,6 +8,7 @@ from workers.batch import BatchReport
 
 BATCH_SIZES = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 16384)
 STEP_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+AGE_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 
 CONTENT_TYPE = "text/plain; version=0.0.4"
 
@@ -59,6 +60,16 @@ class Metrics:
             buckets=STEP_SECONDS,
             registry=self.registry,
         )
+        self.event_age = Histogram(
+            "stream_lstm_event_age_seconds",
+            "Age of each micro-batch's oldest event by its record timestamp (the producer's "
+            "clock, or the broker's with LogAppendTime) when the worker took the batch "
+            "(at=fetched) and when the broker acknowledged its predictions (at=emitted): the "
+            "difference is the worker's share of the latency",
+            ["at"],
+            buckets=AGE_SECONDS,
+            registry=self.registry,
+        )
         self.lag = Gauge(
             "stream_lstm_consumer_lag",
             "Events behind the high watermark, per input partition, as of the fetch that "
@@ -80,6 +91,14 @@ class Metrics:
         self.step_seconds.observe(report.seconds["step"])
         for stage, seconds in report.seconds.items():
             self.stage_seconds.labels(stage).observe(seconds)
+
+    def observe_age(self, fetched_s: float, emitted_s: float) -> None:
+        """A batch's oldest event's age when fetched and when its predictions were stored.
+
+        Clamped at zero: the record timestamp comes from another machine's clock.
+        """
+        self.event_age.labels("fetched").observe(max(0.0, fetched_s))
+        self.event_age.labels("emitted").observe(max(0.0, emitted_s))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
