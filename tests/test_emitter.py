@@ -6,9 +6,17 @@ import uuid
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from workers.broker import KafkaBroker, create_topics
-from workers.consumer import KafkaEmitter
+from workers.consumer import KafkaEmitter, keyed
+
+
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=5000))
+def test_keys_land_where_kafkas_default_partitioner_puts_them(key: bytes, count: int) -> None:
+    partitions = list(range(count))
+    assert keyed(key, partitions) == DefaultPartitioner()(key, partitions, partitions)
 
 
 async def test_batches_keep_the_key_partitioning_and_per_key_order(

@@ -35,7 +35,7 @@ from aiokafka import (
     TopicPartition,
 )
 from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.partitioner import DefaultPartitioner
+from murmurhash2 import murmurhash2
 
 from workers.batch import BatchProcessor, Consumed, Prepared
 from workers.metrics import Metrics
@@ -55,8 +55,8 @@ SHUTDOWN_GRACE_S = 6.0
 EXIT_SOFTWARE = 70
 BATCH_BYTES = 512 * 1024
 """Producer batch size: a whole micro-batch's predictions go out in a few requests."""
-PARTITION_CACHE = 1_000_000
-"""Keys whose partition is remembered per topic (~150 bytes each) before the cache restarts."""
+KAFKA_MURMUR2_SEED = 0x9747B28C
+"""The seed of Kafka's default partitioner (Java's, aiokafka's): murmur2 of the key's bytes."""
 
 
 class KafkaEmitter:
@@ -67,8 +67,6 @@ class KafkaEmitter:
 
     def __init__(self, bootstrap_servers: str) -> None:
         self.bootstrap_servers = bootstrap_servers
-        self.partitioner = DefaultPartitioner()  # what AIOKafkaProducer.send uses: murmur2
-        self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
         self._producer: AIOKafkaProducer | None = None
 
     @property
@@ -76,14 +74,6 @@ class KafkaEmitter:
         if self._producer is None:
             raise RuntimeError("the emitter is not started")
         return self._producer
-
-    def _cache(self, topic: str, partitions: list[int]) -> dict[bytes, int]:
-        """The topic's key -> partition cache, emptied when the partitions change or it is full."""
-        layout, cache = self._partitions.get(topic, (None, {}))
-        if layout != partitions or len(cache) > PARTITION_CACHE:
-            cache = {}
-            self._partitions[topic] = (partitions, cache)
-        return cache
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(
@@ -112,14 +102,10 @@ class KafkaEmitter:
             return []
         producer = self.producer
         partitions = sorted(await producer.partitions_for(topic))
-        cache = self._cache(topic, partitions)  # entity keys repeat: hash each once
         by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
         for message in messages:
             key = message[0]
-            if key is None:
-                partition = random.choice(partitions)
-            elif (partition := cache.get(key, -1)) < 0:
-                partition = cache[key] = self.partitioner(key, partitions, partitions)
+            partition = random.choice(partitions) if key is None else keyed(key, partitions)
             by_partition.setdefault(partition, []).append(message)
         pending: list[asyncio.Future[object]] = []
         for partition, items in by_partition.items():
@@ -131,6 +117,15 @@ class KafkaEmitter:
                     batch.append(key=key, value=value, timestamp=None)
             pending.append(await producer.send_batch(batch, topic, partition=partition))
         return pending
+
+
+def keyed(key: bytes, partitions: Sequence[int]) -> int:
+    """The partition Kafka's default partitioner puts a keyed message in, as ``send`` would.
+
+    aiokafka's murmur2 is pure Python, ~3.7 us a key: with millions of entities no key cache
+    stays warm. The same hash in C (murmurhash2) takes ~0.2 us; a test holds the two equal.
+    """
+    return partitions[(murmurhash2(key, KAFKA_MURMUR2_SEED) & 0x7FFFFFFF) % len(partitions)]
 
 
 class BatchConsumer(mode.Service):
