@@ -129,6 +129,12 @@ def cpu_times() -> tuple[int, int]:
     return fields[7], sum(fields[:8])
 
 
+def steal_since(then: tuple[int, int]) -> float:
+    """The share of the host's CPU time the hypervisor took since ``then`` (``cpu_times()``)."""
+    steal, total = (now - before for now, before in zip(cpu_times(), then, strict=True))
+    return steal / max(1, total)
+
+
 def build_model(path: Path) -> tuple[nn.LSTM, nn.Linear]:
     """The target model, saved where the worker loads it; the torch modules for the naive loop."""
     torch.manual_seed(0)
@@ -313,7 +319,7 @@ async def throughput(
                     print(f"  {received:,} of {count:,} predictions", flush=True)
                     progress_at += 5
             cpu = {process: cpu_seconds(pid) - cpu_before[process] for process, pid in pids.items()}
-            steal, total = (now - then for now, then in zip(cpu_times(), host_before, strict=True))
+            steal = steal_since(host_before)
             metrics = worker_metrics(worker)
         finally:
             worker.stop()
@@ -322,9 +328,7 @@ async def throughput(
     if first_ts is None:
         raise RuntimeError(f"no prediction within {FIRST_PREDICTION_S:.0f}s:\n{worker.log_tail()}")
     seconds = (last_ts - first_ts) / 1000
-    return Throughput(
-        received, count, seconds, received >= count, cpu, metrics, steal / max(1, total)
-    )
+    return Throughput(received, count, seconds, received >= count, cpu, metrics, steal)
 
 
 @dataclass(frozen=True)
@@ -400,14 +404,12 @@ async def offer(
             await asyncio.wait_for(collecting, LATENCY_GRACE_S)
         except TimeoutError:
             print(f"  {int(np.isnan(received_at).sum())} events never came back", flush=True)
-        steal, total = (
-            after - before for after, before in zip(cpu_times(), cpu_at_start, strict=True)
-        )
+        steal = steal_since(cpu_at_start)
     finally:
         await consumer.stop()
     received = ~np.isnan(received_at)
     latencies = (received_at[received] - sent_at[received]) * 1000
-    return Latency(rate, count, latencies, steal / max(1, total))
+    return Latency(rate, count, latencies, steal)
 
 
 async def collect(
