@@ -384,10 +384,7 @@ class MemoryStore:
         fast = (
             loaded is not None
             and not self._ttl_ms
-            and all(
-                _below(loaded.partition_fences.get(partition), low)
-                for partition, (low, _) in bounds.items()
-            )
+            and _unreached([loaded.partition_fences.get(p) for p in bounds], bounds)
         )
         if fast and await self._commit_fast(keys, values, fence_keys, bounds):
             return [1] * len(keys)
@@ -417,10 +414,7 @@ class MemoryStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             await pipe.watch(*fence_keys)
             stored = await pipe.mget(fence_keys)
-            if not all(
-                _below(None if fence is None else int(fence), low)
-                for fence, (low, _) in zip(stored, bounds.values(), strict=True)
-            ):
+            if not _unreached([None if f is None else int(f) for f in stored], bounds):
                 return False
             pipe.multi()  # type: ignore[no-untyped-call]
             pipe.mset(
@@ -591,10 +585,14 @@ class MemoryStore:
             raise StoreError(f"{what}: Redis at {self._url} failed: {error}") from error
 
 
-def _below(fence: int | None, offset: int) -> bool:
-    """Whether a partition's fence proves no commit reached ``offset`` (None: none yet, so no
-    proof: the script sets it)."""
-    return fence is not None and fence < offset
+def _unreached(fences: Sequence[int | None], bounds: dict[int, tuple[int, int]]) -> bool:
+    """Whether the fences of ``bounds``' partitions (in its order) prove that no commit reached
+    the batch's lowest offset in any of them (None: no commit yet, so no proof: the script sets
+    it)."""
+    return all(
+        fence is not None and fence < low
+        for fence, (low, _) in zip(fences, bounds.values(), strict=True)
+    )
 
 
 def _offset_bounds(updates: MemoryUpdates) -> dict[int, tuple[int, int]]:
