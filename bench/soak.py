@@ -42,16 +42,6 @@ def rss_mb(worker: WorkerProcess) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def processed(worker: WorkerProcess) -> float:
-    """Events the worker has taken through a batch so far."""
-    _, text = worker.http("GET", "/metrics")
-    return sum(
-        float(line.split()[-1])
-        for line in str(text).splitlines()
-        if line.startswith("stream_lstm_events_total ")
-    )
-
-
 @dataclass(frozen=True)
 class Sample:
     elapsed_s: float
@@ -92,7 +82,7 @@ async def offer(stack: Stack, seconds: float, rate: float, entities: int) -> lis
                     (a - b) / SAMPLE_S for a, b in zip(cpu, cpu_before, strict=True)
                 )
                 cpu_before = cpu
-                behind = sent - processed(stack.worker)
+                behind = sent - stack.worker.metric("stream_lstm_events_total")
                 sample = Sample(
                     now - started, rss_mb(stack.worker), behind, sent, worker_cpu, broker_cpu
                 )
