@@ -33,6 +33,8 @@ MEMORY = "mem"
 """The key kind of an entity's memory (LTM, STM, step, fence in one value)."""
 FENCE = "fence"
 """The key kind of a partition's fence: the highest offset any commit carried for it."""
+RESETS = "resets"
+"""The key kind of the reset counter: how many resets were made out of the stream."""
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -80,6 +82,11 @@ class KeyLayout:
     def fence(self, partition: int) -> str:
         """The key of one input partition's fence (one server only: it has no hash tag)."""
         return f"{self.namespace}:{FENCE}:{self.model_version}:{partition}"
+
+    @property
+    def resets(self) -> str:
+        """The key counting resets (one server only: it has no hash tag)."""
+        return f"{self.namespace}:{RESETS}:{self.model_version}"
 
     def memories(self, entity_ids: Sequence[str]) -> list[str]:
         """The keys of many entities' memories, in order."""

@@ -69,6 +69,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from state import codec
+from state.cache import MemoryCache
 from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
 from state.keys import KeyLayout
 from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
@@ -170,10 +171,12 @@ end
 return codes
 """
 
-# KEYS[1]: a memory key. ARGV[1]: TTL in ms (0: none). ARGV[2]: updated_at, 8 bytes.
-# Zeroes the step and the memories but keeps the header up to the fence, fence included.
-# Returns 1 when reset, 0 when nothing is stored, -1 when the stored value is foreign.
+# KEYS[1]: a memory key; KEYS[2] (one server only): the reset counter. ARGV[1]: TTL in ms
+# (0: none). ARGV[2]: updated_at, 8 bytes. Zeroes the step and the memories but keeps the
+# header up to the fence, fence included, and counts the reset, so that workers drop what they
+# cached. Returns 1 when reset, 0 when nothing is stored, -1 when the stored value is foreign.
 _RESET = r"""
+if KEYS[2] then redis.call('INCR', KEYS[2]) end
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 if not ours(v) then return -1 end
@@ -235,12 +238,16 @@ class MemoryStore:
       of either dtype, so a store can switch modes without a migration.
     - ``client``: a ready client to use instead of connecting to ``redis_url`` (the tests pass
       fakeredis); the store closes it. A ``RedisCluster`` client makes it a cluster store.
+    - ``cache_entities``: keep up to this many entities' memories as this store committed
+      them, and load them from there instead of Redis (cache.py says why that stays right).
+      For the one process that owns their partitions: it must call ``forget_cached`` when
+      partitions are revoked. One server only: a cluster store ignores it.
 
     ``redis_url`` names one server (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
     (``redis+cluster://host:port[,host:port...]``, ``rediss+cluster://``); the API is the same.
 
-    Raises ConfigError for an invalid namespace, model version, ttl_s, retry_s, dtype or cluster
-    URL.
+    Raises ConfigError for an invalid namespace, model version, ttl_s, retry_s, dtype,
+    cache_entities or cluster URL.
     """
 
     def __init__(
@@ -253,6 +260,7 @@ class MemoryStore:
         retry_s: float = 30.0,
         dtype: str = "float32",
         client: Redis | RedisCluster | None = None,
+        cache_entities: int = 0,
     ) -> None:
         if dtype not in codec.CODES:
             raise ConfigError(f"dtype must be one of {', '.join(codec.CODES)}, got {dtype!r}")
@@ -261,12 +269,23 @@ class MemoryStore:
             raise ConfigError(f"ttl_s must be positive or None, got {ttl_s}")
         if not retry_s > 0:
             raise ConfigError(f"retry_s must be positive, got {retry_s}")
+        if cache_entities < 0:
+            raise ConfigError(f"cache_entities must be 0 (no cache) or more, got {cache_entities}")
         self._keys = KeyLayout(namespace, model_version)
         self._url = _without_password(redis_url)
         self._ttl_ms = 0 if ttl_s is None else max(1, round(ttl_s * 1000))
         self._retry_s = retry_s
         self._redis = client if client is not None else _connect(redis_url, retry_s)
         self._cluster = self._redis if isinstance(self._redis, RedisCluster) else None
+        self._cache = (
+            MemoryCache(
+                cache_entities,
+                ttl_s=ttl_s,
+                rounding=None if self._code == codec.FLOAT32 else codec.DTYPES[self._code],
+            )
+            if cache_entities and self._cluster is None
+            else None
+        )
         self._commit = self._redis.register_script((_LUA_HEADER + _COMMIT) % _LUA_CONSTANTS)
         self._reset = self._redis.register_script((_LUA_HEADER + _RESET) % _LUA_CONSTANTS)
         logger.debug("memory store %s at %s", self._keys.memory_prefix, self._url)
@@ -305,22 +324,64 @@ class MemoryStore:
         """
         if not entity_ids:
             return codec.decode_many(entity_ids, [], layers, hidden, self._code)
-        keys = self._keys.memories(entity_ids)
         cluster = self._cluster
         if cluster is not None:
+            keys = self._keys.memories(entity_ids)
             values = await self._call(
                 f"load_many of {len(keys)} entities", lambda: cluster.mget_nonatomic(keys)
             )
             return codec.decode_many(entity_ids, values, layers, hidden, self._code)
+        cache = self._cache
+        if cache is None:
+            return await self._load_one_server(entity_ids, layers, hidden, partitions)
+        slots = cache.find(entity_ids, layers, hidden)  # (E,) -1: not cached
+        missed = np.flatnonzero(slots < 0).tolist()
+        if len(missed) == len(entity_ids):
+            return await self._load_one_server(entity_ids, layers, hidden, partitions)
+        generation = cache.generation
+        memories = await self._load_one_server(
+            [entity_ids[i] for i in missed], layers, hidden, partitions
+        )
+        if cache.generation != generation:  # a reset came since: the cache was cleared
+            return await self._load_one_server(entity_ids, layers, hidden, partitions)
+        batch = dataclasses.replace(
+            cache.take(entity_ids, slots), partition_fences=memories.partition_fences
+        )
+        if missed:
+            batch.ltm[missed], batch.stm[missed] = memories.ltm, memories.stm
+            batch.step[missed], batch.found[missed] = memories.step, memories.found
+            batch.fence_partition[missed] = memories.fence_partition
+            batch.fence_offset[missed] = memories.fence_offset
+        return batch
+
+    async def _load_one_server(
+        self,
+        entity_ids: Sequence[str],
+        layers: int,
+        hidden: int,
+        partitions: Collection[int],
+    ) -> MemoryBatch:
+        """One MGET of the memories, the partitions' fences and (with a cache) the reset
+        counter; a counter that moved clears the cache."""
+        keys = self._keys.memories(entity_ids)
         fenced = sorted(partitions)
         fence_keys = [self._keys.fence(partition) for partition in fenced]
-        values = await self._call(
-            f"load_many of {len(keys)} entities", lambda: self._redis.mget(keys + fence_keys)
+        counter = [self._keys.resets] if self._cache is not None else []
+        values = cast(
+            "list[bytes | None]",
+            await self._call(
+                f"load_many of {len(keys)} entities",
+                lambda: self._redis.mget(keys + fence_keys + counter),
+            ),
         )
         memories = codec.decode_many(entity_ids, values[: len(keys)], layers, hidden, self._code)
-        stored = values[len(keys) :]
+        stored = values[len(keys) : len(keys) + len(fence_keys)]
         fences = {p: None if f is None else int(f) for p, f in zip(fenced, stored, strict=True)}
-        return dataclasses.replace(memories, partition_fences=fences)
+        memories = dataclasses.replace(memories, partition_fences=fences)
+        if self._cache is not None and values[-1] != self._cache.resets:
+            self._cache.clear()
+            self._cache.resets = values[-1]
+        return memories
 
     async def commit_many(
         self, updates: MemoryUpdates, *, loaded: MemoryBatch | None = None
@@ -346,18 +407,27 @@ class MemoryStore:
         keys = self._keys.memories(updates.entity_ids)
         values = codec.encode_many(updates, time.time(), self._code)
         what = f"commit_many of {len(keys)} entities"
-        cluster = self._cluster
-        if cluster is None:
-            answer = await self._call(
-                what, lambda: self._commit_one_server(keys, values, updates, loaded)
-            )
-        else:
-            slots: dict[int, list[int]] = {}
-            for row, key in enumerate(keys):
-                slots.setdefault(cluster.keyslot(key), []).append(row)
-            commit = _SlotCommit(keys, values, [0] * len(keys), list(slots.values()))
-            answer = await self._call(what, lambda: self._commit_slots(commit))
+        cluster, cache = self._cluster, self._cache
+        sent = time.monotonic()  # before Redis sets any TTL: cached entries age no slower
+        generation = cache.generation if cache is not None else 0
+        try:
+            if cluster is None:
+                answer = await self._call(
+                    what, lambda: self._commit_one_server(keys, values, updates, loaded)
+                )
+            else:
+                slots: dict[int, list[int]] = {}
+                for row, key in enumerate(keys):
+                    slots.setdefault(cluster.keyslot(key), []).append(row)
+                commit = _SlotCommit(keys, values, [0] * len(keys), list(slots.values()))
+                answer = await self._call(what, lambda: self._commit_slots(commit))
+        except BaseException:
+            if cache is not None:
+                cache.evict(updates.entity_ids)  # written or not: read them back
+            raise
         codes = np.asarray(answer, dtype=np.int64)
+        if cache is not None:
+            cache.put(updates, codes == 1, sent, generation)
         if (codes < 0).any():
             foreign = [updates.entity_ids[i] for i in np.flatnonzero(codes < 0).tolist()]
             written = "their hash slots" if self._cluster is not None else "this batch"
@@ -511,17 +581,25 @@ class MemoryStore:
         """Zero an entity's memories and step, keeping its fence; False if nothing is stored.
 
         The fence stays so that a replay of events from before the reset still applies
-        nothing. Events after the reset build on the zeros.
+        nothing. Events after the reset build on the zeros. On one server the reset also
+        counts itself, so that every worker's cache lets go of what it held.
         """
-        key = self._keys.memory(entity_id)
+        keys = [self._keys.memory(entity_id)]
+        if self._cluster is None:
+            keys.append(self._keys.resets)
         updated_at = codec.UPDATED_AT.pack(time.time())
         code: int = await self._call(
             f"reset of {entity_id!r}",
-            lambda: self._reset(keys=[key], args=[self._ttl_ms, updated_at]),
+            lambda: self._reset(keys=keys, args=[self._ttl_ms, updated_at]),
         )
         if code < 0:
             raise StoreError(f"entity {entity_id!r}: stored value is not a stream-lstm memory")
         return code == 1
+
+    def forget_cached(self) -> None:
+        """Drop every cached memory: another process may write them from now on."""
+        if self._cache is not None:
+            self._cache.clear()
 
     async def count(self) -> int:
         """Entities stored under this namespace and model version.

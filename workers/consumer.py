@@ -312,6 +312,7 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
         if revoked:
             async with self.service.in_hand:
                 await self.service.finished()
+                self.service.processor.store.forget_cached()  # a new owner may write them now
                 logger.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:

@@ -87,6 +87,15 @@ class Settings(BaseSettings):
     memory_dtype: Literal["float32", "float16"] = Field(
         "float32", description="storage of memories in Redis: float16 halves them, rounded"
     )
+    memory_cache_entities: int = Field(
+        100_000,
+        ge=0,
+        le=100_000_000,
+        description=(
+            "memories the worker keeps as it committed them, so it need not read them back "
+            "(~1 KB each at hidden 128; one Redis server only); 0: read every batch from Redis"
+        ),
+    )
     data_dir: Path | None = Field(
         None,
         description=(
@@ -111,6 +120,7 @@ class Settings(BaseSettings):
             model_version,
             ttl_s=self.memory_ttl_s,
             dtype=self.memory_dtype,
+            cache_entities=self.memory_cache_entities,
         )
 
     @classmethod

@@ -1,0 +1,176 @@
+"""The memories a worker committed last, kept in its own memory so that it need not read them
+back from Redis for the next event of the same entity.
+
+A memory in the cache is what the worker wrote, with its fence: every event of the entity up
+to that fence, applied in order. It stays what Redis holds as long as nothing else writes the
+key, and every other writer is seen:
+
+- another worker taking the partition: the worker clears the cache whenever partitions are
+  revoked, after its batches have committed;
+- a stale worker still writing: its commits are refused by the fences, and a refused or failed
+  commit evicts its entities (a newer fence is stored, or maybe is);
+- a reset from the CLI or the memory API: it counts itself in the namespace's reset counter,
+  read with every load, and a changed counter clears the cache;
+- a TTL: an entry is not used once the key may have expired.
+
+Entries sit in preallocated arrays, one slot an entity; slots are reused in the order they were
+filled (first in, first out), so the cache never grows past ``capacity`` entities.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from state.codec import F32, I64, MemoryBatch, MemoryUpdates
+
+__all__ = ["MemoryCache"]
+
+
+class MemoryCache:
+    """Up to ``capacity`` entities' memories of one shape, as last committed by this process.
+
+    ``ttl_s``: the store's TTL; an entry older than this is not used. ``rounding``: a dtype the
+    store rounds memories to (float16), so that an entry holds exactly what a load would read.
+    """
+
+    def __init__(
+        self, capacity: int, *, ttl_s: float | None = None, rounding: np.dtype | None = None
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self.rounding = rounding
+        self.resets: bytes | None = None
+        """The reset counter the entries were checked against (None: no reset yet)."""
+        self.generation = 0
+        """How many times the cache was cleared: a commit sent before a clear, and answered
+        after it, may have been overtaken by what the clear was for, so it is not kept."""
+        self._slots: dict[str, int] = {}
+        self._owners: list[str | None] = [None] * capacity
+        self._next = 0  # the slot filled next, evicting its owner
+        self._shape: tuple[int, int] | None = None
+        self._ltm: F32 = np.empty((0, 0, 0), dtype=np.float32)
+        self._stm: F32 = np.empty((0, 0, 0), dtype=np.float32)
+        self._step: I64 = np.empty(0, dtype=np.int64)
+        self._fence_partition: I64 = np.empty(0, dtype=np.int64)
+        self._fence_offset: I64 = np.empty(0, dtype=np.int64)
+        self._written: npt.NDArray[np.float64] = np.empty(0, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def find(self, entity_ids: Sequence[str], layers: int, hidden: int) -> I64:
+        """Each entity's slot, or -1 where it is not cached (or its entry is too old to use)."""
+        if self._shape != (layers, hidden) or not self._slots:
+            return np.full(len(entity_ids), -1, dtype=np.int64)
+        slots = self._lookup(entity_ids)  # (E,)
+        if self.ttl_s is not None:
+            hit = np.flatnonzero(slots >= 0)
+            expired = time.monotonic() - self._written[slots[hit]] >= self.ttl_s
+            slots[hit[expired]] = -1
+        return slots
+
+    def take(self, entity_ids: Sequence[str], slots: I64) -> MemoryBatch:
+        """The entries at ``slots`` (from ``find``) as a batch; where a slot is -1 the row is
+        not found, and holds whatever, for the caller to fill."""
+        return MemoryBatch(
+            entity_ids,
+            self._ltm[slots],
+            self._stm[slots],
+            self._step[slots],
+            self._fence_partition[slots],
+            self._fence_offset[slots],
+            slots >= 0,
+        )
+
+    def put(
+        self,
+        updates: MemoryUpdates,
+        applied: npt.NDArray[np.bool_],
+        written: float,
+        generation: int,
+    ) -> None:
+        """Keep the applied updates of a commit sent at ``written`` (``time.monotonic()``) when
+        the cache was at ``generation``; evict the others: a newer fence is stored for them.
+
+        An entity that appears more than once is evicted too: which of its updates Redis kept
+        is the fences' business, not the cache's.
+        """
+        if generation != self.generation:
+            return
+        e, layers, hidden = updates.ltm.shape
+        if self._shape != (layers, hidden):
+            self._allocate(layers, hidden)
+        ids = updates.entity_ids
+        keep = applied.copy()  # (E,)
+        if len(set(ids)) != e:
+            counts: dict[str, int] = {}
+            for entity_id in ids:
+                counts[entity_id] = counts.get(entity_id, 0) + 1
+            keep &= np.fromiter((counts[i] == 1 for i in ids), np.bool_, e)
+        keep[np.flatnonzero(keep)[: -self.capacity]] = False  # more than fit: the last ones
+        self.evict([ids[r] for r in np.flatnonzero(~keep).tolist()])
+        rows = np.flatnonzero(keep)
+        slots = self._lookup(ids if len(rows) == e else [ids[r] for r in rows.tolist()])
+        for at in np.flatnonzero(slots < 0).tolist():  # new entities take the oldest slots
+            slots[at] = self._slot(ids[rows[at]])
+        every = len(rows) == e  # (E,) as it usually is: no copies
+        ltm = updates.ltm if every else updates.ltm[rows]
+        stm = updates.stm if every else updates.stm[rows]
+        if self.rounding is not None:
+            ltm, stm = ltm.astype(self.rounding), stm.astype(self.rounding)
+        self._ltm[slots] = ltm
+        self._stm[slots] = stm
+        self._step[slots] = updates.step if every else updates.step[rows]
+        self._fence_partition[slots] = (
+            updates.fence_partition if every else updates.fence_partition[rows]
+        )
+        self._fence_offset[slots] = updates.fence_offset if every else updates.fence_offset[rows]
+        self._written[slots] = written
+
+    def evict(self, entity_ids: Sequence[str]) -> None:
+        """Forget these entities: the next load reads them from Redis."""
+        for entity_id in entity_ids:
+            slot = self._slots.pop(entity_id, None)
+            if slot is not None:
+                self._owners[slot] = None
+
+    def clear(self) -> None:
+        """Forget every entity."""
+        self.generation += 1
+        self._slots.clear()
+        self._owners = [None] * self.capacity
+
+    def _lookup(self, entity_ids: Sequence[str]) -> I64:
+        """Each entity's slot, -1 where it has none."""
+        found = map(self._slots.get, entity_ids, itertools.repeat(-1))
+        return np.fromiter(found, np.int64, len(entity_ids))
+
+    def _slot(self, entity_id: str) -> int:
+        """A slot for a new entity, evicting the entity that took it longest ago."""
+        slot = self._next
+        self._next = (slot + 1) % self.capacity
+        owner = self._owners[slot]
+        if owner is not None:
+            del self._slots[owner]
+        self._owners[slot] = entity_id
+        self._slots[entity_id] = slot
+        return slot
+
+    def _allocate(self, layers: int, hidden: int) -> None:
+        """Arrays for memories of this shape (a model of another shape starts afresh)."""
+        self.clear()
+        n = self.capacity
+        self._shape = (layers, hidden)
+        self._ltm = np.zeros((n, layers, hidden), dtype=np.float32)
+        self._stm = np.zeros((n, layers, hidden), dtype=np.float32)
+        self._step = np.zeros(n, dtype=np.int64)
+        self._fence_partition = np.zeros(n, dtype=np.int64)
+        self._fence_offset = np.zeros(n, dtype=np.int64)
+        self._written = np.zeros(n, dtype=np.float64)

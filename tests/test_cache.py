@@ -1,0 +1,246 @@
+"""The worker's memory cache: what it holds is what Redis holds, and every other writer is seen.
+
+The cache alone first (slots, eviction, TTL, generations), then through the store against a real
+Redis (a load served from the cache equals one from Redis; resets, newer writers and revokes),
+then the worker's revoke callback.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from aiokafka import TopicPartition
+from redis.asyncio import Redis
+from torch import nn
+
+from state import MemoryStore, MemoryUpdates, RedisServer
+from state.cache import MemoryCache
+from state.keys import KeyLayout
+from state.server import RedisClusterServer
+from stream_lstm.exceptions import ConfigError
+from stream_lstm.model import StreamModel
+from tests.test_store import make_updates
+from workers.batch import BatchProcessor
+from workers.consumer import BatchConsumer, KafkaEmitter, _WaitForBatch
+from workers.metrics import Metrics
+from workers.settings import Settings
+
+
+def cached_offsets(cache: MemoryCache, entity_ids: list[str]) -> list[int | None]:
+    """Each entity's cached fence offset, None where the cache would not serve it."""
+    slots = cache.find(entity_ids, 2, 4)
+    if (slots < 0).all():
+        return [None] * len(entity_ids)
+    taken = cache.take(entity_ids, slots)
+    return [int(o) if hit else None for o, hit in zip(taken.fence_offset, taken.found, strict=True)]
+
+
+def put(cache: MemoryCache, updates: MemoryUpdates, written: float | None = None) -> None:
+    applied = np.ones(len(updates.entity_ids), dtype=np.bool_)
+    cache.put(updates, applied, time.monotonic() if written is None else written, cache.generation)
+
+
+# --- the cache alone ----------------------------------------------------------------------
+
+
+def test_the_cache_holds_what_was_put_and_nothing_else() -> None:
+    cache = MemoryCache(10)
+    put(cache, make_updates(["a", "b"], [3, 4]))
+    put(cache, make_updates(["b"], 7))  # in place: b keeps its slot
+    assert cached_offsets(cache, ["a", "b", "c"]) == [3, 7, None]
+    taken = cache.take(["b"], cache.find(["b"], 2, 4))
+    assert (taken.ltm == 7).all()
+    assert (taken.stm == -7).all()
+    assert taken.step.tolist() == [7]
+    assert len(cache) == 2
+
+
+def test_a_full_cache_evicts_the_entity_cached_longest_ago() -> None:
+    cache = MemoryCache(2)
+    put(cache, make_updates(["a"], 1))
+    put(cache, make_updates(["b"], 2))
+    put(cache, make_updates(["c"], 3))
+    assert cached_offsets(cache, ["a", "b", "c"]) == [None, 2, 3]
+    assert len(cache) == 2
+
+
+def test_a_stale_or_repeated_update_is_evicted_not_cached() -> None:
+    cache = MemoryCache(10)
+    put(cache, make_updates(["a", "b", "c"], 1))
+    updates = make_updates(["a", "b", "c", "c"], [5, 5, 5, 6])
+    cache.put(updates, np.array([True, False, True, True]), time.monotonic(), cache.generation)
+    assert cached_offsets(cache, ["a", "b", "c"]) == [5, None, None]
+
+
+def test_a_commit_sent_before_a_clear_is_not_cached() -> None:
+    cache = MemoryCache(10)
+    sent_at = cache.generation
+    cache.clear()  # a reset seen by a load while the commit was on its way
+    cache.put(make_updates(["a"], 1), np.ones(1, dtype=np.bool_), time.monotonic(), sent_at)
+    assert cached_offsets(cache, ["a"]) == [None]
+
+
+def test_an_entry_older_than_the_ttl_is_not_served() -> None:
+    cache = MemoryCache(10, ttl_s=60)
+    put(cache, make_updates(["old"], 1), written=time.monotonic() - 61)
+    put(cache, make_updates(["new"], 2))
+    assert cached_offsets(cache, ["old", "new"]) == [None, 2]
+
+
+def test_another_shape_is_never_served() -> None:
+    cache = MemoryCache(10)
+    put(cache, make_updates(["a"], 1))
+    assert cache.find(["a"], 1, 4).tolist() == [-1]
+
+
+def test_float16_storage_caches_the_rounded_memories() -> None:
+    cache = MemoryCache(10, rounding=np.dtype(np.float16))
+    updates = make_updates(["a"], 1)
+    updates.ltm[:] = 0.1
+    put(cache, updates)
+    taken = cache.take(["a"], cache.find(["a"], 2, 4))
+    assert (taken.ltm == np.float32(np.float16(0.1))).all()
+
+
+# --- through the store, on a real Redis -----------------------------------------------------
+
+
+def namespace() -> str:
+    return f"c-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+async def test_a_load_from_the_cache_equals_a_load_from_redis(
+    redis_server: RedisServer, dtype: str
+) -> None:
+    ns, ids = namespace(), [f"e{i}" for i in range(50)]
+    rng = np.random.default_rng(0)
+    updates = MemoryUpdates(
+        ids,
+        rng.normal(size=(50, 2, 4)).astype(np.float32),
+        rng.normal(size=(50, 2, 4)).astype(np.float32),
+        np.arange(50, dtype=np.int64),
+        np.zeros(50, dtype=np.int64),
+        np.arange(50, dtype=np.int64),
+    )
+    wanted = ["new-0", *ids[::2], "new-1"]
+    async with (
+        MemoryStore(redis_server.url, ns, "v1", dtype=dtype, cache_entities=100) as cached,
+        MemoryStore(redis_server.url, ns, "v1", dtype=dtype) as plain,
+    ):
+        await cached.commit_many(updates)
+        got, expected = await cached.load_many(wanted, 2, 4), await plain.load_many(wanted, 2, 4)
+    for name in ("ltm", "stm", "step", "fence_partition", "fence_offset", "found"):
+        assert getattr(got, name).tobytes() == getattr(expected, name).tobytes(), name
+
+
+async def test_cached_memories_are_not_read_back(redis_server: RedisServer) -> None:
+    ns = namespace()
+    async with MemoryStore(redis_server.url, ns, "v1", cache_entities=100) as store:
+        await store.commit_many(make_updates(["a", "b"], 5))
+        async with Redis.from_url(redis_server.url) as client:
+            await client.delete(KeyLayout(ns, "v1").memory("a"))  # what only the cache holds
+        loaded = await store.load_many(["a", "b", "c"], 2, 4, partitions=[0])
+    assert loaded.found.tolist() == [True, True, False]
+    assert loaded.fence_offset.tolist()[:2] == [5, 5]
+    assert loaded.partition_fences == {0: 5}  # the fast commit still gets its fences
+
+
+async def test_a_reset_from_another_process_clears_the_cache(redis_server: RedisServer) -> None:
+    ns = namespace()
+    async with (
+        MemoryStore(redis_server.url, ns, "v1", cache_entities=100) as worker,
+        MemoryStore(redis_server.url, ns, "v1") as cli,
+    ):
+        await worker.commit_many(make_updates(["a", "b"], 5))
+        assert await cli.reset("a")
+        loaded = await worker.load_many(["a", "b"], 2, 4)
+    assert loaded.step.tolist() == [0, 5]  # a's reset is seen, b is as committed
+    assert (loaded.ltm[0] == 0).all()
+    assert (loaded.ltm[1] == 5).all()
+    assert loaded.fence_offset.tolist() == [5, 5]  # the reset keeps the fence
+
+
+async def test_a_newer_write_elsewhere_evicts_on_the_stale_commit(
+    redis_server: RedisServer,
+) -> None:
+    ns = namespace()
+    async with (
+        MemoryStore(redis_server.url, ns, "v1", cache_entities=100) as stale,
+        MemoryStore(redis_server.url, ns, "v1") as owner,
+    ):
+        await stale.commit_many(make_updates(["a"], 10))
+        await owner.commit_many(make_updates(["a"], 20))
+        assert (await stale.commit_many(make_updates(["a"], 15))).stale_ids == ["a"]
+        loaded = await stale.load_many(["a"], 2, 4)
+    assert loaded.fence_offset.tolist() == [20]
+
+
+async def test_forgetting_the_cache_reads_what_a_new_owner_wrote(
+    redis_server: RedisServer,
+) -> None:
+    ns = namespace()
+    async with (
+        MemoryStore(redis_server.url, ns, "v1", cache_entities=100) as before,
+        MemoryStore(redis_server.url, ns, "v1") as after,
+    ):
+        await before.commit_many(make_updates(["a"], 10))
+        await after.commit_many(make_updates(["a"], 20))  # the partition moved, and moved back
+        assert (await before.load_many(["a"], 2, 4)).fence_offset.tolist() == [10]  # the hazard
+        before.forget_cached()
+        assert (await before.load_many(["a"], 2, 4)).fence_offset.tolist() == [20]
+
+
+async def test_a_cluster_store_reads_every_memory_from_redis(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    ns = namespace()
+    async with MemoryStore(redis_cluster.url, ns, "v1", cache_entities=100) as store:
+        await store.commit_many(make_updates(["a"], 5))
+        assert await store.reset("a")
+        assert (await store.load_many(["a"], 2, 4)).step.tolist() == [0]
+
+
+def test_a_negative_cache_size_is_refused() -> None:
+    with pytest.raises(ConfigError, match="cache_entities must be 0"):
+        MemoryStore("redis://localhost", "ns", "v1", cache_entities=-1)
+
+
+# --- the worker ----------------------------------------------------------------------------
+
+
+async def test_a_revoke_drops_the_cache_once_its_batches_finished(
+    redis_server: RedisServer,
+) -> None:
+    torch.manual_seed(0)
+    model = StreamModel.from_torch(nn.LSTM(2, 4, num_layers=2), nn.Linear(4, 2))
+    settings = Settings.load(redis_url=redis_server.url, app_id=namespace())
+    async with settings.memory_store(model.version) as store:
+        emitter = KafkaEmitter("localhost:1")  # never started: a revoke sends nothing
+        processor = BatchProcessor(
+            model,
+            store,
+            emitter,
+            output_topic="out",
+            dead_letter_topic="dead",
+            max_event_bytes=65_536,
+        )
+        consumer = BatchConsumer(settings, processor, emitter, Metrics())
+        hidden, layers = model.hidden_size, model.num_layers
+        await store.commit_many(make_updates(["a"], 3, layers=layers, hidden=hidden))
+        async with Redis.from_url(redis_server.url) as client:
+            await client.delete(KeyLayout(settings.app_id, model.version).memory("a"))
+        assert (await store.load_many(["a"], layers, hidden)).found.tolist() == [True]
+        await _WaitForBatch(consumer).on_partitions_revoked([TopicPartition("in", 0)])
+        assert (await store.load_many(["a"], layers, hidden)).found.tolist() == [False]
+
+
+def test_updates_beyond_the_capacity_are_evicted_not_left_stale() -> None:
+    cache = MemoryCache(2)
+    put(cache, make_updates(["a"], 1))
+    put(cache, make_updates(["a", "b", "c"], 5))
+    assert cached_offsets(cache, ["a", "b", "c"]) == [None, 5, 5]
