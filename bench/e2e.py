@@ -1,6 +1,6 @@
 """End to end: one worker process against the naive per-event loop, on one machine.
 
-    python bench/e2e.py [--events 200000] [--entities 20000] [--runs 3] [--rate R]
+    python bench/e2e.py [--events 200000] [--entities 20000] [--runs 3] [--max-runs 8] [--rate R]
                         [--naive-events 5000] [--max-batch 1024] [--quick]
 
 Starts an embedded broker (Tansu) and Redis-protocol server, builds the target model (input 32,
@@ -66,6 +66,10 @@ FIRST_PREDICTION_S = 60.0
 LATENCY_GRACE_S = 15.0
 """How long the latency phase waits for the last predictions after the last event."""
 WARMUP_EVENTS = 200
+QUIET_STEAL = 0.05
+"""A throughput run during which the hypervisor took more of the host's CPU than this is
+reported but not counted while enough quieter runs come (steal stalls every process at once:
+runs at 12-18% steal gave 28-32k events/s beside 40-41k at 0-2%, same code, same hour)."""
 PUBLISH_EVERY_S = (0.005, 0.020)
 """The paced publisher sends what is due every 5 ms, like a producer lingering 5 ms (the Java
 client's default since Kafka 4.0): that run is judged. Then every 20 ms, to show the broker's
@@ -97,6 +101,11 @@ class Throughput:
     cpu_s: dict[str, float]  # CPU seconds per process over the phase
     metrics: dict[str, float]  # the worker's /metrics at the end
     steal: float  # share of the host's CPU time the hypervisor took during the phase
+
+    @property
+    def quiet(self) -> bool:
+        """Whether the hypervisor left the cores alone enough for the run to count."""
+        return self.steal <= QUIET_STEAL
 
     @property
     def rate(self) -> float:
@@ -133,6 +142,17 @@ def steal_since(then: tuple[int, int]) -> float:
     """The share of the host's CPU time the hypervisor took since ``then`` (``cpu_times()``)."""
     steal, total = (now - before for now, before in zip(cpu_times(), then, strict=True))
     return steal / max(1, total)
+
+
+def counted(runs: list[Throughput], wanted: int) -> list[Throughput]:
+    """The quiet runs when there are ``wanted`` of them, else every run."""
+    quiet = [run for run in runs if run.quiet]
+    return quiet if len(quiet) >= wanted else runs
+
+
+def median(runs: list[Throughput]) -> Throughput:
+    """The median run (the lower of the two middle ones)."""
+    return sorted(runs, key=lambda r: r.rate)[(len(runs) - 1) // 2]
 
 
 def build_model(path: Path) -> tuple[nn.LSTM, nn.Linear]:
@@ -504,10 +524,14 @@ def report(
         f"One worker process (max_batch {args.max_batch}, other settings default, 1 torch "
         f"thread), input topics of {PARTITIONS} partitions. Throughput: {peak.offered:,} events "
         f"over {args.entities:,} entities pre-filled, then the worker started; events/s from the "
-        f"first to the last prediction by record timestamps; {len(runs)} runs, each on fresh "
-        "topics with a fresh worker, and the median run counts (the cores are shared: one run "
-        "alone moves with the neighbours). Runs: "
-        + ", ".join(f"{r.rate:,.0f}/s (steal {r.steal:.0%})" for r in runs)
+        f"first to the last prediction by record timestamps; each run on fresh topics with a "
+        f"fresh worker, until {args.runs} ran with host CPU steal at most {QUIET_STEAL:.0%} "
+        f"(at most {args.max_runs} runs), and the median of those counts, or of every run when "
+        "fewer were quiet (the cores are shared: one run alone moves with the neighbours). "
+        f"Runs ({len(counted(runs, args.runs))} counted): "
+        + ", ".join(
+            f"{r.rate:,.0f}/s (steal {r.steal:.0%}{'' if r.quiet else ', disturbed'})" for r in runs
+        )
         + "."
         + partial,
         f"Naive loop (same broker, Redis and model, worker stopped): per event `getone`, GET, "
@@ -559,7 +583,7 @@ def pacing(paced: Paced) -> str:
 
 
 async def run(args: argparse.Namespace, services: Services, lstm: nn.LSTM, head: nn.Linear) -> str:
-    throughputs = [f"throughput{n}" for n in range(1, args.runs + 1)]
+    throughputs = [f"throughput{n}" for n in range(1, args.max_runs + 1)]
     latencies = [f"latency{every_s * 1000:.0f}ms" for every_s in PUBLISH_EVERY_S]
     names = (
         ["naive-events", "naive-predictions"]
@@ -578,16 +602,18 @@ async def run(args: argparse.Namespace, services: Services, lstm: nn.LSTM, head:
     )
     print(f"  {naive_events / naive_s:,.0f} events/s", flush=True)
 
-    runs = []
+    runs: list[Throughput] = []
     for phase in throughputs:
         run = await throughput(services, phase, args.events, args.entities, args.max_seconds)
         print(
             f"  {run.rate:,.0f} events/s ({run.events:,} in {run.seconds:.1f}s, steal "
-            f"{run.steal:.0%})",
+            f"{run.steal:.0%}{'' if run.quiet else ': disturbed, not counted'})",
             flush=True,
         )
         runs.append(run)
-    peak = sorted(runs, key=lambda r: r.rate)[(len(runs) - 1) // 2]  # the median (the lower)
+        if sum(r.quiet for r in runs) == args.runs:
+            break
+    peak = median(counted(runs, args.runs))
 
     rate = args.rate or peak.rate / 2
     paced = [
@@ -612,7 +638,13 @@ def main() -> None:
         "--runs",
         type=int,
         default=3,
-        help="throughput runs, each on fresh topics; the median counts",
+        help=(
+            "quiet throughput runs wanted, each on fresh topics; the median counts (a run with "
+            f"host CPU steal above {QUIET_STEAL:.0%} is not counted while enough quiet ones come)"
+        ),
+    )
+    parser.add_argument(
+        "--max-runs", type=int, default=8, help="throughput runs at most, quiet or not"
     )
     parser.add_argument("--max-batch", type=int, default=1024, help="the worker's max_batch")
     parser.add_argument(
@@ -631,6 +663,7 @@ def main() -> None:
             latency_seconds=3.0,
             max_seconds=30.0,
             runs=1,
+            max_runs=1,
         )
         args = parser.parse_args()
     args.load = os.getloadavg()[0]  # the run's context, reported with its figures
