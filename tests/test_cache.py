@@ -7,8 +7,10 @@ then the worker's revoke callback.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -113,11 +115,25 @@ def namespace() -> str:
     return f"c-{uuid.uuid4().hex[:8]}"
 
 
+@contextlib.asynccontextmanager
+async def two_stores(
+    server: RedisServer, dtype: str = "float32"
+) -> AsyncIterator[tuple[MemoryStore, MemoryStore]]:
+    """A store with a cache (the worker's) and one without (another process), on a fresh
+    namespace of the same server."""
+    ns = namespace()
+    async with (
+        MemoryStore(server.url, ns, "v1", dtype=dtype, cache_entities=100) as cached,
+        MemoryStore(server.url, ns, "v1", dtype=dtype) as plain,
+    ):
+        yield cached, plain
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 async def test_a_load_from_the_cache_equals_a_load_from_redis(
     redis_server: RedisServer, dtype: str
 ) -> None:
-    ns, ids = namespace(), [f"e{i}" for i in range(50)]
+    ids = [f"e{i}" for i in range(50)]
     rng = np.random.default_rng(0)
     updates = MemoryUpdates(
         ids,
@@ -128,10 +144,7 @@ async def test_a_load_from_the_cache_equals_a_load_from_redis(
         np.arange(50, dtype=np.int64),
     )
     wanted = ["new-0", *ids[::2], "new-1"]
-    async with (
-        MemoryStore(redis_server.url, ns, "v1", dtype=dtype, cache_entities=100) as cached,
-        MemoryStore(redis_server.url, ns, "v1", dtype=dtype) as plain,
-    ):
+    async with two_stores(redis_server, dtype) as (cached, plain):
         await cached.commit_many(updates)
         got, expected = await cached.load_many(wanted, 2, 4), await plain.load_many(wanted, 2, 4)
     for name in ("ltm", "stm", "step", "fence_partition", "fence_offset", "found"):
@@ -151,11 +164,7 @@ async def test_cached_memories_are_not_read_back(redis_server: RedisServer) -> N
 
 
 async def test_a_reset_from_another_process_clears_the_cache(redis_server: RedisServer) -> None:
-    ns = namespace()
-    async with (
-        MemoryStore(redis_server.url, ns, "v1", cache_entities=100) as worker,
-        MemoryStore(redis_server.url, ns, "v1") as cli,
-    ):
+    async with two_stores(redis_server) as (worker, cli):
         await worker.commit_many(make_updates(["a", "b"], 5))
         assert await cli.reset("a")
         loaded = await worker.load_many(["a", "b"], 2, 4)
@@ -168,11 +177,7 @@ async def test_a_reset_from_another_process_clears_the_cache(redis_server: Redis
 async def test_a_newer_write_elsewhere_evicts_on_the_stale_commit(
     redis_server: RedisServer,
 ) -> None:
-    ns = namespace()
-    async with (
-        MemoryStore(redis_server.url, ns, "v1", cache_entities=100) as stale,
-        MemoryStore(redis_server.url, ns, "v1") as owner,
-    ):
+    async with two_stores(redis_server) as (stale, owner):
         await stale.commit_many(make_updates(["a"], 10))
         await owner.commit_many(make_updates(["a"], 20))
         assert (await stale.commit_many(make_updates(["a"], 15))).stale_ids == ["a"]
@@ -183,11 +188,7 @@ async def test_a_newer_write_elsewhere_evicts_on_the_stale_commit(
 async def test_forgetting_the_cache_reads_what_a_new_owner_wrote(
     redis_server: RedisServer,
 ) -> None:
-    ns = namespace()
-    async with (
-        MemoryStore(redis_server.url, ns, "v1", cache_entities=100) as before,
-        MemoryStore(redis_server.url, ns, "v1") as after,
-    ):
+    async with two_stores(redis_server) as (before, after):
         await before.commit_many(make_updates(["a"], 10))
         await after.commit_many(make_updates(["a"], 20))  # the partition moved, and moved back
         assert (await before.load_many(["a"], 2, 4)).fence_offset.tolist() == [10]  # the hazard
