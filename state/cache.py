@@ -87,6 +87,7 @@ class MemoryCache:
             self._fence_partition[slots],
             self._fence_offset[slots],
             slots >= 0,
+            cached=int(np.count_nonzero(slots >= 0)),
         )
 
     def put(

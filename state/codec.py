@@ -97,6 +97,8 @@ class MemoryBatch:
     found: npt.NDArray[np.bool_]  # (E,)
     partition_fences: Mapping[int, int | None] = field(default_factory=dict)
     """The fences of the partitions the load was asked for (None: no commit yet)."""
+    cached: int = 0
+    """How many of the memories came from the worker's memory cache, not from Redis."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -162,6 +162,21 @@ async def test_memory_api_reset_and_missing(stack: StreamSlice, worker: WorkerPr
     assert worker.http("DELETE", "/entities/never%20seen/memory")[0] == 404
 
 
+async def test_an_entity_seen_again_starts_from_the_cached_memory(
+    stack: StreamSlice, worker: WorkerProcess
+) -> None:
+    cache, redis = (f'stream_lstm_memory_loads_total{{source="{s}"}}' for s in ("cache", "redis"))
+    before = worker.metric(cache), worker.metric(redis)
+    await stack.publish([event("cached-1", [0.1, 0.2, 0.3, 0.4])])
+    await stack.predictions(1, entities={"cached-1"})
+    settled_memory(worker, "cached-1", 1)  # committed: the cache holds it from now on
+    await stack.publish([event("cached-1", [0.5, 0.6, 0.7, 0.8])])
+    await stack.predictions(2, entities={"cached-1"})
+    settled_memory(worker, "cached-1", 2)
+    assert worker.metric(cache) - before[0] == 1
+    assert worker.metric(redis) - before[1] == 1
+
+
 def test_health_reports_each_dependency(worker: WorkerProcess) -> None:
     status, body = worker.http("GET", "/health")
     assert status == 200

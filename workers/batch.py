@@ -323,6 +323,8 @@ class BatchReport:
     dead: int
     replayed: int
     stale: int
+    loaded: int  # entities whose memories the batch started from
+    cached: int  # of those, the ones taken from the memory cache
     seconds: dict[str, float]  # wall time of each stage: check, load, step, emit, commit
 
 
@@ -422,6 +424,8 @@ class BatchProcessor:
             len(checked.dead),
             applied.replayed,
             len(stale),
+            len(prepared.memory.entity_ids),
+            prepared.memory.cached,
             clock.seconds,
         )
 

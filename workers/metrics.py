@@ -40,6 +40,13 @@ class Metrics:
             "Memory writes refused by a newer stored fence",
             registry=self.registry,
         )
+        self.memory_loads = Counter(
+            "stream_lstm_memory_loads",
+            "Entity memories the batches started from, by where they were read: the worker's "
+            "memory cache (what it committed itself) or Redis",
+            ["source"],
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "stream_lstm_batch_size",
             "Events per micro-batch",
@@ -87,6 +94,8 @@ class Metrics:
         self.dead_letters.inc(report.dead)
         self.replayed.inc(report.replayed)
         self.stale.inc(report.stale)
+        self.memory_loads.labels("cache").inc(report.cached)
+        self.memory_loads.labels("redis").inc(report.loaded - report.cached)
         self.batch_size.observe(report.events)
         self.step_seconds.observe(report.seconds["step"])
         for stage, seconds in report.seconds.items():
