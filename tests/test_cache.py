@@ -7,6 +7,7 @@ then the worker's revoke callback.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -194,6 +195,18 @@ async def test_forgetting_the_cache_reads_what_a_new_owner_wrote(
         assert (await before.load_many(["a"], 2, 4)).fence_offset.tolist() == [10]  # the hazard
         before.forget_cached()
         assert (await before.load_many(["a"], 2, 4)).fence_offset.tolist() == [20]
+
+
+async def test_a_memory_expired_in_redis_is_not_served_from_the_cache(
+    redis_server: RedisServer,
+) -> None:
+    async with MemoryStore(
+        redis_server.url, namespace(), "v1", ttl_s=0.3, cache_entities=100
+    ) as store:
+        await store.commit_many(make_updates(["a"], 5))
+        assert (await store.load_many(["a"], 2, 4)).found.tolist() == [True]
+        await asyncio.sleep(0.4)
+        assert (await store.load_many(["a"], 2, 4)).found.tolist() == [False]
 
 
 async def test_a_cluster_store_reads_every_memory_from_redis(
