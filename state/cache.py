@@ -19,9 +19,11 @@ filled (first in, first out), so the cache never grows past ``capacity`` entitie
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +31,8 @@ import numpy.typing as npt
 from state.codec import F32, I64, MemoryBatch, MemoryUpdates
 
 __all__ = ["MemoryCache"]
+
+T = TypeVar("T", bound=np.generic)
 
 
 class MemoryCache:
@@ -46,8 +50,7 @@ class MemoryCache:
         self.capacity = capacity
         self.ttl_s = ttl_s
         self.rounding = rounding
-        self.resets: bytes | None = None
-        """The reset counter the entries were checked against (None: no reset yet)."""
+        self._resets: bytes | None = None  # the reset counter last read (None: no reset yet)
         self.generation = 0
         """How many times the cache was cleared: a commit sent before a clear, and answered
         after it, may have been overtaken by what the clear was for, so it is not kept."""
@@ -64,6 +67,12 @@ class MemoryCache:
 
     def __len__(self) -> int:
         return len(self._slots)
+
+    def check_resets(self, counter: bytes | None) -> None:
+        """Clear the cache when the namespace's reset counter moved since it was last read."""
+        if counter != self._resets:
+            self.clear()
+            self._resets = counter
 
     def find(self, entity_ids: Sequence[str], layers: int, hidden: int) -> I64:
         """Each entity's slot, or -1 where it is not cached (or its entry is too old to use)."""
@@ -111,28 +120,27 @@ class MemoryCache:
         ids = updates.entity_ids
         keep = applied.copy()  # (E,)
         if len(set(ids)) != e:
-            counts: dict[str, int] = {}
-            for entity_id in ids:
-                counts[entity_id] = counts.get(entity_id, 0) + 1
+            counts = collections.Counter(ids)
             keep &= np.fromiter((counts[i] == 1 for i in ids), np.bool_, e)
         keep[np.flatnonzero(keep)[: -self.capacity]] = False  # more than fit: the last ones
         self.evict([ids[r] for r in np.flatnonzero(~keep).tolist()])
         rows = np.flatnonzero(keep)
-        slots = self._lookup(ids if len(rows) == e else [ids[r] for r in rows.tolist()])
+        every = len(rows) == e  # as it usually is: no copies
+
+        def kept(column: npt.NDArray[T]) -> npt.NDArray[T]:
+            return column if every else column[rows]
+
+        slots = self._lookup(ids if every else [ids[r] for r in rows.tolist()])
         for at in np.flatnonzero(slots < 0).tolist():  # new entities take the oldest slots
             slots[at] = self._slot(ids[rows[at]])
-        every = len(rows) == e  # (E,) as it usually is: no copies
-        ltm = updates.ltm if every else updates.ltm[rows]
-        stm = updates.stm if every else updates.stm[rows]
+        ltm, stm = kept(updates.ltm), kept(updates.stm)
         if self.rounding is not None:
             ltm, stm = ltm.astype(self.rounding), stm.astype(self.rounding)
         self._ltm[slots] = ltm
         self._stm[slots] = stm
-        self._step[slots] = updates.step if every else updates.step[rows]
-        self._fence_partition[slots] = (
-            updates.fence_partition if every else updates.fence_partition[rows]
-        )
-        self._fence_offset[slots] = updates.fence_offset if every else updates.fence_offset[rows]
+        self._step[slots] = kept(updates.step)
+        self._fence_partition[slots] = kept(updates.fence_partition)
+        self._fence_offset[slots] = kept(updates.fence_offset)
         self._written[slots] = written
 
     def evict(self, entity_ids: Sequence[str]) -> None:

@@ -377,11 +377,9 @@ class MemoryStore:
         memories = codec.decode_many(entity_ids, values[: len(keys)], layers, hidden, self._code)
         stored = values[len(keys) : len(keys) + len(fence_keys)]
         fences = {p: None if f is None else int(f) for p, f in zip(fenced, stored, strict=True)}
-        memories = dataclasses.replace(memories, partition_fences=fences)
-        if self._cache is not None and values[-1] != self._cache.resets:
-            self._cache.clear()
-            self._cache.resets = values[-1]
-        return memories
+        if self._cache is not None:
+            self._cache.check_resets(values[-1])
+        return dataclasses.replace(memories, partition_fences=fences)
 
     async def commit_many(
         self, updates: MemoryUpdates, *, loaded: MemoryBatch | None = None
