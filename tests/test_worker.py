@@ -177,6 +177,19 @@ async def test_an_entity_seen_again_starts_from_the_cached_memory(
     assert worker.metric(redis) - before[1] == 1
 
 
+async def test_an_api_reset_reaches_the_worker_that_cached_the_memory(
+    stack: StreamSlice, worker: WorkerProcess
+) -> None:
+    await stack.publish([event("cached-2", [0.1, 0.2, 0.3, 0.4])])
+    await stack.predictions(1, entities={"cached-2"})
+    settled_memory(worker, "cached-2", 1)  # committed, so cached
+    assert worker.http("DELETE", "/entities/cached-2/memory")[0] == 200
+    await stack.publish([event("cached-2", [0.5, 0.6, 0.7, 0.8])])
+    second = (await stack.predictions(2, entities={"cached-2"}))[-1]
+    assert second["step"] == 1  # started from the reset's zeros, not the cached memory
+    assert settled_memory(worker, "cached-2", 1)["step"] == 1
+
+
 def test_health_reports_each_dependency(worker: WorkerProcess) -> None:
     status, body = worker.http("GET", "/health")
     assert status == 200

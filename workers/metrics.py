@@ -47,6 +47,8 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
+        for source in ("cache", "redis"):  # both at 0 from the start, not from the first batch
+            self.memory_loads.labels(source)
         self.batch_size = Histogram(
             "stream_lstm_batch_size",
             "Events per micro-batch",
