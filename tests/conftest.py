@@ -1,5 +1,9 @@
-"""Shared fixtures: one real Redis-protocol server, one 3-primary Redis Cluster and one
-Kafka-protocol broker per session, and memory stores on each backend.
+"""Shared fixtures: one real Redis-protocol server, one 3-primary Redis Cluster and a real
+Kafka broker per session, and memory stores on each backend.
+
+A test that takes ``kafka_broker`` runs twice: on Tansu (embedded, in memory) and on Apache Kafka
+(Java and Maven needed: without them that tier is skipped, except under ``CI=true``, where a
+missing broker fails the run).
 
 A test that takes ``backend`` (or ``store``) runs three times: on fakeredis, on the real server
 and on the cluster. Each test gets a fresh key namespace; on fakeredis also a fresh server.
@@ -7,6 +11,7 @@ and on the cluster. Each test gets a fresh key namespace; on fakeredis also a fr
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,7 +24,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from state import MemoryStore, RedisServer
 from state.server import RedisClusterServer
-from workers.broker import KafkaBroker
+from workers.apache_kafka import ApacheKafka, apache_kafka_missing
+from workers.broker import Broker, KafkaBroker
 
 # The offline reference steps entities one at a time: with 2 threads on 2 busy cores each tiny
 # step waits on a thread handoff (~40x slower under load). Workers run on 1 thread too.
@@ -41,10 +47,35 @@ def redis_cluster() -> Iterator[RedisClusterServer]:
 
 
 @pytest.fixture(scope="session")
-def kafka_broker() -> Iterator[KafkaBroker]:
+def tansu_broker() -> Iterator[KafkaBroker]:
     """A real Tansu broker (in memory, never frees data: one per session), stopped at the end."""
     with KafkaBroker() as broker:
         yield broker
+
+
+def require_apache_kafka() -> None:
+    """Skip (fail under CI=true) when Apache Kafka cannot run here, saying how to enable it."""
+    missing = apache_kafka_missing()
+    if missing is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true runs every test on Apache Kafka too, but: {missing}")
+    pytest.skip(f"the Apache Kafka tier: {missing}; install them and it runs")
+
+
+@pytest.fixture(scope="session")
+def apache_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKafka]:
+    """A real Apache Kafka broker (KRaft, one node), stopped at the end."""
+    require_apache_kafka()
+    with ApacheKafka(workdir=tmp_path_factory.mktemp("apache-kafka")) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session", params=["tansu_broker", "apache_kafka"], ids=["tansu", "apache"])
+def kafka_broker(request: pytest.FixtureRequest) -> Broker:
+    """Each real broker in turn: the tests that take it run on Tansu and on Apache Kafka."""
+    broker: Broker = request.getfixturevalue(request.param)
+    return broker
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from state import RedisServer
 from state.server import RedisClusterServer
 from stream_lstm.model import StreamModel
 from tests.offline import offline
-from workers.broker import KafkaBroker
+from workers.broker import Broker
 from workers.stack import WorkerProcess
 
 INPUT = 4
@@ -39,7 +39,7 @@ WORKER_DEVICE = os.environ.get("STREAM_LSTM_TEST_DEVICE", "cpu")
 class StreamSlice:
     """Topics, group, namespace and model of one test, on the session's broker and Redis."""
 
-    broker: KafkaBroker
+    broker: Broker
     redis: RedisServer | RedisClusterServer
     model_path: Path
     tmp: Path

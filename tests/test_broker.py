@@ -24,8 +24,8 @@ GROUP_SETTINGS = {
 
 
 @pytest.fixture
-def broker(kafka_broker: KafkaBroker) -> KafkaBroker:
-    return kafka_broker
+def broker(tansu_broker: KafkaBroker) -> KafkaBroker:
+    return tansu_broker
 
 
 def _name(prefix: str) -> str:

@@ -24,7 +24,7 @@ from tests.stack import (
     save_model,
     settled_memory,
 )
-from workers.broker import KafkaBroker
+from workers.broker import Broker
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def stack(
-    kafka_broker: KafkaBroker,
+    kafka_broker: Broker,
     redis_cluster: RedisClusterServer,
     model_path: Path,
     tmp_path: Path,

@@ -9,7 +9,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.broker import KafkaBroker, create_topics
+from workers.broker import Broker, create_topics
 from workers.consumer import KafkaEmitter, keyed
 
 
@@ -20,7 +20,7 @@ def test_keys_land_where_kafkas_default_partitioner_puts_them(key: bytes, count:
 
 
 async def test_batches_keep_the_key_partitioning_and_per_key_order(
-    kafka_broker: KafkaBroker,
+    kafka_broker: Broker,
 ) -> None:
     topic = f"emit-{uuid.uuid4().hex[:8]}"
     await create_topics(kafka_broker.bootstrap, [topic], 5)

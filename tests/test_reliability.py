@@ -47,7 +47,7 @@ from tests.stack import (
     settled_memory,
 )
 from tests.test_worker import BAD_INPUTS
-from workers.broker import KafkaBroker
+from workers.broker import Broker
 from workers.stack import WorkerProcess
 
 ENTITIES = 100
@@ -73,7 +73,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def stack(
-    kafka_broker: KafkaBroker, redis_server: RedisServer, model_path: Path, tmp_path: Path
+    kafka_broker: Broker, redis_server: RedisServer, model_path: Path, tmp_path: Path
 ) -> Iterator[StreamSlice]:
     """This test's topics, group and namespace; its workers are killed at the end."""
     stack = StreamSlice(kafka_broker, redis_server, model_path, tmp_path)
@@ -388,7 +388,7 @@ async def test_rebalance_and_a_frozen_worker_cannot_overwrite_newer_memories(
 
 @pytest.mark.slow
 async def test_redis_away_for_10s_the_worker_waits_says_not_ready_and_loses_nothing(
-    kafka_broker: KafkaBroker, model_path: Path, tmp_path: Path
+    kafka_broker: Broker, model_path: Path, tmp_path: Path
 ) -> None:
     redis = RedisServer(data_dir=tmp_path / "redis", appendonly=True)
     redis.start()
@@ -644,7 +644,7 @@ def decode(text: str | None, encoding: str | None) -> bytes | None:
 
 @pytest.fixture(scope="module")
 def hostile_stack(
-    kafka_broker: KafkaBroker,
+    kafka_broker: Broker,
     redis_server: RedisServer,
     model_path: Path,
     tmp_path_factory: pytest.TempPathFactory,

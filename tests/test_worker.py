@@ -22,7 +22,7 @@ from tests.stack import (
     save_model,
     settled_memory,
 )
-from workers.broker import KafkaBroker
+from workers.broker import Broker
 from workers.stack import WorkerProcess
 
 AWKWARD_IDS = [
@@ -44,7 +44,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(
-    kafka_broker: KafkaBroker,
+    kafka_broker: Broker,
     redis_server: RedisServer,
     model_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
@@ -224,7 +224,7 @@ def test_metrics_show_counts_histograms_and_lag(worker: WorkerProcess) -> None:
 
 @pytest.mark.slow
 async def test_graceful_restart_continues_every_memory(
-    kafka_broker: KafkaBroker, redis_server: RedisServer, model_path: Path, tmp_path: Path
+    kafka_broker: Broker, redis_server: RedisServer, model_path: Path, tmp_path: Path
 ) -> None:
     stack = StreamSlice(kafka_broker, redis_server, model_path, tmp_path)
     try:
@@ -279,7 +279,7 @@ async def test_cli_publishes_tails_and_queries_memory(
 
 @pytest.mark.slow
 async def test_three_workers_in_one_group_give_golden_output(
-    kafka_broker: KafkaBroker, redis_server: RedisServer, model_path: Path, tmp_path: Path
+    kafka_broker: Broker, redis_server: RedisServer, model_path: Path, tmp_path: Path
 ) -> None:
     stack = StreamSlice(kafka_broker, redis_server, model_path, tmp_path)
     try:

@@ -26,13 +26,13 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Protocol, Self
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from stream_lstm.exceptions import BrokerError
 
-__all__ = ["KafkaBroker", "create_topics", "find_tansu"]
+__all__ = ["Broker", "KafkaBroker", "create_topics", "find_tansu", "free_port", "kafka_answers"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def find_tansu() -> Path:
     return path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """Ask the kernel for a port nobody listens on (racy, hence the retries in `start`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
@@ -73,7 +73,7 @@ def _free_port() -> int:
         return port
 
 
-def _kafka_answers(host: str, port: int, timeout: float) -> bool:
+def kafka_answers(host: str, port: int, timeout: float) -> bool:
     """Send one ApiVersions request; True once the broker answers it without error.
 
     Written against a raw socket, not aiokafka, so `start` works both inside and outside a
@@ -102,6 +102,26 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("broker closed the connection")
         chunks += chunk
     return bytes(chunks)
+
+
+class Broker(Protocol):
+    """A broker a stack, test or benchmark started: Tansu (`KafkaBroker`) or Apache Kafka
+    (`workers.apache_kafka.ApacheKafka`)."""
+
+    @property
+    def bootstrap(self) -> str:
+        """``host:port[,host:port...]``, what aiokafka's clients take."""
+        ...
+
+    @property
+    def url(self) -> str:
+        """``kafka://host:port[;host:port...]``, what ``STREAM_LSTM_BROKER`` takes."""
+        ...
+
+    @property
+    def pid(self) -> int: ...
+
+    def stop(self) -> None: ...
 
 
 class KafkaBroker:
@@ -163,7 +183,7 @@ class KafkaBroker:
         binary = self._binary or find_tansu()
         attempts = 1 if self._requested_port is not None else 3
         for attempt in range(1, attempts + 1):
-            port = self._requested_port or _free_port()
+            port = self._requested_port or free_port()
             if self._launch(binary, port):
                 logger.info("Tansu broker pid %s listening on %s", self.pid, self.bootstrap)
                 return self
@@ -199,7 +219,7 @@ class KafkaBroker:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 break  # exited early, most likely the port was taken
-            if _kafka_answers(_HOST, port, timeout=1.0):
+            if kafka_answers(_HOST, port, timeout=1.0):
                 return True
             time.sleep(0.02)
         self.stop()

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any, Self
 
 from state import RedisServer
 from stream_lstm.exceptions import StreamLSTMError
-from workers.broker import KafkaBroker
+from workers.broker import KafkaBroker, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +33,6 @@ READY_TIMEOUT_S = 60.0
 
 class WorkerStartError(StreamLSTMError):
     """A worker process exited or did not become ready; the message holds its log's tail."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass
