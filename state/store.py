@@ -30,7 +30,9 @@ Redis calls retry connection errors with exponential backoff and jitter (redis-p
 server, the store's own on a cluster, with a fresh slot map each time); each call, retries
 included, is bounded by ``retry_s`` and then raises StoreUnavailableError. A commit that
 raises may or may not have been written; it is never reported as applied, and committing the
-same updates again is safe.
+same updates again is safe. A refusal is not retried: a wrong user or password, or a TLS
+certificate that is not trusted (redis-py reports both as connection errors) raises
+StoreRefusedError at once. Errors and logs name the URL without its passwords.
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ import dataclasses
 import functools
 import logging
 import random
+import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import hiredis
 import numpy as np
@@ -57,7 +60,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import (
+    AuthenticationError,
     ClusterDownError,
+    NoPermissionError,
     NoScriptError,
     RedisClusterException,
     RedisError,
@@ -72,7 +77,12 @@ from state import codec
 from state.cache import MemoryCache
 from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
 from state.keys import KeyLayout
-from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
+from stream_lstm.exceptions import (
+    ConfigError,
+    StoreError,
+    StoreRefusedError,
+    StoreUnavailableError,
+)
 
 __all__ = ["CommitResult", "MemoryStore"]
 
@@ -272,7 +282,9 @@ class MemoryStore:
         if cache_entities < 0:
             raise ConfigError(f"cache_entities must be 0 (no cache) or more, got {cache_entities}")
         self._keys = KeyLayout(namespace, model_version)
-        self._url = _without_password(redis_url)
+        self._url = without_password(redis_url)
+        self._user = _user(redis_url)
+        self._secrets = _passwords(redis_url)
         self._ttl_ms = 0 if ttl_s is None else max(1, round(ttl_s * 1000))
         self._retry_s = retry_s
         self._redis = client if client is not None else _connect(redis_url, retry_s)
@@ -618,10 +630,11 @@ class MemoryStore:
                 return total
 
     async def ping(self, timeout_s: float = 2.0) -> None:
-        """Return when Redis answers within ``timeout_s``, else raise StoreUnavailableError.
+        """Return when Redis answers within ``timeout_s``, else raise StoreUnavailableError;
+        StoreRefusedError when it refuses our credentials or we do not trust its certificate.
 
-        For health checks, which must answer quickly rather than wait out ``retry_s``. On a
-        cluster every primary must answer.
+        For health checks and start-up, which must answer quickly rather than wait out
+        ``retry_s``. On a cluster every primary must answer.
         """
         cluster = self._cluster
         if cluster is not None:
@@ -641,6 +654,7 @@ class MemoryStore:
         A single server's client retries lost connections itself. A cluster client tries once
         (following MOVED and ASK redirections; it raises RedisClusterException when no node
         answers at all), so on a cluster the call is retried here, with the same backoff.
+        Neither retries a refusal (``_refused``): it raises StoreRefusedError at once.
         """
         budget_s = self._retry_s if budget_s is None else budget_s
         failures: list[BaseException] = []
@@ -650,15 +664,27 @@ class MemoryStore:
                     return await operation()
                 deadline = cast("float", scope.when())
                 return await _retry_transient(self._cluster, operation, failures, deadline)
-        except (TimeoutError, RedisConnectionError, RedisTimeoutError) as error:
+        except (TimeoutError, RedisError, RedisClusterException) as error:
             cause = failures[-1] if failures and isinstance(error, TimeoutError) else error
-            logger.warning("%s: Redis at %s unavailable: %r", what, self._url, cause)
+            # One server: the timeout cancelled redis-py's backoff after the error it retries.
+            cause = next((e for e in _chain(cause) if isinstance(e, RedisError)), cause)
+            refused = _refused(cause)
+            if refused is not None:
+                why = _why_refused(refused, self._user)
+                raise StoreRefusedError(
+                    _scrubbed(f"{what}: Redis at {self._url} refused us: {why}", self._secrets)
+                ) from error
+            if not isinstance(error, (TimeoutError, RedisConnectionError, RedisTimeoutError)):
+                raise StoreError(
+                    _scrubbed(f"{what}: Redis at {self._url} failed: {error}", self._secrets)
+                ) from error
+            shown = _scrubbed(f"{type(cause).__name__}: {cause}".removesuffix(": "), self._secrets)
+            # The caller decides what to tell: the worker logs its retries, the CLI one line.
+            logger.debug("%s: Redis at %s unavailable: %s", what, self._url, shown)
             raise StoreUnavailableError(
                 f"{what}: Redis at {self._url} did not answer within {budget_s:g} s "
-                f"of retries ({cause!r})"
+                f"of retries ({shown})"
             ) from error
-        except (RedisError, RedisClusterException) as error:
-            raise StoreError(f"{what}: Redis at {self._url} failed: {error}") from error
 
 
 def _unreached(fences: Sequence[int | None], bounds: dict[int, tuple[int, int]]) -> bool:
@@ -680,8 +706,80 @@ def _offset_bounds(updates: MemoryUpdates) -> dict[int, tuple[int, int]]:
     return bounds
 
 
+_CLIENT_CERTIFICATE_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "TLSV1_ALERT_UNKNOWN_CA",
+}
+"""TLS alerts of a server that refused our client certificate (or our lack of one)."""
+_NAME_MISMATCHES = {62, 64}
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and what it was raised from or while handling, nearest first (a few: redis-py's
+    chains are short; never a long or cyclic one)."""
+    seen: BaseException | None = error
+    for _ in range(5):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def _refused(error: BaseException) -> BaseException | None:
+    """The refusal behind ``error`` when Redis refused us for good, else None.
+
+    redis-py raises AuthenticationError, a ConnectionError, for a wrong user or password
+    (WRONGPASS) and for none given (NOAUTH); a TLS failure is a ConnectionError raised while
+    handling the ssl error (its ``__context__``); a cluster client raises RedisClusterException
+    from either (its ``__cause__``). Any of them would be retried as if Redis were down. A user
+    without a permission the store needs gets NoPermissionError (NOPERM), never retried.
+    """
+    for seen in _chain(error):
+        if isinstance(seen, (AuthenticationError, NoPermissionError, ssl.SSLCertVerificationError)):
+            return seen
+        if isinstance(seen, ssl.SSLError) and seen.reason in _CLIENT_CERTIFICATE_ALERTS:
+            return seen
+    return None
+
+
+def _why_refused(refusal: BaseException, user: str) -> str:
+    """What was refused, in words, for ``_refused``'s answer."""
+    if isinstance(refusal, AuthenticationError):
+        return f"authentication failed for user {user!r} ({refusal})"
+    if isinstance(refusal, NoPermissionError):
+        return f"permission denied to user {user!r} ({refusal})"
+    if isinstance(refusal, ssl.SSLCertVerificationError):
+        if refusal.verify_code in _NAME_MISMATCHES:
+            return f"hostname mismatch: {refusal.verify_message}"
+        return f"certificate not trusted: {refusal.verify_message}"
+    return f"client certificate refused ({refusal})"
+
+
+class _RetryUnlessRefused(Retry):
+    """redis-py's retry of connection errors, except a refusal (``_refused``): that one is
+    raised at once, so a wrong password fails in one round trip instead of after ``retry_s``."""
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[[Exception], Any] | Callable[[Exception, int], Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        def retryable(error: Exception) -> bool:
+            return _refused(error) is None and (is_retryable is None or is_retryable(error))
+
+        return await super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def _transient(error: BaseException) -> bool:
     """Whether a cluster call may succeed if tried again: a node lost or the slot map moving."""
+    if _refused(error) is not None:
+        return False
     if isinstance(
         error,
         (
@@ -744,12 +842,18 @@ def _connect(redis_url: str, retry_s: float) -> Redis | RedisCluster:
     """A client that retries lost connections forever, with backoff; ``_call`` bounds it."""
     if redis_url.partition("://")[0] in CLUSTER_SCHEMES:
         return _connect_cluster(redis_url, retry_s)
-    client = Redis.from_url(
-        redis_url,
-        retry=Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP_S, base=_BACKOFF_BASE_S), -1),
-        socket_connect_timeout=min(retry_s, _CONNECT_TIMEOUT_S),
-        socket_timeout=min(retry_s, _REPLY_TIMEOUT_S),
-    )
+    try:
+        client = Redis.from_url(
+            redis_url,
+            retry=_RetryUnlessRefused(
+                ExponentialWithJitterBackoff(cap=_BACKOFF_CAP_S, base=_BACKOFF_BASE_S), -1
+            ),
+            socket_connect_timeout=min(retry_s, _CONNECT_TIMEOUT_S),
+            socket_timeout=min(retry_s, _REPLY_TIMEOUT_S),
+        )
+    except ValueError as error:  # its message may quote a piece of the URL
+        message = f"{without_password(redis_url)}: {error}"
+        raise ConfigError(_scrubbed(message, _passwords(redis_url))) from None
     pool = client.connection_pool
     pool.connection_class = _packed_by_hiredis(pool.connection_class)
     return client
@@ -791,7 +895,7 @@ def _connect_cluster(redis_url: str, retry_s: float) -> RedisCluster:
     seeds = [host.strip() for host in hosts.split(",") if host.strip()]
     if not seeds:
         raise ConfigError(
-            f"{_without_password(redis_url)}: a cluster URL names at least one node, "
+            f"{without_password(redis_url)}: a cluster URL names at least one node, "
             f"{parts.scheme}://host:port[,host:port...]"
         )
     first = urlunsplit(
@@ -816,7 +920,8 @@ def _connect_cluster(redis_url: str, retry_s: float) -> RedisCluster:
             socket_timeout=min(retry_s, _CLUSTER_SOCKET_TIMEOUT_S),
         )
     except (ValueError, RedisClusterException) as error:
-        raise ConfigError(f"{_without_password(redis_url)}: {error}") from None
+        message = f"{without_password(redis_url)}: {error}"
+        raise ConfigError(_scrubbed(message, _passwords(redis_url))) from None
 
 
 def _host_port(seed: str) -> tuple[str, int]:
@@ -827,10 +932,62 @@ def _host_port(seed: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 6379
 
 
-def _without_password(url: str) -> str:
-    """The URL as it may appear in logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+_MASK = "***"
+
+
+def _split_url(url: str) -> tuple[str, str, str, list[tuple[str, str, str]]]:
+    """``scheme://``, the userinfo (up to the last ``@`` before the query, so that a password
+    with an unescaped ``/`` or ``@`` stays whole), the rest up to the query, and the query's
+    ``(name, "=", value)`` options, all as written. No URL is invalid here: no error to leak
+    it."""
+    scheme, sep, rest = url.partition("://")
+    rest, _, query = rest.partition("?")
+    userinfo, at, location = rest.rpartition("@")
+    options = [option.partition("=") for option in query.split("&")] if query else []
+    return scheme + sep, userinfo + at, location, options
+
+
+def _is_password(name: str) -> bool:
+    """A query option holding a secret: ``password``, and ``ssl_password`` (a key's)."""
+    return "password" in unquote(name).lower()
+
+
+def without_password(url: str) -> str:
+    """The URL as it may appear in logs and errors: the password of the userinfo and of any
+    ``password=`` option masked."""
+    scheme, userinfo, location, options = _split_url(url)
+    user, colon, _ = userinfo.removesuffix("@").partition(":")
+    if colon:
+        userinfo = f"{user}:{_MASK}@"
+    if not options:
+        return scheme + userinfo + location
+    query = "&".join(
+        name + eq + (_MASK if eq and _is_password(name) else value) for name, eq, value in options
+    )
+    return f"{scheme}{userinfo}{location}?{query}"
+
+
+def _passwords(url: str) -> list[str]:
+    """Every password the URL holds, as written and unescaped, and what a URL parser that
+    ends the host at an unescaped ``/`` would take for one: what no message may show."""
+    _, userinfo, _, options = _split_url(url)
+    password = userinfo.removesuffix("@").partition(":")[2]
+    found = [password, password.partition("/")[0]]
+    found += [value for name, _, value in options if _is_password(name)]
+    return [form for secret in found if secret for form in {secret, unquote(secret)}]
+
+
+def _scrubbed(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret masked: for messages that quote what a library said."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, _MASK)
+    return text
+
+
+def _user(url: str) -> str:
+    """The user a URL authenticates as: its userinfo's or ``username=`` option's, else the
+    default user."""
+    _, userinfo, _, options = _split_url(url)
+    user = userinfo.removesuffix("@").partition(":")[0]
+    user = user or next((v for k, _, v in options if unquote(k) == "username"), "")
+    return unquote(user) or "default"

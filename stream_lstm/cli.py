@@ -28,14 +28,19 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+CLI_WAIT_S = 3.0
+"""How long a command waits for a broker or Redis that does not answer: a person is waiting."""
 
-def settings_options(*names: str) -> Callable[[F], F]:
-    """Add a flag for each named setting (all of them when none are named), help from the field."""
-    from workers.settings import Settings, env_name
+
+def settings_options(*names: str, kafka: bool = False) -> Callable[[F], F]:
+    """Add a flag for each named setting (all of them when none are named), help from the field;
+    ``kafka``: also the broker's address and security settings."""
+    from workers.settings import KAFKA_CONNECTION, Settings, env_name
 
     def decorate(command: F) -> F:
         fields = Settings.model_fields
-        for name in reversed(names or tuple(fields)):
+        named = (*KAFKA_CONNECTION, *names) if kafka else names
+        for name in reversed(named or tuple(fields)):
             field = fields[name]
             default = "unset" if field.default is None else field.default
             command = click.option(
@@ -50,14 +55,17 @@ def settings_options(*names: str) -> Callable[[F], F]:
 
 
 def fail_clearly(command: F) -> F:
-    """Turn our own errors into one line on stderr and exit status 2, no traceback."""
+    """Turn our own errors into one line on stderr and exit status 2, no traceback; a refusal
+    by the broker or Redis names the setting to fix."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
+        from workers.settings import blame
+
         try:
             return command(*args, **kwargs)
         except StreamLSTMError as e:
-            click.echo(f"stream-lstm: error: {e}", err=True)
+            click.echo(f"stream-lstm: error: {blame(e)}", err=True)
             sys.exit(2)
 
     return run  # type: ignore[return-value]
@@ -87,13 +95,13 @@ def worker(**flags: Any) -> None:
     import faust
     import torch
 
-    from workers.app import StreamWorker, ensure_topics
+    from workers.app import StreamWorker, preflight
     from workers.settings import Settings
 
     settings = Settings.load(**flags)
     torch.set_num_threads(settings.torch_threads)
     model = load_model(settings)
-    asyncio.run(ensure_topics(settings))
+    asyncio.run(preflight(settings, model))
     stream_worker = StreamWorker(settings, model)
     faust.Worker(
         stream_worker.app, loglevel=settings.log_level.replace("warning", "warn")
@@ -102,7 +110,7 @@ def worker(**flags: Any) -> None:
 
 @main.command()
 @click.argument("file", type=click.File("rb"))
-@settings_options("broker", "input_topic")
+@settings_options("input_topic", kafka=True)
 @fail_clearly
 def publish(file: IO[bytes], **flags: Any) -> None:
     """Send JSONL events from FILE (or - for stdin), each keyed by its entity_id.
@@ -119,9 +127,8 @@ def publish(file: IO[bytes], **flags: Any) -> None:
 
 
 async def _publish(settings: Settings, lines: list[bytes]) -> int:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+    await settings.kafka.check(CLI_WAIT_S)
+    producer = settings.kafka.producer(acks="all")
     await producer.start()
     try:
         with click.progressbar(length=len(lines), label="publishing", file=sys.stderr) as bar:
@@ -148,7 +155,7 @@ def _entity_key(line: bytes) -> bytes | None:
 
 
 @main.command()
-@settings_options("broker", "output_topic")
+@settings_options("output_topic", kafka=True)
 @click.option(
     "--from-beginning", is_flag=True, help="Start at the oldest prediction, not the newest."
 )
@@ -171,11 +178,9 @@ def tail(
 async def _tail(
     settings: Settings, from_beginning: bool, limit: int | None, idle_timeout_s: float | None
 ) -> None:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(
+    await settings.kafka.check(CLI_WAIT_S)
+    consumer = settings.kafka.consumer(
         settings.output_topic,
-        bootstrap_servers=settings.bootstrap_servers,
         group_id=None,
         auto_offset_reset="earliest" if from_beginning else "latest",
         enable_auto_commit=False,
@@ -314,7 +319,7 @@ def memory_get(entity_id: str, **flags: Any) -> None:
     model = load_model(settings)
 
     async def get() -> MemorySnapshot | None:
-        async with settings.memory_store(model.version) as store:
+        async with settings.memory_store(model.version, retry_s=CLI_WAIT_S) as store:
             stored = await store.get(entity_id)
         return stored.snapshot(entity_id, model.version) if stored is not None else None
 
@@ -337,7 +342,7 @@ def memory_reset(entity_id: str, **flags: Any) -> None:
     model = load_model(settings)
 
     async def reset() -> bool:
-        async with settings.memory_store(model.version) as store:
+        async with settings.memory_store(model.version, retry_s=CLI_WAIT_S) as store:
             return await store.reset(entity_id)
 
     if not asyncio.run(reset()):

@@ -4,9 +4,11 @@
     ├── ModelError            the model cannot serve (unsupported LSTM, inputs of the wrong shape)
     │   └── CheckpointError   a model file is missing, corrupt, foreign, unsafe or too new
     ├── ConfigError           a setting is invalid; the message names the setting
-    ├── BrokerError           the embedded broker is missing or failed, or a topic was refused
+    ├── BrokerError           a broker is missing, failed or did not answer, or refused a topic
+    │   └── BrokerRefusedError      the broker refused us: credentials, TLS trust, protocol
     └── StoreError            the memory store failed or holds a value that does not decode
-        └── StoreUnavailableError   Redis did not answer within the retry budget
+        ├── StoreUnavailableError   Redis did not answer within the retry budget
+        └── StoreRefusedError       Redis answered but refused us: credentials or TLS trust
 
 Catch `StreamLSTMError` to handle them all; catch a subclass to act on one failure.
 """
@@ -31,7 +33,19 @@ class ConfigError(StreamLSTMError):
 
 
 class BrokerError(StreamLSTMError):
-    """The embedded broker is missing or did not start, or the broker refused a topic."""
+    """A broker is missing, did not start or did not answer, or it refused a topic."""
+
+
+class BrokerRefusedError(BrokerError):
+    """The broker answered but refused us for good: credentials, TLS trust, protocol, or a
+    replication factor it cannot give; retrying cannot help.
+
+    ``setting`` names the setting to fix (a ``workers.settings.Settings`` field).
+    """
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class StoreError(StreamLSTMError):
@@ -40,3 +54,12 @@ class StoreError(StreamLSTMError):
 
 class StoreUnavailableError(StoreError):
     """Redis did not answer within the configured retry budget."""
+
+
+class StoreRefusedError(StoreError):
+    """Redis answered but refused us for good: credentials or TLS trust; retrying cannot help.
+
+    A wrong user or password (or a user without a permission the store needs), a server
+    certificate that is not trusted or names another host, or a client certificate the server
+    refused. The message says what was refused and names the URL without its password.
+    """

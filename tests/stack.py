@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 import torch
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from torch import nn
 
 from state import RedisServer
@@ -26,6 +25,7 @@ from state.server import RedisClusterServer
 from stream_lstm.model import StreamModel
 from tests.offline import offline
 from workers.broker import Broker
+from workers.connection import KafkaConnection
 from workers.stack import WorkerProcess
 
 INPUT = 4
@@ -43,8 +43,15 @@ class StreamSlice:
     redis: RedisServer | RedisClusterServer
     model_path: Path
     tmp: Path
+    kafka: KafkaConnection | None = None
+    """How to reach the broker (a secured listener); None: the broker's PLAINTEXT listener."""
     name: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
     workers: list[WorkerProcess] = field(default_factory=list)
+
+    @property
+    def connection(self) -> KafkaConnection:
+        """How this slice's workers, producers and readers reach the broker."""
+        return self.kafka or self.broker.connection
 
     @property
     def model(self) -> StreamModel:
@@ -53,7 +60,7 @@ class StreamSlice:
     @property
     def env(self) -> dict[str, str]:
         return {
-            "STREAM_LSTM_BROKER": self.broker.url,
+            **connection_env(self.connection),
             "STREAM_LSTM_REDIS_URL": self.redis.url,
             "STREAM_LSTM_MODEL": str(self.model_path),
             "STREAM_LSTM_APP_ID": self.name,
@@ -89,7 +96,7 @@ class StreamSlice:
 
     async def publish(self, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
         """Send (key, value) pairs to the input topic and wait until all are acknowledged."""
-        producer = AIOKafkaProducer(bootstrap_servers=self.broker.bootstrap, acks="all")
+        producer = self.connection.producer(acks="all")
         await producer.start()
         try:
             topic = self.env["STREAM_LSTM_INPUT_TOPIC"]
@@ -107,9 +114,8 @@ class StreamSlice:
     ) -> list[dict[str, Any]]:
         """At least ``count`` messages of a topic from its start (only those about ``entities``
         when given), parsed; fails on timeout."""
-        consumer = AIOKafkaConsumer(
+        consumer = self.connection.consumer(
             topic,
-            bootstrap_servers=self.broker.bootstrap,
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
@@ -137,6 +143,29 @@ class StreamSlice:
 
     async def dead_letters(self, count: int) -> list[dict[str, Any]]:
         return await self.read(self.env["STREAM_LSTM_DEAD_LETTER_TOPIC"], count)
+
+
+def connection_env(connection: KafkaConnection) -> dict[str, str]:
+    """The worker settings (environment variables) that make this connection."""
+    env = {
+        "STREAM_LSTM_BROKER": "kafka://" + connection.bootstrap_servers.replace(",", ";"),
+        "STREAM_LSTM_KAFKA_SECURITY_PROTOCOL": connection.security_protocol,
+        "STREAM_LSTM_KAFKA_SSL_CHECK_HOSTNAME": str(connection.ssl_check_hostname).lower(),
+    }
+    for name in (
+        "sasl_mechanism",
+        "sasl_username",
+        "sasl_password",
+        "ssl_cafile",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_key_password",
+    ):
+        value = getattr(connection, name)
+        if value is not None:
+            secret = getattr(value, "get_secret_value", None)
+            env[f"STREAM_LSTM_KAFKA_{name.upper()}"] = secret() if secret else str(value)
+    return env
 
 
 def settled_memory(

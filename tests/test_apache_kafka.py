@@ -13,7 +13,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.conftest import require_apache_kafka
 from workers.apache_kafka import KAFKA_VERSION, ApacheKafka, apache_kafka_missing, kafka_jars
-from workers.broker import create_topics
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -59,7 +58,7 @@ async def test_a_broker_serves_on_its_ports_creates_replicated_topics_and_stops_
     assert host == "127.0.0.1"
     assert apache_kafka.url == f"kafka://127.0.0.1:{port}"
     topic = f"launcher-{uuid.uuid4().hex[:8]}"
-    assert await create_topics(apache_kafka.bootstrap, [topic], partitions=3) == [topic]
+    assert await apache_kafka.connection.create_topics([topic], partitions=3) == [topic]
     admin = AIOKafkaAdminClient(bootstrap_servers=apache_kafka.bootstrap)
     await admin.start()
     try:

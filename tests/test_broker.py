@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from stream_lstm.exceptions import BrokerError
-from workers.broker import KafkaBroker, create_topics
+from workers.broker import KafkaBroker
 
 # Tansu makes a join wait ~half the session timeout (1 s at least), and a rejoin of a group
 # that a member just left waits longer (4 s at 1.5-2 s, 7 s at 3 s); at 1 s both take ~1 s.
@@ -53,14 +53,14 @@ async def test_create_topics_makes_eight_partitions_and_is_idempotent(
 ) -> None:
     topic = _name("eight")
 
-    assert await create_topics(broker.bootstrap, [topic], partitions=8) == [topic]
-    assert await create_topics(broker.bootstrap, [topic], partitions=2) == []
+    assert await broker.connection.create_topics([topic], partitions=8) == [topic]
+    assert await broker.connection.create_topics([topic], partitions=2) == []
 
     assert await _partition_count(broker.bootstrap, topic) == 8
 
 
 async def test_metadata_auto_creates_topics_with_four_partitions(broker: KafkaBroker) -> None:
-    """Why `create_topics` exists: clients auto-create missing topics with Tansu's default."""
+    """Why topics are created first: clients auto-create missing ones with Tansu's default."""
     topic = _name("auto")
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
     await producer.start()
@@ -72,7 +72,7 @@ async def test_metadata_auto_creates_topics_with_four_partitions(broker: KafkaBr
 
 async def test_group_resumes_from_committed_offsets(broker: KafkaBroker) -> None:
     topic, group = _name("events"), _name("group")
-    await create_topics(broker.bootstrap, [topic], partitions=8)
+    await broker.connection.create_topics([topic], partitions=8)
     first = {f"k{i}".encode(): f"v{i}".encode() for i in range(200)}
     later = {f"k{i}".encode(): f"late{i}".encode() for i in range(50)}
 

@@ -28,6 +28,7 @@ from stream_lstm.exceptions import ConfigError
 from stream_lstm.model import StreamModel
 from tests.test_store import make_updates
 from workers.batch import BatchProcessor
+from workers.connection import KafkaConnection
 from workers.consumer import BatchConsumer, KafkaEmitter, _WaitForBatch
 from workers.metrics import Metrics
 from workers.settings import Settings
@@ -234,7 +235,9 @@ async def test_a_revoke_drops_the_cache_once_its_batches_finished(
     model = StreamModel.from_torch(nn.LSTM(2, 4, num_layers=2), nn.Linear(4, 2))
     settings = Settings.load(redis_url=redis_server.url, app_id=namespace())
     async with settings.memory_store(model.version) as store:
-        emitter = KafkaEmitter("localhost:1")  # never started: a revoke sends nothing
+        emitter = KafkaEmitter(
+            KafkaConnection("localhost:1")
+        )  # never started: a revoke sends nothing
         processor = BatchProcessor(
             model,
             store,

@@ -9,7 +9,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.broker import Broker, create_topics
+from workers.broker import Broker
 from workers.consumer import KafkaEmitter, keyed
 
 
@@ -23,9 +23,9 @@ async def test_batches_keep_the_key_partitioning_and_per_key_order(
     kafka_broker: Broker,
 ) -> None:
     topic = f"emit-{uuid.uuid4().hex[:8]}"
-    await create_topics(kafka_broker.bootstrap, [topic], 5)
+    await kafka_broker.connection.create_topics([topic], 5)
     messages = [(f"entity-{k % 37}".encode(), f"{k:06d}".encode() * 100) for k in range(3000)]
-    emitter = KafkaEmitter(kafka_broker.bootstrap)
+    emitter = KafkaEmitter(kafka_broker.connection)
     await emitter.start()
     try:
         await emitter.emit(topic, messages)

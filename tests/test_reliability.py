@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 import torch
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -98,7 +97,7 @@ class Feed:
 
     def __init__(self, stack: StreamSlice, topic: str | None = None) -> None:
         self.topic = topic or stack.env["STREAM_LSTM_INPUT_TOPIC"]
-        self._producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap, acks="all")
+        self._producer = stack.connection.producer(acks="all")
 
     async def __aenter__(self) -> Feed:
         await self._producer.start()
@@ -125,9 +124,8 @@ class Tail:
 
     def __init__(self, stack: StreamSlice, topic: str) -> None:
         self.messages: list[dict[str, Any]] = []
-        self._consumer = AIOKafkaConsumer(
+        self._consumer = stack.connection.consumer(
             topic,
-            bootstrap_servers=stack.broker.bootstrap,
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,

@@ -37,10 +37,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self, TypeVar
 
-from aiokafka.admin import AIOKafkaAdminClient
-
 from stream_lstm.exceptions import BrokerError
 from workers.broker import free_port, kafka_answers
+from workers.connection import KafkaConnection
 
 __all__ = ["KAFKA_VERSION", "ApacheKafka", "KafkaTls", "apache_kafka_missing", "kafka_jars"]
 
@@ -213,6 +212,11 @@ class ApacheKafka:
         return "kafka://" + self.bootstrap.replace(",", ";")
 
     @property
+    def connection(self) -> KafkaConnection:
+        """How clients connect to the PLAINTEXT listeners."""
+        return KafkaConnection(self.bootstrap)
+
+    @property
     def ssl_bootstrap(self) -> str:
         """The mTLS listeners (protocol SSL, a client certificate required)."""
         return self._listener("ssl_port")
@@ -262,7 +266,7 @@ class ApacheKafka:
             )
             for n in range(1, self.brokers + 1)
         ]
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = _cluster_id()
         try:
             for node in self._nodes:
                 self._format(libs, node, cluster_id)
@@ -470,7 +474,7 @@ _PLAIN_LOGIN = "org.apache.kafka.common.security.plain.PlainLoginModule"
 
 
 async def _broker_count(bootstrap: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    admin = KafkaConnection(bootstrap).admin(request_timeout_ms=5000)
     try:
         await admin.start()
         cluster: dict[str, Any] = await admin.describe_cluster()
@@ -480,6 +484,15 @@ async def _broker_count(bootstrap: str) -> int:
     finally:
         await admin.close()
     return len(cluster["brokers"])
+
+
+def _cluster_id() -> str:
+    """A random Kafka cluster id: URL-safe base64 of 16 bytes, never starting with "-" (the
+    storage tool would take it for an option), as Kafka's own ``Uuid.randomUuid`` ensures."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -17,10 +17,9 @@ from faust.app.base import BootStrategy
 from faust.web import Request, Response, View
 from mode import BaseSignalT
 
-from stream_lstm.exceptions import BrokerError
+from stream_lstm.exceptions import BrokerError, StoreUnavailableError
 from stream_lstm.model import StreamModel
 from workers.batch import BatchProcessor
-from workers.broker import create_topics
 from workers.consumer import BatchConsumer, KafkaEmitter
 from workers.metrics import CONTENT_TYPE, Metrics
 from workers.settings import Settings
@@ -31,8 +30,27 @@ HEALTH_TIMEOUT_S = 2.0
 TOPICS_WAIT_S = 60.0
 
 
+async def preflight(settings: Settings, model: StreamModel) -> None:
+    """Before the worker starts: the broker accepts our login and has the topics, and Redis
+    accepts us.
+
+    A refusal (a wrong password, an untrusted certificate) raises BrokerRefusedError or
+    StoreRefusedError at once: retrying cannot help, and the clients would otherwise retry it
+    as if the broker or Redis were down. A broker that does not answer is waited for (up to
+    ``TOPICS_WAIT_S``); a Redis that does not answer yet is the worker's to wait out.
+    """
+    await settings.kafka.check(TOPICS_WAIT_S)
+    await ensure_topics(settings)
+    async with settings.memory_store(model.version) as store:
+        try:
+            await store.ping(HEALTH_TIMEOUT_S)
+        except StoreUnavailableError as e:
+            logger.warning("Redis does not answer yet; the worker will wait for it: %s", e)
+
+
 async def ensure_topics(settings: Settings) -> None:
-    """Create missing topics with PARTITIONS partitions before any client can auto-create them.
+    """Create missing topics with PARTITIONS partitions (and REPLICATION_FACTOR replicas)
+    before any client can auto-create them.
 
     Some brokers (Tansu) auto-create a topic with their own default partition count as soon as a
     client asks for its metadata, and the count caps how many workers can share the stream.
@@ -41,7 +59,9 @@ async def ensure_topics(settings: Settings) -> None:
     deadline = time.monotonic() + TOPICS_WAIT_S
     while True:
         try:
-            created = await create_topics(settings.bootstrap_servers, names, settings.partitions)
+            await settings.kafka.create_topics(
+                names, settings.partitions, settings.replication_factor
+            )
         except KafkaError as e:
             if time.monotonic() > deadline:
                 raise BrokerError(
@@ -51,8 +71,6 @@ async def ensure_topics(settings: Settings) -> None:
             logger.warning("waiting for the broker at %s: %r", settings.broker, e)
             await asyncio.sleep(1.0)
             continue
-        if created:
-            logger.info("created topics %s with %d partitions", created, settings.partitions)
         return
 
 
@@ -98,7 +116,7 @@ class StreamWorker:
             logging_config=None,
         )
         self.store = settings.memory_store(model.version)
-        self.emitter = KafkaEmitter(settings.bootstrap_servers)
+        self.emitter = KafkaEmitter(settings.kafka)
         self.processor = BatchProcessor(
             model,
             self.store,

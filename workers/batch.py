@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from state import MemoryBatch, MemoryStore, MemoryUpdates
 from stream_lstm.engine import Events, Memory, entity_rows, step
-from stream_lstm.exceptions import StoreError
+from stream_lstm.exceptions import StoreError, StoreUnavailableError
 from stream_lstm.model import StreamModel
 from stream_lstm.schema import ENTITY_ID_MAX, FLOAT32_MAX, Event
 
@@ -442,8 +442,8 @@ class BatchProcessor:
             try:
                 return await attempt()
             except StoreError as e:
-                if type(e) is StoreError:  # a value that does not decode: retrying cannot help
-                    raise
+                if not isinstance(e, StoreUnavailableError):  # a refusal, a value that does not
+                    raise  # decode: retrying cannot help
                 error: Exception = e
             except (OSError, TimeoutError, KafkaError) as e:
                 error = e

@@ -5,13 +5,12 @@ everything in memory and never frees it, so start one broker per test session or
 stop it afterwards:
 
     with KafkaBroker() as broker:
-        await create_topics(broker.bootstrap, ["events"], partitions=8)
+        await broker.connection.create_topics(["events"], partitions=8)
         app = faust.App("demo", broker=broker.url)
 
 Topics: Tansu auto-creates a topic with 4 partitions whenever a client asks for its metadata
 with `allow_auto_topic_creation` set, which aiokafka producers and consumers do by default. A
-topic that needs another partition count must be created with `create_topics` before any client
-touches it.
+topic that needs another partition count must be created first (`KafkaConnection.create_topics`).
 """
 
 from __future__ import annotations
@@ -23,22 +22,19 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol, Self
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
 from stream_lstm.exceptions import BrokerError
+from workers.connection import KafkaConnection
 
-__all__ = ["Broker", "KafkaBroker", "create_topics", "find_tansu", "free_port", "kafka_answers"]
+__all__ = ["Broker", "KafkaBroker", "find_tansu", "free_port", "kafka_answers"]
 
 logger = logging.getLogger(__name__)
 
 _INSTALL_HINT = 'pip install "stream-lstm[dev]"'
 _HOST = "127.0.0.1"
-_TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
 _API_VERSIONS = 18  # Kafka protocol API key
 
 
@@ -119,6 +115,11 @@ class Broker(Protocol):
         ...
 
     @property
+    def connection(self) -> KafkaConnection:
+        """How clients connect to its PLAINTEXT listener."""
+        ...
+
+    @property
     def pid(self) -> int: ...
 
     def stop(self) -> None: ...
@@ -165,6 +166,10 @@ class KafkaBroker:
     def url(self) -> str:
         """`kafka://host:port`, what `faust.App(broker=...)` takes."""
         return f"kafka://{self.bootstrap}"
+
+    @property
+    def connection(self) -> KafkaConnection:
+        return KafkaConnection(self.bootstrap)
 
     @property
     def pid(self) -> int:
@@ -253,40 +258,3 @@ class KafkaBroker:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-async def create_topics(
-    bootstrap: str,
-    names: Iterable[str],
-    partitions: int,
-    *,
-    replication_factor: int = 1,
-    timeout_ms: int = 10_000,
-) -> list[str]:
-    """Create the topics that do not exist yet; return the names actually created.
-
-    Needed because an auto-created topic gets the broker's default partition count (4 on
-    Tansu), and the partition count caps how many workers can share the stream. An existing
-    topic is left as it is, whatever its partition count.
-    """
-    wanted = list(dict.fromkeys(names))
-    if not wanted:
-        return []
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
-    await admin.start()
-    try:
-        response = await admin.create_topics(
-            [NewTopic(name, partitions, replication_factor) for name in wanted],
-            timeout_ms=timeout_ms,
-        )
-    finally:
-        await admin.close()
-    created: list[str] = []
-    for topic, error_code, *rest in response.topic_errors:
-        if error_code == 0:
-            created.append(topic)
-        elif error_code != _TOPIC_ALREADY_EXISTS:
-            message = rest[0] if rest else None
-            raise BrokerError(f"cannot create topic {topic!r}: error {error_code} {message}")
-    logger.info("created topics %s with %s partitions", created, partitions)
-    return created

@@ -38,6 +38,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from murmurhash2 import murmurhash2
 
 from workers.batch import BatchProcessor, Consumed, Prepared
+from workers.connection import KafkaConnection
 from workers.metrics import Metrics
 from workers.settings import Settings
 
@@ -65,8 +66,8 @@ class KafkaEmitter:
     The producer is made in ``start``: aiokafka binds it to the running event loop.
     """
 
-    def __init__(self, bootstrap_servers: str) -> None:
-        self.bootstrap_servers = bootstrap_servers
+    def __init__(self, connection: KafkaConnection) -> None:
+        self.connection = connection
         self._producer: AIOKafkaProducer | None = None
 
     @property
@@ -76,9 +77,7 @@ class KafkaEmitter:
         return self._producer
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers, acks="all", max_batch_size=BATCH_BYTES
-        )
+        self._producer = self.connection.producer(acks="all", max_batch_size=BATCH_BYTES)
         await self._producer.start()
 
     async def stop(self) -> None:
@@ -158,8 +157,7 @@ class BatchConsumer(mode.Service):
     async def on_start(self) -> None:
         await self.emitter.start()
         settings = self.settings
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
+        self._consumer = settings.kafka.consumer(
             group_id=settings.app_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

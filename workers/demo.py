@@ -58,16 +58,15 @@ def run(stack: Stack, channels: int, frames: int, rate: float, seed: int) -> Sum
 
 async def _stream(stack: Stack, workload: Sequence[tvshows.Frame], rate: float) -> Summary:
     env = stack.worker.env
-    bootstrap = stack.broker.bootstrap
+    connection = stack.broker.connection
     sent: dict[str, Sent] = {}
-    consumer = AIOKafkaConsumer(
+    consumer = connection.consumer(
         env.get("STREAM_LSTM_OUTPUT_TOPIC", "stream-lstm-predictions"),
-        bootstrap_servers=bootstrap,
         group_id=None,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=10,  # aiokafka's 500 ms default would be most of the measured latency
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    producer = connection.producer(linger_ms=5)
     await consumer.start()
     await producer.start()
     try:

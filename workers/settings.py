@@ -6,15 +6,22 @@ stops the worker before it touches Kafka or Redis, with a message naming the var
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, Field, FilePath, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from state import MemoryStore
-from stream_lstm.exceptions import ConfigError
+from state import MemoryStore, without_password
+from stream_lstm.exceptions import (
+    BrokerRefusedError,
+    ConfigError,
+    StoreRefusedError,
+    StreamLSTMError,
+)
 from stream_lstm.tvshows import DEFAULT_MODEL
+from workers.connection import KafkaConnection, SaslMechanism, SecurityProtocol
 
 ENV_PREFIX = "STREAM_LSTM_"
 
@@ -32,7 +39,11 @@ TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
 
 
 class Settings(BaseSettings):
-    """Where the worker reads, writes and keeps memories, and how it batches."""
+    """Where the worker reads, writes and keeps memories, and how it batches.
+
+    Its repr shows no password: the SASL and key passwords are SecretStr, the Redis URL is
+    shown without its password.
+    """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
@@ -63,6 +74,37 @@ class Settings(BaseSettings):
         "stream-lstm-dead-letters", description="bad events, with the reason"
     )
     partitions: int = Field(8, ge=1, le=10_000, description="partitions of topics it creates")
+    replication_factor: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="replicas of each topic it creates; unset: min(3, the cluster's brokers)",
+    )
+    kafka_security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
+    kafka_sasl_mechanism: SaslMechanism | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)"
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="SASL password (prefer the environment variable: flags show in ps)"
+    )
+    kafka_ssl_cafile: FilePath | None = Field(
+        None, description="PEM file of the CAs that sign the brokers' certificates; unset: system's"
+    )
+    kafka_ssl_certfile: FilePath | None = Field(
+        None, description="PEM client certificate, for brokers that require one (mTLS)"
+    )
+    kafka_ssl_keyfile: FilePath | None = Field(
+        None, description="PEM private key of the client certificate"
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        None, description="password of an encrypted client key"
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        True, description="check that a broker's certificate names the host connected to"
+    )
     max_batch: int = Field(1024, ge=1, le=100_000, description="events per micro-batch, at most")
     max_delay_ms: float = Field(
         10.0, ge=0, le=60_000, description="how long a micro-batch waits to fill"
@@ -105,6 +147,40 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, without_password(value) if name == "redis_url" else value
+
+    @model_validator(mode="after")
+    def _security_fits_the_protocol(self) -> Settings:
+        protocol = self.kafka_security_protocol
+        sasl = {
+            "kafka_sasl_mechanism": self.kafka_sasl_mechanism,
+            "kafka_sasl_username": self.kafka_sasl_username,
+            "kafka_sasl_password": self.kafka_sasl_password,
+        }
+        tls = {
+            "kafka_ssl_cafile": self.kafka_ssl_cafile,
+            "kafka_ssl_certfile": self.kafka_ssl_certfile,
+            "kafka_ssl_keyfile": self.kafka_ssl_keyfile,
+            "kafka_ssl_key_password": self.kafka_ssl_key_password,
+        }
+        if protocol.startswith("SASL_"):
+            missing = [_names(name) for name, value in sasl.items() if value is None]
+            if missing:
+                raise ValueError(f"{protocol} needs {', '.join(missing)}")
+        else:
+            given = [_names(name) for name, value in sasl.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} set, but the protocol is {protocol}")
+        if not protocol.endswith("SSL"):
+            given = [_names(name) for name, value in tls.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} set, but the protocol is {protocol}")
+        if self.kafka_ssl_keyfile is not None and self.kafka_ssl_certfile is None:
+            raise ValueError(f"{_names('kafka_ssl_keyfile')} needs {_names('kafka_ssl_certfile')}")
+        return self
+
     @property
     def bootstrap_servers(self) -> str:
         """The broker URL as Kafka clients take it: host:port,host:port."""
@@ -112,8 +188,34 @@ class Settings(BaseSettings):
             part.strip().removeprefix("kafka://") for part in self.broker.split(";") if part.strip()
         )
 
-    def memory_store(self, model_version: str) -> MemoryStore:
-        """The memory store these settings name, for memories of that model version."""
+    @property
+    def kafka(self) -> KafkaConnection:
+        """How every Kafka client of the worker and the command line connects.
+
+        A TLS file that cannot be loaded (a bad key password, a file that is no PEM) raises
+        ConfigError naming the setting.
+        """
+        try:
+            return KafkaConnection(
+                self.bootstrap_servers,
+                security_protocol=self.kafka_security_protocol,
+                sasl_mechanism=self.kafka_sasl_mechanism,
+                sasl_username=self.kafka_sasl_username,
+                sasl_password=self.kafka_sasl_password,
+                ssl_cafile=self.kafka_ssl_cafile,
+                ssl_certfile=self.kafka_ssl_certfile,
+                ssl_keyfile=self.kafka_ssl_keyfile,
+                ssl_key_password=self.kafka_ssl_key_password,
+                ssl_check_hostname=self.kafka_ssl_check_hostname,
+            )
+        except BrokerRefusedError as e:
+            raise ConfigError(blame(e)) from None
+
+    def memory_store(self, model_version: str, retry_s: float = 30.0) -> MemoryStore:
+        """The memory store these settings name, for memories of that model version.
+
+        ``retry_s``: how long a call waits out a Redis outage (a command line call: seconds).
+        """
         return MemoryStore(
             self.redis_url,
             self.app_id,
@@ -121,6 +223,7 @@ class Settings(BaseSettings):
             ttl_s=self.memory_ttl_s,
             dtype=self.memory_dtype,
             cache_entities=self.memory_cache_entities,
+            retry_s=retry_s,
         )
 
     @classmethod
@@ -130,11 +233,49 @@ class Settings(BaseSettings):
             return cls(**{k: v for k, v in overrides.items() if v is not None})
         except ValidationError as e:
             problems = "; ".join(
-                f"{_names(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']} "
-                f"(got {err.get('input')!r})"
+                f"{_names(str(err['loc'][0]))}: {err['msg']} {_shown(str(err['loc'][0]), err)}"
+                if err["loc"]
+                else f"settings: {err['msg']}"
                 for err in e.errors()
             )
             raise ConfigError(f"invalid setting: {problems}") from e
+
+
+def blame(error: StreamLSTMError) -> str:
+    """The error as a person reads it: a refusal by the broker or Redis names the setting to fix."""
+    if isinstance(error, BrokerRefusedError):
+        return f"{_names(error.setting)}: {error}"
+    if isinstance(error, StoreRefusedError):
+        return f"{_names('redis_url')}: {error}"
+    return str(error)
+
+
+KAFKA_CONNECTION = (
+    "broker",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+    "kafka_ssl_key_password",
+    "kafka_ssl_check_hostname",
+)
+"""The settings every Kafka client reads (``Settings.kafka``): the commands that talk to the
+broker take them as flags."""
+
+_SECRETS = {"kafka_sasl_password", "kafka_ssl_key_password"}
+
+
+def _shown(field: str, error: Any) -> str:
+    """What the value was, as it may be shown: never a password."""
+    value = error.get("input")
+    if field in _SECRETS:
+        return "(got a value, not shown)"
+    if field == "redis_url" and isinstance(value, str):
+        return f"(got {without_password(value)!r})"
+    return f"(got {value!r})"
 
 
 def _names(field: str) -> str:

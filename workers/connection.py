@@ -1,0 +1,284 @@
+"""How every Kafka client of the project connects: bootstrap servers and security, in one place.
+
+The worker's consumer and producer, the topic creator, ``publish``, ``tail``, the tests and the
+benchmarks all make their aiokafka clients through a ``KafkaConnection``, so a secured cluster
+(SASL_SSL with SCRAM, mTLS, a private CA) is configured once, by the ``STREAM_LSTM_KAFKA_*``
+settings (``Settings.kafka``).
+
+``check`` connects to a bootstrap server the way the clients will, before any client starts:
+aiokafka's clients log a refused login or an untrusted certificate and go on retrying as if the
+broker were down, so a wrong password would otherwise look like an outage forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
+from aiokafka.helpers import create_ssl_context
+from pydantic import SecretStr
+
+from stream_lstm.exceptions import BrokerError, BrokerRefusedError
+
+__all__ = ["KafkaConnection", "SaslMechanism", "SecurityProtocol"]
+
+logger = logging.getLogger(__name__)
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+_TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
+_CLOSED_TRIES = 3
+"""A broker that closes the connection at once is refusing our protocol or certificate; one
+that is restarting can do it too, so it must happen this many times in a row to be final."""
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """Where the brokers are and how to talk to them; makes every Kafka client.
+
+    ``bootstrap_servers``: ``host:port[,host:port...]``. TLS (``SSL``, ``SASL_SSL``) trusts
+    ``ssl_cafile`` (else the system's CAs), checks the broker's host name unless
+    ``ssl_check_hostname`` is False, and presents ``ssl_certfile``/``ssl_keyfile`` (decrypted
+    with ``ssl_key_password``) when the broker asks for a client certificate (mTLS).
+    """
+
+    bootstrap_servers: str
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_key_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+    _ssl: ssl.SSLContext | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        # Load the certificates now: a bad file or key password fails here, naming the setting.
+        object.__setattr__(self, "_ssl", self._ssl_context())
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments every aiokafka client takes to reach the brokers."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.uses_tls:
+            options["ssl_context"] = self._ssl
+        if self.uses_sasl:
+            options |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": _reveal(self.sasl_password),
+            }
+        return options
+
+    def producer(self, **options: Any) -> AIOKafkaProducer:
+        """A producer (not started) on these brokers."""
+        return AIOKafkaProducer(**self.options(), **options)
+
+    def consumer(self, *topics: str, **options: Any) -> AIOKafkaConsumer:
+        """A consumer (not started) on these brokers."""
+        return AIOKafkaConsumer(*topics, **self.options(), **options)
+
+    def admin(self, **options: Any) -> AIOKafkaAdminClient:
+        """An admin client (not started) on these brokers."""
+        return AIOKafkaAdminClient(**self.options(), **options)
+
+    async def check(self, wait_s: float) -> None:
+        """Connect (and log in) to a bootstrap server as the clients will.
+
+        Raises BrokerRefusedError at once when a broker refuses the credentials, the
+        certificates or the protocol; BrokerError when none answered within ``wait_s``.
+        """
+        deadline = time.monotonic() + wait_s
+        closed = 0
+        while True:
+            for host, port in self._servers():
+                try:
+                    conn = await create_conn(
+                        host, port, request_timeout_ms=5_000, **self._conn_options()
+                    )
+                except SaslAuthenticationFailed as e:
+                    raise BrokerRefusedError(
+                        f"the broker at {host}:{port} refused the login of "
+                        f"{self.sasl_username!r} with {self.sasl_mechanism}: {e.message}",
+                        "kafka_sasl_password",
+                    ) from None
+                except UnsupportedSaslMechanismError:
+                    raise BrokerRefusedError(
+                        f"the broker at {host}:{port} does not accept {self.sasl_mechanism}",
+                        "kafka_sasl_mechanism",
+                    ) from None
+                except ssl.SSLCertVerificationError as e:
+                    raise _untrusted(host, port, e) from None
+                except (KafkaConnectionError, ConnectionResetError) as e:
+                    closed += 1
+                    if closed >= _CLOSED_TRIES:
+                        raise self._closed(host, port) from None
+                    logger.debug("%s:%s closed the connection: %r", host, port, e)
+                except (OSError, TimeoutError, KafkaError) as e:
+                    closed = 0
+                    logger.warning("waiting for the broker at %s:%s: %r", host, port, e)
+                else:
+                    conn.close()
+                    return
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"no broker of {self.bootstrap_servers} answered within {wait_s:g}s"
+                )
+            await asyncio.sleep(0.5)
+
+    async def create_topics(
+        self,
+        names: Iterable[str],
+        partitions: int,
+        replication_factor: int | None = None,
+        *,
+        timeout_ms: int = 10_000,
+    ) -> list[str]:
+        """Create the topics that do not exist yet; return the names actually created.
+
+        ``replication_factor`` None: min(3, the cluster's broker count), so a cluster never gets
+        unreplicated topics silently. An existing topic is left as it is.
+        """
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return []
+        admin = self.admin(request_timeout_ms=timeout_ms)
+        await admin.start()
+        try:
+            brokers = len((await admin.describe_cluster())["brokers"])
+            replicas = min(3, brokers) if replication_factor is None else replication_factor
+            if replicas > brokers:
+                raise BrokerRefusedError(
+                    f"a replication factor of {replicas} needs {replicas} brokers; "
+                    f"the cluster at {self.bootstrap_servers} has {brokers}",
+                    "replication_factor",
+                )
+            response = await admin.create_topics(
+                [NewTopic(name, partitions, replicas) for name in wanted], timeout_ms=timeout_ms
+            )
+        finally:
+            await admin.close()
+        created: list[str] = []
+        for topic, error_code, *rest in response.topic_errors:
+            if error_code == 0:
+                created.append(topic)
+            elif error_code != _TOPIC_ALREADY_EXISTS:
+                message = rest[0] if rest else None
+                raise BrokerError(f"cannot create topic {topic!r}: error {error_code} {message}")
+        if created:
+            logger.info(
+                "created topics %s with %d partitions, %d replicas", created, partitions, replicas
+            )
+        return created
+
+    def _servers(self) -> list[tuple[str, int]]:
+        servers = []
+        for server in self.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            servers.append((host.strip("[]"), int(port)))
+        return servers
+
+    def _conn_options(self) -> dict[str, Any]:
+        options = self.options()
+        del options["bootstrap_servers"]
+        return options
+
+    def _closed(self, host: str, port: int) -> BrokerRefusedError:
+        """What a broker closing every connection at once most likely means."""
+        if self.uses_tls and self.ssl_certfile is None:
+            return BrokerRefusedError(
+                f"the broker at {host}:{port} closes every TLS connection: it may require a "
+                "client certificate, or not speak "
+                f"{self.security_protocol} on that port",
+                "kafka_ssl_certfile",
+            )
+        if self.uses_tls:
+            return BrokerRefusedError(
+                f"the broker at {host}:{port} closes every TLS connection: it may not trust "
+                f"the client certificate, or not speak {self.security_protocol} on that port",
+                "kafka_ssl_certfile",
+            )
+        return BrokerRefusedError(
+            f"the broker at {host}:{port} closes every connection: does it speak "
+            f"{self.security_protocol} on that port?",
+            "kafka_security_protocol",
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.uses_tls:
+            return None
+        try:
+            context = create_ssl_context(
+                cafile=_name(self.ssl_cafile),
+                certfile=_name(self.ssl_certfile),
+                keyfile=_name(self.ssl_keyfile),
+                password=_reveal(self.ssl_key_password),
+            )
+        except ssl.SSLError as e:
+            setting = "kafka_ssl_cafile"
+            if self.ssl_certfile is not None and "PEM lib" in str(e):
+                setting = "kafka_ssl_key_password" if self.ssl_key_password else "kafka_ssl_keyfile"
+            raise BrokerRefusedError(f"cannot load the TLS files: {e.reason}", setting) from None
+        except OSError as e:
+            raise BrokerRefusedError(
+                f"cannot read {e.filename}: {e.strerror}", _file_setting(self, e.filename)
+            ) from None
+        context.check_hostname = self.ssl_check_hostname
+        checked: ssl.SSLContext = context
+        return checked
+
+
+def _untrusted(host: str, port: int, error: ssl.SSLCertVerificationError) -> BrokerRefusedError:
+    if "hostname" in str(error.verify_message).lower() or "IP address mismatch" in str(error):
+        return BrokerRefusedError(
+            f"the certificate of the broker at {host}:{port} is not for {host!r}: "
+            f"{error.verify_message}",
+            "kafka_ssl_check_hostname",
+        )
+    return BrokerRefusedError(
+        f"the certificate of the broker at {host}:{port} is not trusted: {error.verify_message}",
+        "kafka_ssl_cafile",
+    )
+
+
+def _file_setting(connection: KafkaConnection, filename: object) -> str:
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if str(getattr(connection, name)) == str(filename):
+            return f"kafka_{name}"
+    return "kafka_ssl_cafile"
+
+
+def _name(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
