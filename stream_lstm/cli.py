@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import signal
 import sys
 import tempfile
@@ -71,6 +72,17 @@ def fail_clearly(command: F) -> F:
     return run  # type: ignore[return-value]
 
 
+def quietly(command: F) -> F:
+    """A person waits on this command: it logs errors only (the outcome, not each retry)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.ERROR, format="stream-lstm: %(message)s")
+        return command(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="stream-lstm")
 def main() -> None:
@@ -112,6 +124,7 @@ def worker(**flags: Any) -> None:
 @click.argument("file", type=click.File("rb"))
 @settings_options("input_topic", kafka=True)
 @fail_clearly
+@quietly
 def publish(file: IO[bytes], **flags: Any) -> None:
     """Send JSONL events from FILE (or - for stdin), each keyed by its entity_id.
 
@@ -164,6 +177,7 @@ def _entity_key(line: bytes) -> bytes | None:
     "--idle-timeout-s", type=click.FloatRange(min=0), help="Exit after this long without one."
 )
 @fail_clearly
+@quietly
 def tail(
     from_beginning: bool, limit: int | None, idle_timeout_s: float | None, **flags: Any
 ) -> None:
@@ -310,6 +324,7 @@ def memory() -> None:
 @click.argument("entity_id")
 @settings_options("redis_url", "app_id", "model", "device")
 @fail_clearly
+@quietly
 def memory_get(entity_id: str, **flags: Any) -> None:
     """Print ENTITY_ID's memory (MemorySnapshot JSON); exit 1 when none is stored."""
     from stream_lstm.schema import MemorySnapshot
@@ -334,6 +349,7 @@ def memory_get(entity_id: str, **flags: Any) -> None:
 @click.argument("entity_id")
 @settings_options("redis_url", "app_id", "model", "device")
 @fail_clearly
+@quietly
 def memory_reset(entity_id: str, **flags: Any) -> None:
     """Reset ENTITY_ID's memory to zeros (its next event is step 1); exit 1 when none is stored."""
     from workers.settings import Settings

@@ -118,6 +118,7 @@ class KafkaConnection:
         """
         deadline = time.monotonic() + wait_s
         closed = 0
+        waited = False
         while True:
             for host, port in self._servers():
                 try:
@@ -144,7 +145,9 @@ class KafkaConnection:
                     logger.debug("%s:%s closed the connection: %r", host, port, e)
                 except (OSError, TimeoutError, KafkaError) as e:
                     closed = 0
-                    logger.warning("waiting for the broker at %s:%s: %r", host, port, e)
+                    log = logger.debug if waited else logger.warning
+                    log("waiting up to %gs for the broker at %s:%s: %r", wait_s, host, port, e)
+                    waited = True
                 else:
                     conn.close()
                     return
