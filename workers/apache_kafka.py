@@ -423,6 +423,9 @@ class ApacheKafka:
             node.process.send_signal(sig)
             node.process.wait()
             node.process = None
+        if node.log is not None:
+            node.log.close()
+            node.log = None
 
     def restart(self, node_id: int) -> None:
         """Start a node killed before on its ports and data; return once it answers again."""
