@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import click
 
@@ -272,8 +272,16 @@ def demo(channels: int, frames: int, rate: float, seed: int) -> None:
 
 @main.command()
 @settings_options("model", "max_batch", "max_delay_ms")
+@click.option(
+    "--kafka",
+    type=click.Choice(["tansu", "apache"]),
+    default="tansu",
+    show_default=True,
+    help="The broker: Tansu (embedded, in memory) or Apache Kafka (needs Java 17+ and Maven; "
+    "the first run fetches its jars from Maven Central into ~/.cache/stream-lstm).",
+)
 @fail_clearly
-def dev(**flags: Any) -> None:
+def dev(kafka: str, **flags: Any) -> None:
     """Start a broker, Redis and a worker on free local ports and keep them up until Ctrl-C.
 
     Prints the addresses to export in another terminal, to publish, tail and query there.
@@ -281,10 +289,11 @@ def dev(**flags: Any) -> None:
     from workers.stack import Stack
 
     settings = {k: str(v) for k, v in flags.items() if v is not None}
+    click.echo(f"starting {kafka}, Redis and a worker ...", err=True)
     with (
         _stopped_by_sigterm(),
         tempfile.TemporaryDirectory(prefix="stream-lstm-dev-") as tmp,
-        Stack(Path(tmp), settings) as stack,
+        Stack(Path(tmp), settings, kafka=cast(Literal["tansu", "apache"], kafka)) as stack,
     ):
         click.echo(
             "stream-lstm dev stack is up; in another terminal:\n\n"

@@ -12,6 +12,8 @@ import urllib.request
 
 import pytest
 
+from tests.conftest import require_apache_kafka
+
 
 @pytest.mark.slow
 def test_demo_prints_a_summary_where_memory_resolves_the_ambiguous_frames() -> None:
@@ -34,9 +36,12 @@ def test_demo_prints_a_summary_where_memory_resolves_the_ambiguous_frames() -> N
 
 
 @pytest.mark.slow
-def test_dev_keeps_a_stack_up_and_stops_all_of_it_on_sigterm() -> None:
+@pytest.mark.parametrize("kafka", ["tansu", "apache"])
+def test_dev_keeps_a_stack_up_and_stops_all_of_it_on_sigterm(kafka: str) -> None:
+    if kafka == "apache":
+        require_apache_kafka()
     with subprocess.Popen(
-        [sys.executable, "-m", "stream_lstm", "dev"],
+        [sys.executable, "-m", "stream_lstm", "dev", "--kafka", kafka],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -20,11 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from state import RedisServer
 from stream_lstm.exceptions import StreamLSTMError
-from workers.broker import KafkaBroker, free_port
+from workers.apache_kafka import ApacheKafka
+from workers.broker import Broker, KafkaBroker, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +133,20 @@ class Stack:
     workdir: Path
     settings: Mapping[str, str] = field(default_factory=dict)
     """Extra worker settings, by field name (``max_batch``...)."""
-    broker: KafkaBroker = field(init=False)
+    kafka: Literal["tansu", "apache"] = "tansu"
+    """The broker: Tansu (embedded, starts in milliseconds) or Apache Kafka (Java and Maven)."""
+    broker: Broker = field(init=False)
     redis: RedisServer = field(init=False)
     worker: WorkerProcess = field(init=False)
 
     def __enter__(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self.broker = KafkaBroker(log_path=self.workdir / "broker.log").start()
+            self.broker = (
+                ApacheKafka(workdir=self.workdir / "kafka").start()
+                if self.kafka == "apache"
+                else KafkaBroker(log_path=self.workdir / "broker.log").start()
+            )
             self.redis = RedisServer(data_dir=self.workdir / "redis")
             self.redis.start()
             env = {
