@@ -936,13 +936,13 @@ _MASK = "***"
 
 
 def _split_url(url: str) -> tuple[str, str, str, list[tuple[str, str, str]]]:
-    """``scheme://``, the userinfo (up to the last ``@`` before the query, so that a password
-    with an unescaped ``/`` or ``@`` stays whole), the rest up to the query, and the query's
+    """``scheme://``, the userinfo (up to the last ``@``, so that a password with an unescaped
+    ``/``, ``@``, ``?``, ``#`` or ``&`` stays whole), the rest up to the query, and the query's
     ``(name, "=", value)`` options, all as written. No URL is invalid here: no error to leak
     it."""
     scheme, sep, rest = url.partition("://")
-    rest, _, query = rest.partition("?")
-    userinfo, at, location = rest.rpartition("@")
+    userinfo, at, rest = rest.rpartition("@")
+    location, _, query = rest.partition("?")
     options = [option.partition("=") for option in query.split("&")] if query else []
     return scheme + sep, userinfo + at, location, options
 
@@ -956,6 +956,8 @@ def without_password(url: str) -> str:
     """The URL as it may appear in logs and errors: the password of the userinfo and of any
     ``password=`` option masked."""
     scheme, userinfo, location, options = _split_url(url)
+    if "?" in userinfo:  # an "@" in the query, or a password with "?": where would it end?
+        return f"{scheme}{_MASK}"
     user, colon, _ = userinfo.removesuffix("@").partition(":")
     if colon:
         userinfo = f"{user}:{_MASK}@"
@@ -967,12 +969,17 @@ def without_password(url: str) -> str:
     return f"{scheme}{userinfo}{location}?{query}"
 
 
+_SHORTEST = 4
+"""A piece of a password shorter than this is not masked on its own in library messages: it
+would mask common words and give the piece away."""
+
+
 def _passwords(url: str) -> list[str]:
     """Every password the URL holds, as written and unescaped, and what a URL parser that
     ends the host at an unescaped ``/`` would take for one: what no message may show."""
     _, userinfo, _, options = _split_url(url)
     password = userinfo.removesuffix("@").partition(":")[2]
-    found = [password, password.partition("/")[0]]
+    found = [password, *[p for p in (password.partition("/")[0],) if len(p) >= _SHORTEST]]
     found += [value for name, _, value in options if _is_password(name)]
     return [form for secret in found if secret for form in {secret, unquote(secret)}]
 

@@ -54,6 +54,7 @@ async def all_in_sync(stack: StreamSlice, topic: str) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # three JVMs, a stream, a restart and the replicas catching up
 async def test_kill_9_of_a_broker_mid_stream_loses_nothing_and_applies_nothing_twice(
     cluster: ApacheKafka, redis_server: RedisServer, model_path: Path, tmp_path: Path
 ) -> None:

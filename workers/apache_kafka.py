@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import fcntl
 import logging
 import os
 import shutil
@@ -78,6 +79,9 @@ _JVM_OPTIONS = [
 ]  # what kafka-server-start.sh runs the broker with
 _MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
 
+_FETCH_TIMEOUT_S = 900
+_FORMAT_TIMEOUT_S = 120
+
 T = TypeVar("T")
 
 
@@ -105,6 +109,14 @@ def kafka_jars(version: str = KAFKA_VERSION) -> Path:
     if missing is not None:
         raise BrokerError(missing)
     cache.mkdir(parents=True, exist_ok=True)
+    with (cache / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be fetching them right now
+        if not _complete(cache):
+            _fetch(version, cache, libs)
+    return libs
+
+
+def _fetch(version: str, cache: Path, libs: Path) -> None:
     logger.info("fetching Apache Kafka %s's jars from Maven Central into %s", version, libs)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         (Path(tmp) / "pom.xml").write_text(_POM.format(version=version))
@@ -121,16 +133,16 @@ def kafka_jars(version: str = KAFKA_VERSION) -> Path:
             capture_output=True,
             text=True,
             check=False,
+            timeout=_FETCH_TIMEOUT_S,
         )
         if result.returncode != 0:
             raise BrokerError(
                 f"mvn could not fetch org.apache.kafka:kafka_2.13:{version}:\n"
                 f"{(result.stdout + result.stderr)[-2000:]}"
             )
-        shutil.rmtree(libs, ignore_errors=True)
+        shutil.rmtree(libs, ignore_errors=True)  # what an interrupted fetch left
         (Path(tmp) / "libs").rename(libs)
     (cache / "complete").touch()
-    return libs
 
 
 def _cache_dir(version: str = KAFKA_VERSION) -> Path:
@@ -305,11 +317,11 @@ class ApacheKafka:
             capture_output=True,
             text=True,
             check=False,
+            timeout=_FORMAT_TIMEOUT_S,
         )
         if result.returncode != 0:
-            raise BrokerError(
-                f"formatting Kafka node {node.node_id} failed:\n{result.stdout}{result.stderr}"
-            )
+            output = (result.stdout + result.stderr)[-3000:]
+            raise BrokerError(f"formatting Kafka node {node.node_id} failed:\n{output}")
 
     def _properties(self, node: _Node) -> str:
         voters = ",".join(f"{n.node_id}@{_HOST}:{n.controller_port}" for n in self._nodes)
@@ -418,7 +430,7 @@ class ApacheKafka:
 
     def kill(self, node_id: int, sig: int = signal.SIGKILL) -> None:
         """Signal one node (SIGKILL by default: a crash) and wait until it has exited."""
-        node = self._nodes[node_id - 1]
+        node = self._node(node_id)
         if node.process is not None:
             node.process.send_signal(sig)
             node.process.wait()
@@ -429,7 +441,7 @@ class ApacheKafka:
 
     def restart(self, node_id: int) -> None:
         """Start a node killed before on its ports and data; return once it answers again."""
-        node = self._nodes[node_id - 1]
+        node = self._node(node_id)
         if node.process is not None:
             raise BrokerError(f"Kafka node {node_id} is running")
         self._launch(kafka_jars(self.version), node)
@@ -437,6 +449,11 @@ class ApacheKafka:
         while not kafka_answers(_HOST, node.port, timeout=1.0):
             self._check_alive(node, deadline)
             time.sleep(0.1)
+
+    def _node(self, node_id: int) -> _Node:
+        if not 1 <= node_id <= len(self._nodes):
+            raise BrokerError(f"no Kafka node {node_id}: nodes are 1 to {len(self._nodes)}")
+        return self._nodes[node_id - 1]
 
     def stop(self) -> None:
         """Stop every node by PID (SIGTERM, SIGKILL after 20 s) and remove a temporary workdir."""

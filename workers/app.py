@@ -40,12 +40,12 @@ async def preflight(settings: Settings, model: StreamModel) -> None:
     ``TOPICS_WAIT_S``); a Redis that does not answer yet is the worker's to wait out.
     """
     await settings.kafka.check(TOPICS_WAIT_S)
-    await ensure_topics(settings)
     async with settings.memory_store(model.version) as store:
         try:
             await store.ping(HEALTH_TIMEOUT_S)
         except StoreUnavailableError as e:
             logger.warning("Redis does not answer yet; the worker will wait for it: %s", e)
+    await ensure_topics(settings)
 
 
 async def ensure_topics(settings: Settings) -> None:

@@ -16,10 +16,12 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -30,7 +32,6 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
-from aiokafka.helpers import create_ssl_context
 from pydantic import SecretStr
 
 from stream_lstm.exceptions import BrokerError, BrokerRefusedError
@@ -43,9 +44,24 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 _TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
-_CLOSED_TRIES = 3
+_CLOSED_TRIES = 5
 """A broker that closes the connection at once is refusing our protocol or certificate; one
-that is restarting can do it too, so it must happen this many times in a row to be final."""
+that is restarting or overloaded can do it too, so it must happen this many times in a row
+(half a second apart) to be final."""
+_QUIET_S = 5.0
+"""How long ``check`` waits for a broker before it says so in the log."""
+_DEFAULT_PORT = 9092
+
+
+class _NoLoginRequests(logging.Filter):
+    """Drops aiokafka's debug line of each SASL request: a PLAIN login carries the password in
+    clear, a SCRAM one what an offline guess needs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Sasl" not in record.getMessage()
+
+
+logging.getLogger("aiokafka.conn").addFilter(_NoLoginRequests())
 
 
 @dataclass(frozen=True)
@@ -116,14 +132,19 @@ class KafkaConnection:
         Raises BrokerRefusedError at once when a broker refuses the credentials, the
         certificates or the protocol; BrokerError when none answered within ``wait_s``.
         """
-        deadline = time.monotonic() + wait_s
-        closed = 0
+        started = time.monotonic()
+        deadline = started + wait_s
+        closed: Counter[tuple[str, int]] = Counter()
         waited = False
         while True:
             for host, port in self._servers():
+                left_ms = int((deadline - time.monotonic()) * 1000)
                 try:
                     conn = await create_conn(
-                        host, port, request_timeout_ms=5_000, **self._conn_options()
+                        host,
+                        port,
+                        request_timeout_ms=max(100, min(5_000, left_ms)),
+                        **self._conn_options(),
                     )
                 except SaslAuthenticationFailed as e:
                     raise BrokerRefusedError(
@@ -139,15 +160,17 @@ class KafkaConnection:
                 except ssl.SSLCertVerificationError as e:
                     raise _untrusted(host, port, e) from None
                 except (KafkaConnectionError, ConnectionResetError) as e:
-                    closed += 1
-                    if closed >= _CLOSED_TRIES:
+                    closed[host, port] += 1
+                    if closed[host, port] >= _CLOSED_TRIES:
                         raise self._closed(host, port) from None
                     logger.debug("%s:%s closed the connection: %r", host, port, e)
                 except (OSError, TimeoutError, KafkaError) as e:
-                    closed = 0
-                    log = logger.debug if waited else logger.warning
+                    closed[host, port] = 0
+                    # A person waiting on a command sees the outcome; a worker, why it waits.
+                    quiet = waited or time.monotonic() - started < _QUIET_S
+                    log = logger.debug if quiet else logger.warning
                     log("waiting up to %gs for the broker at %s:%s: %r", wait_s, host, port, e)
-                    waited = True
+                    waited = not quiet
                 else:
                     conn.close()
                     return
@@ -167,22 +190,36 @@ class KafkaConnection:
     ) -> list[str]:
         """Create the topics that do not exist yet; return the names actually created.
 
-        ``replication_factor`` None: min(3, the cluster's broker count), so a cluster never gets
-        unreplicated topics silently. An existing topic is left as it is.
+        ``replication_factor`` None: min(3, the brokers up), and a warning when that is under 3,
+        so a cluster never gets unreplicated topics silently. An existing topic is left as it
+        is (a restart while a broker is down needs no broker count); a replication factor
+        beyond the brokers up is refused (BrokerRefusedError naming the setting).
         """
         wanted = list(dict.fromkeys(names))
         if not wanted:
             return []
         admin = self.admin(request_timeout_ms=timeout_ms)
-        await admin.start()
         try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            wanted = [name for name in wanted if name not in existing]
+            if not wanted:
+                return []
             brokers = len((await admin.describe_cluster())["brokers"])
             replicas = min(3, brokers) if replication_factor is None else replication_factor
             if replicas > brokers:
                 raise BrokerRefusedError(
                     f"a replication factor of {replicas} needs {replicas} brokers; "
-                    f"the cluster at {self.bootstrap_servers} has {brokers}",
+                    f"the cluster at {self.bootstrap_servers} lists {brokers} up",
                     "replication_factor",
+                )
+            if replicas < 3:
+                logger.warning(
+                    "creating topics %s with %d replica(s): the cluster lists %d broker(s) up; "
+                    "set STREAM_LSTM_REPLICATION_FACTOR to require more",
+                    wanted,
+                    replicas,
+                    brokers,
                 )
             response = await admin.create_topics(
                 [NewTopic(name, partitions, replicas) for name in wanted], timeout_ms=timeout_ms
@@ -203,10 +240,13 @@ class KafkaConnection:
         return created
 
     def _servers(self) -> list[tuple[str, int]]:
+        """``host:port`` pairs, as aiokafka reads them: 9092 when no port is given."""
         servers = []
         for server in self.bootstrap_servers.split(","):
-            host, _, port = server.strip().rpartition(":")
-            servers.append((host.strip("[]"), int(port)))
+            parts = urlsplit(f"//{server.strip()}")
+            if not parts.hostname:
+                raise BrokerRefusedError(f"{server!r} is not host:port", "broker")
+            servers.append((parts.hostname, parts.port or _DEFAULT_PORT))
         return servers
 
     def _conn_options(self) -> dict[str, Any]:
@@ -236,27 +276,43 @@ class KafkaConnection:
         )
 
     def _ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of every client; a file that cannot be used raises
+        BrokerRefusedError naming its setting."""
         if not self.uses_tls:
             return None
         try:
-            context = create_ssl_context(
-                cafile=_name(self.ssl_cafile),
-                certfile=_name(self.ssl_certfile),
-                keyfile=_name(self.ssl_keyfile),
-                password=_reveal(self.ssl_key_password),
-            )
+            context = ssl.create_default_context(cafile=_name(self.ssl_cafile))
+        except (ssl.SSLError, OSError) as e:
+            raise BrokerRefusedError(f"cannot use it as CAs: {e}", "kafka_ssl_cafile") from None
+        context.check_hostname = self.ssl_check_hostname
+        if self.ssl_certfile is not None:
+            self._load_client_certificate(context, self.ssl_certfile)
+        return context
+
+    def _load_client_certificate(self, context: ssl.SSLContext, certfile: Path) -> None:
+        password = _reveal(self.ssl_key_password) or ""
+
+        def key_password() -> str:  # never OpenSSL's prompt on the terminal
+            return password
+
+        try:
+            context.load_cert_chain(certfile, _name(self.ssl_keyfile), password=key_password)
         except ssl.SSLError as e:
-            setting = "kafka_ssl_cafile"
-            if self.ssl_certfile is not None and "PEM lib" in str(e):
-                setting = "kafka_ssl_key_password" if self.ssl_key_password else "kafka_ssl_keyfile"
-            raise BrokerRefusedError(f"cannot load the TLS files: {e.reason}", setting) from None
+            if e.reason == "KEY_VALUES_MISMATCH":
+                raise BrokerRefusedError(
+                    "the key does not belong to the client certificate", "kafka_ssl_keyfile"
+                ) from None
+            locked = _encrypted(self.ssl_keyfile or certfile)
+            setting = "kafka_ssl_key_password" if locked else "kafka_ssl_keyfile"
+            raise BrokerRefusedError(
+                "cannot load the client certificate's key (a wrong or missing key password, "
+                f"or no PEM key): {e}",
+                setting,
+            ) from None
         except OSError as e:
             raise BrokerRefusedError(
-                f"cannot read {e.filename}: {e.strerror}", _file_setting(self, e.filename)
+                f"cannot read the client certificate or key: {e}", "kafka_ssl_certfile"
             ) from None
-        context.check_hostname = self.ssl_check_hostname
-        checked: ssl.SSLContext = context
-        return checked
 
 
 def _untrusted(host: str, port: int, error: ssl.SSLCertVerificationError) -> BrokerRefusedError:
@@ -272,11 +328,12 @@ def _untrusted(host: str, port: int, error: ssl.SSLCertVerificationError) -> Bro
     )
 
 
-def _file_setting(connection: KafkaConnection, filename: object) -> str:
-    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-        if str(getattr(connection, name)) == str(filename):
-            return f"kafka_{name}"
-    return "kafka_ssl_cafile"
+def _encrypted(keyfile: Path | None) -> bool:
+    """Whether a PEM key file holds an encrypted key (the key may sit in the certificate file)."""
+    try:
+        return keyfile is not None and b"ENCRYPTED" in keyfile.read_bytes()
+    except OSError:
+        return False
 
 
 def _name(path: Path | None) -> str | None:

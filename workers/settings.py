@@ -238,7 +238,8 @@ class Settings(BaseSettings):
                 else f"settings: {err['msg']}"
                 for err in e.errors()
             )
-            raise ConfigError(f"invalid setting: {problems}") from e
+            # Not "from e": pydantic's error quotes every input, passwords included.
+            raise ConfigError(f"invalid setting: {problems}") from None
 
 
 def blame(error: StreamLSTMError) -> str:

@@ -143,7 +143,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             self.broker = (
-                ApacheKafka(workdir=self.workdir / "kafka").start()
+                ApacheKafka(workdir=self.workdir / "kafka", heap_mb=512).start()
                 if self.kafka == "apache"
                 else KafkaBroker(log_path=self.workdir / "broker.log").start()
             )
