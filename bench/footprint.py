@@ -2,6 +2,8 @@
 
     python bench/footprint.py
 
+A run takes about half a minute per Redis-protocol server found here (redis-server, valkey).
+
 1. Footprint: entities committed through ``MemoryStore`` to a real Redis-protocol server, for
    hidden sizes 32 to 512, 1 and 2 layers, float32 and float16; ``MEMORY USAGE`` of each key
    (key, value and Redis' own overhead), averaged over 1000 entities.
@@ -14,6 +16,7 @@ Results: bench/RESULTS.md, section "Memory footprint".
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from pathlib import Path
@@ -105,6 +108,9 @@ async def footprints(url: str) -> list[tuple[int, int, float, float]]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     torch.set_num_threads(1)
     sections = []
     for binary in server_binaries():

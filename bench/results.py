@@ -29,10 +29,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def write_section(title: str, body: str) -> None:
-    """Replace the ``## title`` section of RESULTS.md (or append it) with ``body``."""
+def write_section(title: str, body: str, *, after: str | None = None) -> None:
+    """Replace the ``## title`` section of RESULTS.md with ``body``; a new section goes right
+    after the ``## after`` one when there is one, else at the end."""
     text = RESULTS.read_text() if RESULTS.exists() else HEADING
     section = f"## {title}\n\n{body.strip()}\n\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section
+    if (found := _section(title).search(text)) is not None:
+        start, end = found.span()
+    elif after is not None and (sibling := _section(after).search(text)) is not None:
+        start = end = sibling.end()
+    else:
+        start = end = len(text)
+    text = text[:start] + "\n" + section + text[end:]
     RESULTS.write_text(re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n")
+
+
+def _section(title: str) -> re.Pattern[str]:
+    """The ``## title`` section: its heading line up to the next ``## `` heading or the end."""
+    return re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)

@@ -1,12 +1,17 @@
 """Workers scale with partitions: 1, 2 and 4 worker processes in one group on one input topic.
 
-    python bench/scaling.py [--events 100000] [--entities 20000] [--workers 1 2 4]
+    python bench/scaling.py [--broker tansu|apache] [--events 100000] [--entities 20000]
+                            [--workers 1 2 4]
 
+A default run takes about 2 minutes (``--broker apache``: 10-20 s more, to start Kafka).
+
+Starts a broker (``--broker``: the embedded Tansu, or Apache Kafka) and a Redis-protocol server.
 For each count, a fresh topic of 16 partitions is pre-filled, the workers are started in one
 consumer group (they split the partitions), and events/s are taken from the first to the last
 prediction. Every process shares this machine's cores with the broker and Redis, so the figures
 show what the machine allows, not what more machines would: see the CPU columns.
-Results: bench/RESULTS.md, section "Scaling out".
+Results: bench/RESULTS.md, section "Scaling out" (Tansu) or "Scaling out (Apache Kafka
+<version>)".
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.brokers import add_broker_argument, bench_broker, served
 from bench.e2e import Services, build_model, events, prefill, reader, start_worker
-from bench.results import cpu_seconds, machine, write_section
+from bench.results import cpu_seconds, machine
 from state import RedisServer
-from workers.broker import KafkaBroker, create_topics
 
 PARTITIONS = 16
 FIRST_PREDICTION_S = 90.0
@@ -35,11 +40,12 @@ FIRST_PREDICTION_S = 90.0
 async def measure(services: Services, workers: int, count: int, entities: int) -> dict[str, float]:
     """Events/s of ``workers`` processes sharing one pre-filled topic, and CPU per process."""
     name = f"scale{workers}"
-    bootstrap = services.broker.bootstrap
+    connection = services.broker.connection
     topics = [f"{name}-events", f"{name}-predictions", f"{name}-dead-letters"]
-    await create_topics(bootstrap, topics, PARTITIONS)
-    await prefill(bootstrap, topics[0], events(name, count, entities, seed=workers))
-    consumer = reader(bootstrap, topics[1], fetch_wait_ms=100)
+    await connection.create_topics(topics, PARTITIONS)
+    await served(connection, topics, PARTITIONS)
+    await prefill(connection, topics[0], events(name, count, entities, seed=workers))
+    consumer = reader(connection, topics[1], fetch_wait_ms=100)
     await consumer.start()
     started = [start_worker(services, name, k, wait=False) for k in range(workers)]
     try:
@@ -78,17 +84,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_broker_argument(parser)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--entities", type=int, default=20_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
     load = os.getloadavg()[0]
+    kind = bench_broker(args.broker)
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="stream-lstm-scaling-") as tmp:
         workdir = Path(tmp)
         build_model(workdir / "model.pt")
-        with KafkaBroker(log_path=workdir / "broker.log") as broker, RedisServer() as redis:
+        with kind.running(workdir) as broker, RedisServer() as redis:
             services = Services(broker, redis, workdir / "model.pt", workdir, 1024)
             for workers in args.workers:
                 print(f"{workers} worker(s): {args.events:,} events", flush=True)
@@ -107,7 +115,8 @@ def main() -> None:
         ),
     ]
     body = (
-        f"`python bench/scaling.py` ({machine()}; load average {load:.1f} at the start).\n\n"
+        f"{kind.command('scaling.py')} ({machine()}; {kind.details}; load average "
+        f"{load:.1f} at the start).\n\n"
         f"{args.events:,} events over {args.entities:,} entities pre-filled on a topic of "
         f"{PARTITIONS} partitions, then N workers in one group; events/s from the first to the "
         "last prediction; model input 32, hidden 128, softmax over 8 labels. All processes, the "
@@ -117,7 +126,8 @@ def main() -> None:
         "little earlier).\n\n" + "\n".join(table)
     )
     print("\n" + body)
-    write_section("Scaling out", body)
+    kind.write("Scaling out", body)
+    print(f"written to bench/RESULTS.md, section {kind.title('Scaling out')!r}")
 
 
 if __name__ == "__main__":

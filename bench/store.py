@@ -2,6 +2,8 @@
 
     python bench/store.py [--layers 1] [--hidden 128] [--seconds 0.5]
 
+A default run takes about half a minute.
+
 Starts its own server (`state.server.RedisServer`). For each batch size E, E entities are
 loaded and committed:
 
