@@ -184,12 +184,14 @@ return codes
 # KEYS[1]: a memory key; KEYS[2] (one server only): the reset counter. ARGV[1]: TTL in ms
 # (0: none). ARGV[2]: updated_at, 8 bytes. Zeroes the step and the memories but keeps the
 # header up to the fence, fence included, and counts the reset, so that workers drop what they
-# cached. Returns 1 when reset, 0 when nothing is stored, -1 when the stored value is foreign.
+# cached: only a real reset counts (an unknown id, sent by anyone with the API, would make every
+# worker drop its cache). Returns 1 when reset, 0 when nothing is stored, -1 when the stored
+# value is foreign.
 _RESET = r"""
-if KEYS[2] then redis.call('INCR', KEYS[2]) end
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 if not ours(v) then return -1 end
+if KEYS[2] then redis.call('INCR', KEYS[2]) end
 write(KEYS[1], string.sub(v, 1, %(step)d) .. string.rep('\0', 8) .. ARGV[2]
   .. string.rep('\0', #v - HEADER), tonumber(ARGV[1]))
 return 1

@@ -176,6 +176,30 @@ async def test_a_reset_from_another_process_clears_the_cache(redis_server: Redis
     assert loaded.fence_offset.tolist() == [5, 5]  # the reset keeps the fence
 
 
+async def test_only_a_real_reset_counts_so_unknown_ids_cannot_flush_every_cache(
+    redis_server: RedisServer,
+) -> None:
+    """Resetting ids nobody has stored (anyone with the API can send millions) must not bump
+    the counter: each bump makes every worker drop its whole cache on its next batch."""
+    ns = namespace()
+    counter = KeyLayout(ns, "v1").resets
+    async with (
+        MemoryStore(redis_server.url, ns, "v1", cache_entities=100) as worker,
+        MemoryStore(redis_server.url, ns, "v1") as cli,
+    ):
+        await worker.commit_many(make_updates(["a"], 5))
+        async with Redis.from_url(redis_server.url) as client:
+            for unknown in ("nobody", "no-one", "ghost"):
+                assert await cli.reset(unknown) is False
+            assert await client.get(counter) is None
+            assert await cli.reset("a")
+            assert await client.get(counter) == b"1"
+        await worker.commit_many(make_updates(["b"], 6))
+        assert await cli.reset("nobody") is False
+        loaded = await worker.load_many(["a", "b"], 2, 4)
+    assert loaded.step.tolist() == [0, 6]  # a's real reset seen; the cache kept b
+
+
 async def test_a_newer_write_elsewhere_evicts_on_the_stale_commit(
     redis_server: RedisServer,
 ) -> None:
