@@ -107,7 +107,8 @@ def worker(**flags: Any) -> None:
     import faust
     import torch
 
-    from workers.app import StreamWorker, preflight
+    from workers.app import StreamWorker
+    from workers.preflight import preflight
     from workers.settings import Settings
 
     settings = Settings.load(**flags)

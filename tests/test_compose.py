@@ -33,7 +33,9 @@ TOPICS_SCRIPT = "/opt/kafka/bin/kafka-topics.sh"
 
 # What a user may export on the host: overrides that must reach both the topic creator and the
 # workers, and a broker URL for host tools that must NOT reach the workers.
+TOKEN = "compose-test-token-0123456789abcdef"
 HOST_OVERRIDES = {
+    "STREAM_LSTM_API_TOKEN": TOKEN,
     "STREAM_LSTM_PARTITIONS": "3",
     "STREAM_LSTM_INPUT_TOPIC": "tv-events",
     "STREAM_LSTM_APP_ID": "demo",
@@ -41,17 +43,26 @@ HOST_OVERRIDES = {
     "STREAM_LSTM_BROKER": "kafka://localhost:9092",
     "STREAM_LSTM_REDIS_URL": "redis://localhost:6379/0",
 }
-HOST_ENVS = pytest.mark.parametrize("host_env", [{}, HOST_OVERRIDES], ids=["defaults", "overrides"])
+HOST_ENVS = pytest.mark.parametrize(
+    "host_env",
+    [{"STREAM_LSTM_API_TOKEN": TOKEN}, HOST_OVERRIDES],
+    ids=["defaults", "overrides"],
+)
 
 _VARIABLE = re.compile(
     r"\$(?:(?P<escaped>\$)"
-    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}"
     r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*))"
 )
 
 
+class ComposeRefused(Exception):
+    """``docker compose up`` stops: a required variable is unset."""
+
+
 def interpolate(value: str, host_env: dict[str, str]) -> str:
-    """Compose's interpolation of one string: ``$$``, ``$VAR``, ``${VAR}``, ``${VAR:-default}``."""
+    """Compose's interpolation of one string: ``$$``, ``$VAR``, ``${VAR}``, ``${VAR:-default}``,
+    ``${VAR:?error}`` (ComposeRefused when unset or empty)."""
 
     def substitute(match: re.Match[str]) -> str:
         if match["escaped"]:
@@ -61,6 +72,10 @@ def interpolate(value: str, host_env: dict[str, str]) -> str:
             return host_env.get(name) or match["default"]
         if match["op"] == "-":
             return host_env.get(name, match["default"])
+        if match["op"] == ":?":
+            if not host_env.get(name):
+                raise ComposeRefused(f"{name}: {match['default']}")
+            return host_env[name]
         return host_env.get(name, "")
 
     assert "${" not in _VARIABLE.sub("", value), f"interpolation this test cannot do: {value!r}"
@@ -221,7 +236,8 @@ def test_worker_scales_no_container_name_no_fixed_host_port(compose: dict[str, A
 
 
 def test_worker_environment_names_only_real_settings(compose: dict[str, Any]) -> None:
-    names = [name for name in environment(service(compose, "worker"), {}) if ENV_PREFIX in name]
+    worker = environment(service(compose, "worker"), {"STREAM_LSTM_API_TOKEN": TOKEN})
+    names = [name for name in worker if ENV_PREFIX in name]
     assert names, "the worker has no STREAM_LSTM_* environment"
     for name in names:
         assert name.startswith(ENV_PREFIX), f"{name}: the prefix is {ENV_PREFIX}"
@@ -239,11 +255,20 @@ def test_worker_environment_validates_and_names_the_compose_services(
     assert settings.redis_url.startswith("redis://redis:6379/")
     assert settings.device == "cpu", "the image has the CPU build of torch"
     assert settings.partitions == int(host_env.get("STREAM_LSTM_PARTITIONS", 8))
+    # Published beyond the container, so every interface, and never without a token.
+    assert settings.web_bind == "0.0.0.0"
+    assert settings.api_token is not None
+    assert settings.api_token.get_secret_value() == TOKEN
     assert settings.app_id == host_env.get("STREAM_LSTM_APP_ID", "stream-lstm")
     # A model named here may live only in the container (a mount): it need not exist here.
     model = environment(service(compose, "worker"), host_env).get("STREAM_LSTM_MODEL")
     if model is not None:
         assert settings.model == Path(model)
+
+
+def test_the_worker_does_not_start_without_an_api_token(compose: dict[str, Any]) -> None:
+    with pytest.raises(ComposeRefused, match="STREAM_LSTM_API_TOKEN"):
+        environment(service(compose, "worker"), {})
 
 
 @HOST_ENVS
@@ -320,7 +345,8 @@ def test_worker_stops_on_sigterm_with_grace_and_checks_health(compose: dict[str,
     assert check[:3] == ["CMD", "python", "-c"], "no curl in the image: check with Python"
     url = re.search(r"http://(?:localhost|127\.0\.0\.1):(\d+)/health", check[3])
     assert url is not None, check
-    settings_port = environment(worker, {}).get("STREAM_LSTM_WEB_PORT", "6066")
+    env = environment(worker, {"STREAM_LSTM_API_TOKEN": TOKEN})
+    settings_port = env.get("STREAM_LSTM_WEB_PORT", "6066")
     assert url[1] == settings_port
 
 

@@ -5,6 +5,7 @@ metrics views. The Kafka I/O runs in the ``BatchConsumer`` service it starts (wo
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import tempfile
 import time
@@ -12,12 +13,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
-from aiokafka.errors import KafkaError
 from faust.app.base import BootStrategy
 from faust.web import Request, Response, View
 from mode import BaseSignalT
 
-from stream_lstm.exceptions import BrokerError, StoreUnavailableError
 from stream_lstm.model import StreamModel
 from workers.batch import BatchProcessor
 from workers.consumer import BatchConsumer, KafkaEmitter
@@ -27,51 +26,6 @@ from workers.settings import Settings
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 2.0
-TOPICS_WAIT_S = 60.0
-
-
-async def preflight(settings: Settings, model: StreamModel) -> None:
-    """Before the worker starts: the broker accepts our login and has the topics, and Redis
-    accepts us.
-
-    A refusal (a wrong password, an untrusted certificate) raises BrokerRefusedError or
-    StoreRefusedError at once: retrying cannot help, and the clients would otherwise retry it
-    as if the broker or Redis were down. A broker that does not answer is waited for (up to
-    ``TOPICS_WAIT_S``); a Redis that does not answer yet is the worker's to wait out.
-    """
-    await settings.kafka.check(TOPICS_WAIT_S)
-    async with settings.memory_store(model.version) as store:
-        try:
-            await store.ping(HEALTH_TIMEOUT_S)
-        except StoreUnavailableError as e:
-            logger.warning("Redis does not answer yet; the worker will wait for it: %s", e)
-    await ensure_topics(settings)
-
-
-async def ensure_topics(settings: Settings) -> None:
-    """Create missing topics with PARTITIONS partitions (and REPLICATION_FACTOR replicas)
-    before any client can auto-create them.
-
-    Some brokers (Tansu) auto-create a topic with their own default partition count as soon as a
-    client asks for its metadata, and the count caps how many workers can share the stream.
-    """
-    names = [settings.input_topic, settings.output_topic, settings.dead_letter_topic]
-    deadline = time.monotonic() + TOPICS_WAIT_S
-    while True:
-        try:
-            await settings.kafka.create_topics(
-                names, settings.partitions, settings.replication_factor
-            )
-        except KafkaError as e:
-            if time.monotonic() > deadline:
-                raise BrokerError(
-                    f"STREAM_LSTM_BROKER / --broker: {settings.broker} did not answer within "
-                    f"{TOPICS_WAIT_S:.0f}s ({e!r})"
-                ) from e
-            logger.warning("waiting for the broker at %s: %r", settings.broker, e)
-            await asyncio.sleep(1.0)
-            continue
-        return
 
 
 class _HostOnly(BootStrategy):
@@ -111,8 +65,14 @@ class StreamWorker:
             datadir=str(self.data_dir).replace("{", "{{").replace("}", "}}"),
             web_enabled=True,
             web_port=settings.web_port,
-            web_bind="0.0.0.0",
+            web_bind=settings.web_bind,
             web_host="127.0.0.1",
+            # Faust's own pages (router, tables, graph, stats, metrics) serve nothing of ours.
+            web_router_enabled=False,
+            web_tables_enabled=False,
+            web_graph_enabled=False,
+            web_stats_enabled=False,
+            web_metrics_enabled=False,
             logging_config=None,
         )
         self.store = settings.memory_store(model.version)
@@ -142,6 +102,15 @@ class StreamWorker:
         worker = self
 
         class MemoryView(View):
+            async def dispatch(self, request: Any) -> Any:
+                if not worker.allowed(request.headers.get("Authorization", "")):
+                    return self.json(
+                        {"error": "the memory API needs Authorization: Bearer <API token>"},
+                        status=401,
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+                return await super().dispatch(request)
+
             async def get(self, request: Request, entity_id: str) -> Response:
                 stored = await worker.store.get(entity_id)
                 if stored is None:
@@ -158,6 +127,15 @@ class StreamWorker:
                 return self.json({"entity_id": entity_id, "reset": True})
 
         return MemoryView
+
+    def allowed(self, authorization: str) -> bool:
+        """Whether a request may use the memory API: any, without a token; else one that
+        carries it (compared in constant time)."""
+        token = self.settings.api_token
+        if token is None:
+            return True
+        expected = f"Bearer {token.get_secret_value()}".encode()
+        return hmac.compare_digest(authorization.encode(), expected)
 
     def _health_view(self) -> type[View]:
         worker = self

@@ -170,7 +170,7 @@ class KafkaConnection:
                     quiet = waited or time.monotonic() - started < _QUIET_S
                     log = logger.debug if quiet else logger.warning
                     log("waiting up to %gs for the broker at %s:%s: %r", wait_s, host, port, e)
-                    waited = not quiet
+                    waited = waited or not quiet
                 else:
                     conn.close()
                     return

@@ -6,6 +6,7 @@ stops the worker before it touches Kafka or Redis, with a message naming the var
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,6 +37,11 @@ def _url(*schemes: str) -> AfterValidator:
 
 
 TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+
+
+def _ip_address(value: str) -> str:
+    ipaddress.ip_address(value)  # a ValueError names what is wrong
+    return value
 
 
 class Settings(BaseSettings):
@@ -123,6 +129,21 @@ class Settings(BaseSettings):
         1, ge=1, le=256, description="CPU threads of the step (the broker and Redis need cores too)"
     )
     web_port: int = Field(6066, ge=0, le=65_535, description="HTTP port of the memory API")
+    web_bind: Annotated[str, AfterValidator(_ip_address)] = Field(
+        "127.0.0.1",
+        description=(
+            "address the web server listens on: 127.0.0.1 (this machine only), 0.0.0.0 (every "
+            "interface: set API_TOKEN)"
+        ),
+    )
+    api_token: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description=(
+            "token the memory API requires (Authorization: Bearer <token>); /health and "
+            "/metrics stay open"
+        ),
+    )
     memory_ttl_s: int | None = Field(
         None, gt=0, description="expire memories idle this long; unset keeps them"
     )
@@ -266,7 +287,7 @@ KAFKA_CONNECTION = (
 """The settings every Kafka client reads (``Settings.kafka``): the commands that talk to the
 broker take them as flags."""
 
-_SECRETS = {"kafka_sasl_password", "kafka_ssl_key_password"}
+_SECRETS = {"kafka_sasl_password", "kafka_ssl_key_password", "api_token"}
 
 
 def _shown(field: str, error: Any) -> str:

@@ -80,8 +80,11 @@ class WorkerProcess:
         )
 
     def http(self, method: str, path: str) -> tuple[int, Any]:
-        """One request to the worker's web server: (status, parsed JSON or text)."""
-        request = urllib.request.Request(self.web_url + path, method=method)
+        """One request to the worker's web server: (status, parsed JSON or text); with the
+        worker's API token when it has one."""
+        token = self.env.get("STREAM_LSTM_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(self.web_url + path, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 status, body = response.status, response.read()

@@ -1,0 +1,74 @@
+"""What a worker checks and prepares before it starts: the broker, Redis, the topics.
+
+Runs before the Faust app exists, so its warnings reach stderr as they are (the app's module
+logger is silenced by mode until the worker configures logging).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+
+from aiokafka.errors import KafkaError
+
+from stream_lstm.exceptions import BrokerError, StoreUnavailableError
+from stream_lstm.model import StreamModel
+from workers.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PING_TIMEOUT_S = 2.0
+TOPICS_WAIT_S = 60.0
+
+
+async def preflight(settings: Settings, model: StreamModel) -> None:
+    """Before the worker starts: the broker accepts our login and has the topics, and Redis
+    accepts us.
+
+    A refusal (a wrong password, an untrusted certificate) raises BrokerRefusedError or
+    StoreRefusedError at once: retrying cannot help, and the clients would otherwise retry it
+    as if the broker or Redis were down. A broker that does not answer is waited for (up to
+    ``TOPICS_WAIT_S``); a Redis that does not answer yet is the worker's to wait out.
+    """
+    if settings.api_token is None and not ipaddress.ip_address(settings.web_bind).is_loopback:
+        logger.warning(
+            "the memory API listens on %s:%d without STREAM_LSTM_API_TOKEN: anyone who can "
+            "reach it can read and reset every entity's memory",
+            settings.web_bind,
+            settings.web_port,
+        )
+    await settings.kafka.check(TOPICS_WAIT_S)
+    async with settings.memory_store(model.version) as store:
+        try:
+            await store.ping(PING_TIMEOUT_S)
+        except StoreUnavailableError as e:
+            logger.warning("Redis does not answer yet; the worker will wait for it: %s", e)
+    await ensure_topics(settings)
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create missing topics with PARTITIONS partitions (and REPLICATION_FACTOR replicas)
+    before any client can auto-create them.
+
+    Some brokers (Tansu) auto-create a topic with their own default partition count as soon as a
+    client asks for its metadata, and the count caps how many workers can share the stream.
+    """
+    names = [settings.input_topic, settings.output_topic, settings.dead_letter_topic]
+    deadline = time.monotonic() + TOPICS_WAIT_S
+    while True:
+        try:
+            await settings.kafka.create_topics(
+                names, settings.partitions, settings.replication_factor
+            )
+        except KafkaError as e:
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"STREAM_LSTM_BROKER / --broker: {settings.broker} did not answer within "
+                    f"{TOPICS_WAIT_S:.0f}s ({e!r})"
+                ) from e
+            logger.warning("waiting for the broker at %s: %r", settings.broker, e)
+            await asyncio.sleep(1.0)
+            continue
+        return
