@@ -19,6 +19,8 @@ from state.codec import MemoryBatch, MemoryUpdates, decode_many
 from stream_lstm.model import StreamModel
 from stream_lstm.schema import Event, Prediction
 from workers.batch import (
+    DEAD_ERROR_MAX,
+    DEAD_LETTER_MAX_BYTES,
     DEAD_PAYLOAD_MAX,
     Checked,
     Record,
@@ -101,6 +103,53 @@ def test_a_huge_payload_is_truncated_in_its_dead_letter_but_sized() -> None:
     assert letter["payload_bytes"] == DEAD_PAYLOAD_MAX + 10
     assert letter["payload_truncated"] is True
     assert len(letter["payload"]) == DEAD_PAYLOAD_MAX
+
+
+def payload_of(letter: dict[str, object]) -> bytes:
+    """The bytes a dead letter kept of its payload."""
+    payload = str(letter["payload"])
+    if letter["payload_encoding"] == "base64":
+        return base64.b64decode(payload)
+    return payload.encode()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x01" * 300_000,  # control characters: JSON escapes each as \u0001, six-fold
+        ("\x02" * 50_000 + "\u00e9" * 100_000 + '"\\' * 50_000).encode(),  # escapes, 2-byte UTF-8
+        bytes(range(256)) * 2_000,  # not UTF-8: base64
+    ],
+    ids=["control", "mixed-utf8", "binary"],
+)
+@pytest.mark.parametrize("max_event_bytes", [1024, 10_000_000], ids=["oversized", "accepted"])
+def test_a_dead_letter_fits_a_kafka_message_whatever_the_payload(
+    raw: bytes, max_event_bytes: int
+) -> None:
+    """A letter over the broker's message limit (1 MB on Apache Kafka) is refused, and the
+    stream would stall on it: cut after encoding, whatever escaping makes of the payload."""
+    key = b"\x03" * 600_000  # a key is bytes too, of any size the producer allowed
+    (dead,) = check([record(raw, key=key)], 2, max_event_bytes).dead
+    encoded = dead.encode()
+    assert len(encoded) <= DEAD_LETTER_MAX_BYTES
+    letter = orjson.loads(encoded)
+    assert letter["payload_truncated"] is True
+    assert letter["payload_bytes"] == len(raw)
+    kept = payload_of(letter)
+    assert 0 < len(kept) < len(raw)
+    assert raw.startswith(kept), "the payload is cut, never altered"
+    assert letter["key_truncated"] is True
+    assert key.startswith(str(letter["key"]).encode())
+    assert len(str(letter["error"])) <= DEAD_ERROR_MAX
+
+
+def test_a_small_letter_is_whole() -> None:
+    raw = "\x01 caf\u00e9".encode()
+    (dead,) = check([record(raw, key=b"k")], 2, 1024).dead
+    letter = orjson.loads(dead.encode())
+    assert payload_of(letter) == raw
+    assert letter["payload_truncated"] is False
+    assert letter["key_truncated"] is False
 
 
 def test_good_events_around_bad_ones_go_on_in_order() -> None:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 import torch
+from aiokafka.admin import NewTopic
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -46,6 +47,7 @@ from tests.stack import (
     settled_memory,
 )
 from tests.test_worker import BAD_INPUTS
+from workers.apache_kafka import ApacheKafka
 from workers.broker import Broker
 from workers.stack import WorkerProcess
 
@@ -715,6 +717,65 @@ async def test_hostile_input_is_dead_lettered_with_a_reason_and_never_stops_the_
     assert worker.process.poll() is None, worker.log_tail()
     assert worker.http("GET", "/health")[0] == 200
     assert_memories(worker, history, finals)
+
+
+async def test_a_dead_letter_that_escaping_would_blow_past_a_kafka_message_still_goes_out(
+    kafka_broker: Broker, redis_server: RedisServer, model_path: Path, tmp_path: Path
+) -> None:
+    """300 KB of control characters, a worker that accepts events up to 1 MB: escaped whole,
+    the letter would be 1.8 MB, which Apache Kafka refuses on every retry, and the stream would
+    stall behind it. It goes out cut to fit, and the events after it are predicted."""
+    stack = StreamSlice(kafka_broker, redis_server, model_path, tmp_path)
+    try:
+        stack.start_worker(max_event_bytes="1000000")
+        raw = b"\x01" * 300_000
+        before, after = event("before", [0.1] * INPUT), event("after", [0.2] * INPUT)
+        async with Feed(stack) as feed:
+            await feed.publish([before, (b"blob", raw), after])
+        (letter,) = await stack.dead_letters(1)
+        assert letter["reason"] == "not_json"
+        assert letter["payload_truncated"] is True
+        assert letter["payload_bytes"] == len(raw)
+        assert raw.startswith(decode(letter["payload"], letter["payload_encoding"]))
+        predictions = await stack.predictions(2)
+        assert sorted(p["entity_id"] for p in predictions) == ["after", "before"]
+    finally:
+        stack.stop_all()
+
+
+async def test_a_send_the_broker_refuses_for_good_stops_the_worker_with_a_clear_error(
+    apache_kafka: ApacheKafka, redis_server: RedisServer, model_path: Path, tmp_path: Path
+) -> None:
+    """Predictions over the output topic's max.message.bytes: every retry would be refused the
+    same (Tansu enforces no size, so Apache Kafka only). The worker must not re-send the batch
+    forever while the stream stalls: it stops (exit 70), saying why, committing nothing."""
+    stack = StreamSlice(apache_kafka, redis_server, model_path, tmp_path)
+    admin = stack.connection.admin()
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(
+                    stack.env["STREAM_LSTM_OUTPUT_TOPIC"],
+                    4,
+                    1,
+                    topic_configs={"max.message.bytes": "64"},
+                )
+            ]
+        )
+    finally:
+        await admin.close()
+    try:
+        worker = await start_worker(stack)
+        async with Feed(stack) as feed:
+            await feed.publish([event("refused", [0.1] * INPUT)])
+        assert worker.process is not None
+        code = await asyncio.to_thread(worker.process.wait, 60)
+        assert code == 70, worker.log_tail()
+        assert "refuses it for good" in worker.log_tail()
+        assert "MessageSizeTooLarge" in worker.log_tail()
+    finally:
+        stack.stop_all()
 
 
 async def test_numbers_beyond_float32_are_dead_letters_and_never_poison_a_memory(

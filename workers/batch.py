@@ -28,21 +28,45 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import torch
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+)
 from pydantic import ValidationError
 
 from state import MemoryBatch, MemoryStore, MemoryUpdates
 from stream_lstm.engine import Events, Memory, entity_rows, step
-from stream_lstm.exceptions import StoreError, StoreUnavailableError
+from stream_lstm.exceptions import BrokerRefusedError, StoreError, StoreUnavailableError
 from stream_lstm.model import StreamModel
 from stream_lstm.schema import ENTITY_ID_MAX, FLOAT32_MAX, Event
 
 logger = logging.getLogger(__name__)
 
 DEAD_PAYLOAD_MAX = 256 * 1024
-"""Bytes of an oversized payload kept in its dead letter (base64 must fit Kafka's 1 MB limit)."""
+"""Bytes of a payload kept in its dead letter, at most (before encoding)."""
+DEAD_LETTER_MAX_BYTES = 500_000
+"""A dead letter's encoded size, at most, whatever escaping makes of its payload: inside one
+of the emitter's batches, the producer's max_request_size (1 MiB) and Apache Kafka's default
+message.max.bytes (1 MB). A letter over the broker's limit would be refused on every retry."""
+DEAD_KEY_MAX = 1024
+"""Bytes of a record's key kept in its dead letter."""
+DEAD_ERROR_MAX = 1000
+"""Characters of the error kept in a dead letter."""
 
 RETRY_PAUSE_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+FINAL_SEND_ERRORS = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    InvalidTopicError,
+)
+"""What the broker answers a send with that no retry can change: retried, the batch would be
+re-sent forever while the stream stalls behind it."""
 
 T = TypeVar("T")
 
@@ -83,23 +107,35 @@ class DeadLetter:
     error: str
 
     def encode(self) -> bytes:
-        """The dead-letter topic's JSON: enough to find, understand and replay the record."""
+        """The dead-letter topic's JSON: enough to find, understand and replay the record.
+
+        At most ``DEAD_LETTER_MAX_BYTES``: the payload is cut (at a character) until the
+        encoded letter fits, since escaping grows it up to six-fold; the key and the error
+        are bounded too. What is kept is always a prefix of the original.
+        """
         value = self.record.value or b""
-        truncated = self.reason == "oversized" and len(value) > DEAD_PAYLOAD_MAX
-        payload, payload_encoding = _as_text(value[:DEAD_PAYLOAD_MAX] if truncated else value)
-        key, key_encoding = (
-            _as_text(self.record.key) if self.record.key is not None else (None, None)
-        )
+        kept = min(len(value), DEAD_PAYLOAD_MAX)
+        while True:
+            letter = self._encode(value, kept)
+            if len(letter) <= DEAD_LETTER_MAX_BYTES or kept == 0:
+                return letter
+            kept = min(kept - 1, kept * DEAD_LETTER_MAX_BYTES // len(letter))
+
+    def _encode(self, value: bytes, kept: int) -> bytes:
+        key = self.record.key
+        key_text, key_encoding = (None, None) if key is None else _prefix_as_text(key, DEAD_KEY_MAX)
+        payload, payload_encoding = _prefix_as_text(value, kept)
         return orjson.dumps(
             {
                 "reason": self.reason,
-                "error": self.error,
-                "key": key,
+                "error": self.error[:DEAD_ERROR_MAX],
+                "key": key_text,
                 "key_encoding": key_encoding,
+                "key_truncated": key is not None and len(key) > DEAD_KEY_MAX,
                 "payload": payload,
                 "payload_encoding": payload_encoding,
                 "payload_bytes": len(value),
-                "payload_truncated": truncated,
+                "payload_truncated": kept < len(value),
                 "source": {
                     "topic": self.record.topic,
                     "partition": self.record.partition,
@@ -437,7 +473,8 @@ class BatchProcessor:
         )
 
     async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Retry transient failures with growing pauses; a bad stored value is not transient."""
+        """Retry transient failures with growing pauses; a bad stored value, a refusal by Redis
+        and a send the broker refuses for good are not transient."""
         for tries in itertools.count(1):
             try:
                 return await attempt()
@@ -445,6 +482,12 @@ class BatchProcessor:
                 if not isinstance(e, StoreUnavailableError):  # a refusal, a value that does not
                     raise  # decode: retrying cannot help
                 error: Exception = e
+            except FINAL_SEND_ERRORS as e:
+                raise BrokerRefusedError(
+                    f"{what}: the broker refuses it for good, and would on every retry: {e} "
+                    "(a message over the topic's max.message.bytes, or no permission to write)",
+                    "output_topic",
+                ) from e
             except (OSError, TimeoutError, KafkaError) as e:
                 error = e
             pause = RETRY_PAUSE_S[min(tries, len(RETRY_PAUSE_S)) - 1]
@@ -554,8 +597,11 @@ def _key_error(key: bytes | None, entity_id: str) -> str | None:
     return None
 
 
-def _as_text(data: bytes) -> tuple[str, str]:
+def _prefix_as_text(data: bytes, size: int) -> tuple[str, str]:
+    """Up to ``size`` bytes of ``data`` as text: UTF-8 when all of it is (cut at a character,
+    so what is kept stays UTF-8), else base64."""
     try:
-        return data.decode(), "utf-8"
+        data.decode()
     except UnicodeDecodeError:
-        return base64.b64encode(data).decode(), "base64"
+        return base64.b64encode(data[:size]).decode(), "base64"
+    return data[:size].decode(errors="ignore"), "utf-8"
