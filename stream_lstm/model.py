@@ -13,7 +13,7 @@ import json
 import os
 import pickle
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -255,6 +255,66 @@ def _check_config(config: ModelConfig) -> None:
         )
 
 
+MAX_SIZES = {"input_size": 1_000_000, "hidden_size": 65_536, "num_layers": 64}
+"""Bounds of a model file's sizes, checked before anything is allocated."""
+MAX_OUTPUT_SIZE = 1_000_000
+MAX_PARAMETERS = 1_000_000_000
+"""Weights a model file may ask for (4 GB in float32): a file must not make a worker allocate
+without bound."""
+
+
+def _checked_config(plain: dict[str, Any], name: str) -> ModelConfig:
+    """A model file's config, each field of the type and within the bounds it must have:
+    a file is input, and its sizes decide what is allocated."""
+    expected = {f.name for f in fields(ModelConfig)}
+    if set(plain) != expected:
+        raise CheckpointError(
+            f"model file {name} is incomplete or damaged: config fields {sorted(plain)}, "
+            f"expected {sorted(expected)}"
+        )
+
+    def refuse(field: str, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"model file {name}: config {field} must be {what}, got {plain[field]!r}"[:500]
+        )
+
+    for field, top in MAX_SIZES.items():
+        if type(plain[field]) is not int or not 1 <= plain[field] <= top:
+            raise refuse(field, f"an integer from 1 to {top:,}")
+    output_size = plain["output_size"]
+    if output_size is not None and (
+        type(output_size) is not int or not 1 <= output_size <= MAX_OUTPUT_SIZE
+    ):
+        raise refuse("output_size", f"null or an integer from 1 to {MAX_OUTPUT_SIZE:,}")
+    for field in ("bias", "head_bias"):
+        if type(plain[field]) is not bool:
+            raise refuse(field, "true or false")
+    if not isinstance(plain["activation"], str) or plain["activation"] not in get_args(Activation):
+        raise refuse("activation", f"one of {', '.join(get_args(Activation))}")
+    labels = plain["labels"]
+    if labels is not None and (
+        not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)
+    ):
+        raise refuse("labels", "null or a list of strings")
+    config = ModelConfig(**{**plain, "labels": tuple(labels) if labels is not None else None})
+    if (count := _parameters(config)) > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"model file {name} asks for {count:,} parameters; at most {MAX_PARAMETERS:,} "
+            "are served"
+        )
+    return config
+
+
+def _parameters(config: ModelConfig) -> int:
+    """How many weights a config makes: torch's LSTM layout, plus the head."""
+    hidden, gates = config.hidden_size, 4 * config.hidden_size
+    count = gates * (config.input_size + hidden) + (2 * gates if config.bias else 0)
+    count += (config.num_layers - 1) * (gates * 2 * hidden + (2 * gates if config.bias else 0))
+    if config.output_size is not None:
+        count += config.output_size * hidden + (config.output_size if config.head_bias else 0)
+    return count
+
+
 def _as_float32(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Serving runs in float32, whatever precision the model was trained in."""
     return {k: v.to(torch.float32) for k, v in state.items()}
@@ -297,12 +357,11 @@ def _unpack(blob: Any, path: Path) -> tuple[ModelConfig, dict[str, Tensor], str]
         )
     try:
         plain = dict(blob["config"])
-        labels = plain.pop("labels")
-        config = ModelConfig(**plain, labels=tuple(labels) if labels is not None else None)
         state = dict(blob["state_dict"])
         version = str(blob["version"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"model file {name} is incomplete or damaged: {e!r}") from e
+    config = _checked_config(plain, name)
     if not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"model file {name} holds non-tensor weights")
     return config, state, version

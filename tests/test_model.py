@@ -182,6 +182,54 @@ def test_tampered_weights_do_not_match_the_recorded_version(tmp_path: Path) -> N
         StreamModel.load(path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("hidden_size", "8", "hidden_size must be an integer"),
+        ("hidden_size", 8.0, "hidden_size must be an integer"),
+        ("input_size", True, "input_size must be an integer"),
+        ("num_layers", 0, "num_layers must be an integer from 1"),
+        ("hidden_size", 10**9, "hidden_size must be an integer from 1"),
+        ("output_size", "3", "output_size must be"),
+        ("bias", "yes", "bias must be true or false"),
+        ("activation", ["softmax"], "activation must be one of"),
+        ("labels", [1, 2, 3], "labels must be"),
+        ("labels", "cat", "labels must be"),
+    ],
+)
+def test_a_config_of_the_wrong_type_or_size_is_refused_before_anything_is_allocated(
+    tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    path = tmp_path / "model.pt"
+    make_model().save(path)
+    blob = torch.load(path, weights_only=True)
+    blob["config"][field] = value
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match=message):
+        StreamModel.load(path)
+
+
+def test_a_model_too_large_to_serve_is_refused_before_allocating(tmp_path: Path) -> None:
+    """8 layers of hidden 60,000 is 230 billion parameters: a file could ask for it."""
+    path = tmp_path / "model.pt"
+    make_model().save(path)
+    blob = torch.load(path, weights_only=True)
+    blob["config"] |= {"hidden_size": 60_000, "num_layers": 8}
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match="parameters"):
+        StreamModel.load(path)
+
+
+@pytest.mark.parametrize("config", [None, [1, 2], "config"])
+def test_a_config_that_is_no_mapping_is_refused(tmp_path: Path, config: object) -> None:
+    path = tmp_path / "model.pt"
+    make_model().save(path)
+    blob = torch.load(path, weights_only=True)
+    torch.save({**blob, "config": config}, path)
+    with pytest.raises(CheckpointError, match="incomplete or damaged"):
+        StreamModel.load(path)
+
+
 class _Exploit:
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (os.system, (f"touch {_Exploit.marker}",))
