@@ -64,6 +64,7 @@ from redis.exceptions import (
     ClusterDownError,
     NoPermissionError,
     NoScriptError,
+    OutOfMemoryError,
     RedisClusterException,
     RedisError,
     SlotNotCoveredError,
@@ -80,6 +81,7 @@ from state.keys import KeyLayout
 from stream_lstm.exceptions import (
     ConfigError,
     StoreError,
+    StoreFullError,
     StoreRefusedError,
     StoreUnavailableError,
 )
@@ -608,6 +610,20 @@ class MemoryStore:
             raise StoreError(f"entity {entity_id!r}: stored value is not a stream-lstm memory")
         return code == 1
 
+    async def eviction_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy``, or None when it cannot be read (a managed Redis may
+        refuse CONFIG)."""
+        if self._cluster is not None:
+            return None
+        try:
+            reply = await self._call(
+                "config get", lambda: self._redis.config_get("maxmemory-policy")
+            )
+        except StoreError:
+            return None
+        policy = reply.get("maxmemory-policy")
+        return policy.decode() if isinstance(policy, bytes) else policy
+
     def forget_cached(self) -> None:
         """Drop every cached memory: another process may write them from now on."""
         if self._cache is not None:
@@ -675,6 +691,14 @@ class MemoryStore:
                 why = _why_refused(refused, self._user)
                 raise StoreRefusedError(
                     _scrubbed(f"{what}: Redis at {self._url} refused us: {why}", self._secrets)
+                ) from error
+            if any(isinstance(e, OutOfMemoryError) for e in _chain(cause)):
+                raise StoreFullError(
+                    _scrubbed(
+                        f"{what}: Redis at {self._url} is full (maxmemory) and refuses writes "
+                        "until memory is freed",
+                        self._secrets,
+                    )
                 ) from error
             if not isinstance(error, (TimeoutError, RedisConnectionError, RedisTimeoutError)):
                 raise StoreError(

@@ -8,6 +8,7 @@
     │   └── BrokerRefusedError      the broker refused us: credentials, TLS trust, protocol
     └── StoreError            the memory store failed or holds a value that does not decode
         ├── StoreUnavailableError   Redis did not answer within the retry budget
+        │   └── StoreFullError      Redis is at maxmemory and refuses writes
         └── StoreRefusedError       Redis answered but refused us: credentials or TLS trust
 
 Catch `StreamLSTMError` to handle them all; catch a subclass to act on one failure.
@@ -54,6 +55,11 @@ class StoreError(StreamLSTMError):
 
 class StoreUnavailableError(StoreError):
     """Redis did not answer within the configured retry budget."""
+
+
+class StoreFullError(StoreUnavailableError):
+    """Redis is at its maxmemory and refuses writes: an outage to wait out until memory is
+    freed (or maxmemory raised), not a reason to stop."""
 
 
 class StoreRefusedError(StoreError):

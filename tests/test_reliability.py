@@ -48,7 +48,7 @@ from tests.stack import (
 )
 from tests.test_worker import BAD_INPUTS
 from workers.apache_kafka import ApacheKafka
-from workers.broker import Broker
+from workers.broker import Broker, KafkaBroker
 from workers.stack import WorkerProcess
 
 ENTITIES = 100
@@ -384,6 +384,57 @@ async def test_rebalance_and_a_frozen_worker_cannot_overwrite_newer_memories(
 
 
 # --- Redis outage ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_redis_full_is_waited_out_like_an_outage_and_loses_nothing(
+    tansu_broker: KafkaBroker, model_path: Path, tmp_path: Path
+) -> None:
+    """Redis at its maxmemory refuses writes (OOM). The worker used to stop (exit 70) on every
+    restart; it must wait, say why on /health and in a metric, and go on once memory is freed."""
+    with RedisServer() as redis:
+        stack = StreamSlice(tansu_broker, redis, model_path, tmp_path)
+        try:
+            async with Redis.from_url(redis.url) as admin:
+                await admin.config_set("maxmemory-policy", "allkeys-lru")
+            worker = await start_worker(stack)
+            assert "maxmemory-policy is allkeys-lru" in worker.log_tail(), "warned at start"
+            messages, history = random_stream(
+                random.Random(79), [f"full-{k}" for k in range(20)], 10
+            )
+            async with Redis.from_url(redis.url) as admin:
+                await admin.config_set("maxmemory-policy", "noeviction")
+                used = (await admin.info("memory"))["used_memory"]
+                await admin.config_set("maxmemory", used // 2)  # every write refused from now
+                async with (
+                    Feed(stack) as feed,
+                    Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as tail,
+                ):
+                    await feed.publish(messages)
+                    await tail.wait_for(1)  # stepped and emitted: its commit is what waits
+
+                    async def full() -> bool:
+                        status, body = await asyncio.to_thread(worker.http, "GET", "/health")
+                        return status == 503 and body["checks"]["redis_writes"] is False
+
+                    await eventually(full, "/health to say Redis refuses writes", 30)
+                    assert await metric(worker, "stream_lstm_redis_full") == 1.0
+                    await asyncio.sleep(3)  # retries under way
+                    assert worker.process is not None
+                    assert worker.process.poll() is None, worker.log_tail()
+                    await admin.config_set("maxmemory", 0)  # memory freed
+
+                    async def ready() -> bool:
+                        return (await asyncio.to_thread(worker.http, "GET", "/health"))[0] == 200
+
+                    await eventually(ready, "/health to say ready again", 30)
+                    await tail.wait_for(len(messages))
+                    predictions = list(tail.messages)
+            assert await metric(worker, "stream_lstm_redis_full") == 0.0
+            finals = check_against_offline(stack.model, history, predictions)
+            assert_memories(worker, history, finals)
+        finally:
+            stack.stop_all()
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ import state
 from state import CommitResult, MemoryStore, MemoryUpdates, RedisServer, codec
 from state.keys import KeyLayout
 from state.server import RedisClusterServer
-from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
+from stream_lstm.exceptions import ConfigError, StoreError, StoreFullError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from tests.conftest import StoreBackend
@@ -879,3 +879,26 @@ async def test_cluster_retries_stop_at_the_budget_even_if_a_cancellation_is_swal
         with pytest.raises(StoreUnavailableError, match=r"within 0\.2 s"):
             await store.get("a")
         assert time.monotonic() - started < 1.0
+
+
+# --- Redis full ------------------------------------------------------------------------------
+
+
+async def test_a_full_redis_is_an_outage_to_wait_out_on_both_commit_paths() -> None:
+    """At maxmemory Redis refuses writes (OOM): StoreFullError, an unavailability the worker
+    waits out, for the script commit and the fast one (MULTI/EXEC) alike; reads still work."""
+    with RedisServer() as server:
+        async with (
+            MemoryStore(server.url, "full", "v1") as store,
+            Redis.from_url(server.url) as admin,
+        ):
+            await store.commit_many(make_updates(["a"], 1))  # the partition's fence exists
+            used = (await admin.info("memory"))["used_memory"]
+            await admin.config_set("maxmemory", used // 2)
+            with pytest.raises(StoreFullError, match="full"):
+                await store.commit_many(make_updates(["b"], 2))  # the script
+            with pytest.raises(StoreFullError, match="full"):
+                await commit_after_load(store, make_updates(["c"], 3))  # the fast commit
+            assert (await store.get("a")) is not None
+            await admin.config_set("maxmemory", 0)
+            assert (await commit_after_load(store, make_updates(["c"], 3))).applied.all()

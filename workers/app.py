@@ -86,6 +86,7 @@ class StreamWorker:
             max_event_bytes=settings.max_event_bytes,
         )
         self.consumer = BatchConsumer(settings, self.processor, self.emitter, self.metrics)
+        self.metrics.redis_full.set_function(lambda: float(self.processor.redis_full))
         self.app.service(cast(Any, self.consumer))
         self.app.page("/entities/{entity_id:[^/]+}/memory")(self._memory_view())
         self.app.page("/health")(self._health_view())
@@ -158,12 +159,13 @@ class StreamWorker:
         return MetricsView
 
     async def health(self) -> dict[str, bool]:
-        """Ready only when the model is loaded, the worker has joined its consumer group, and
-        both the broker and Redis answer now."""
+        """Ready only when the model is loaded, the worker has joined its consumer group, both
+        the broker and Redis answer now, and Redis takes writes (it is not at maxmemory)."""
         return {
             "model": self.model is not None,
             "group": self.consumer.joined,
             "redis": await self._answers(self.store.ping(HEALTH_TIMEOUT_S)),
+            "redis_writes": not self.processor.redis_full,
             "broker": await self._answers(self.emitter.producer.client.fetch_all_metadata()),
         }
 

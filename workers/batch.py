@@ -40,7 +40,12 @@ from pydantic import ValidationError
 
 from state import MemoryBatch, MemoryStore, MemoryUpdates
 from stream_lstm.engine import Events, Memory, entity_rows, step
-from stream_lstm.exceptions import BrokerRefusedError, StoreError, StoreUnavailableError
+from stream_lstm.exceptions import (
+    BrokerRefusedError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+)
 from stream_lstm.model import StreamModel
 from stream_lstm.schema import ENTITY_ID_MAX, FLOAT32_MAX, Event
 
@@ -387,6 +392,7 @@ class BatchProcessor:
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         self.max_event_bytes = max_event_bytes
+        self.redis_full = False  # the last Redis call was refused: maxmemory, until one succeeds
 
     async def process(self, records: Sequence[Consumed]) -> BatchReport:
         """One batch through every stage."""
@@ -477,10 +483,11 @@ class BatchProcessor:
         and a send the broker refuses for good are not transient."""
         for tries in itertools.count(1):
             try:
-                return await attempt()
+                result = await attempt()
             except StoreError as e:
                 if not isinstance(e, StoreUnavailableError):  # a refusal, a value that does not
                     raise  # decode: retrying cannot help
+                self.redis_full = isinstance(e, StoreFullError)
                 error: Exception = e
             except FINAL_SEND_ERRORS as e:
                 raise BrokerRefusedError(
@@ -490,6 +497,9 @@ class BatchProcessor:
                 ) from e
             except (OSError, TimeoutError, KafkaError) as e:
                 error = e
+            else:
+                self.redis_full = False
+                return result
             pause = RETRY_PAUSE_S[min(tries, len(RETRY_PAUSE_S)) - 1]
             logger.warning("%s failed (try %d), retrying in %.1fs: %s", what, tries, pause, error)
             await asyncio.sleep(pause)

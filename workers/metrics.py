@@ -79,6 +79,11 @@ class Metrics:
             buckets=AGE_SECONDS,
             registry=self.registry,
         )
+        self.redis_full = Gauge(
+            "stream_lstm_redis_full",
+            "1 while Redis refuses the worker's writes at its maxmemory (the worker waits)",
+            registry=self.registry,
+        )
         self.lag = Gauge(
             "stream_lstm_consumer_lag",
             "Events behind the high watermark, per input partition, as of the fetch that "

@@ -45,6 +45,15 @@ async def preflight(settings: Settings, model: StreamModel) -> None:
             await store.ping(PING_TIMEOUT_S)
         except StoreUnavailableError as e:
             logger.warning("Redis does not answer yet; the worker will wait for it: %s", e)
+        else:
+            policy = await store.eviction_policy()
+            if policy is not None and policy != "noeviction":
+                logger.warning(
+                    "Redis's maxmemory-policy is %s: when full it evicts keys, memories and "
+                    "their fences among them, and their entities start again from zero (events "
+                    "replayed onto them would apply twice); set maxmemory-policy noeviction",
+                    policy,
+                )
     await ensure_topics(settings)
 
 
