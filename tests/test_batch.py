@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 
 import msgspec
 import numpy as np
@@ -347,3 +348,46 @@ def test_the_fast_path_agrees_with_the_schema_on_edge_cases(value: bytes) -> Non
 def test_the_fast_path_takes_plain_events() -> None:
     value = orjson.dumps({"entity_id": "a", "features": [1, 2.5, -3.0], "ts": 5, "reset": True})
     assert fast_event(value, 3) == ("a", [1, 2.5, -3.0], None, True)
+
+
+def test_an_overflowing_step_is_a_dead_letter_and_its_entity_keeps_its_last_finite_memory(
+    model: StreamModel,
+) -> None:
+    """A head whose arithmetic overflows for some memories (here: weights near float32's limit
+    and a saturated STM) gives inf, and softmax NaN: such an event must never be stored nor
+    emitted (as null); its entity goes on as if it had not been there."""
+    assert model.head is not None
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor([[1e38, 1e38, 1e38], [0.0, 0.0, 0.0]]))
+        model.head.bias.copy_(torch.tensor([2.5e38, 0.0]))  # finite while |sum of h| < 0.9
+    huge = [-3e38, 3e38]  # saturates every gate: h = tanh(1) = 0.76 in each unit
+    records = [
+        record(event("a", [0.5, -1.0]), b"a", offset=0),
+        record(event("a", huge), b"a", offset=1),
+        record(event("b", [0.2, 0.1]), b"b", offset=2),
+        record(event("a", [0.3, 0.4]), b"a", offset=3),
+    ]
+    checked = check(records, 2, 1024)
+    applied = apply(model, checked, empty_memory(checked, model))
+    (dead,) = applied.dead
+    assert (dead.reason, dead.record.offset) == ("non_finite", 1)
+    predictions = [orjson.loads(value) for _, value in applied.predictions]
+    assert [(p["entity_id"], p["step"]) for p in predictions] == [("a", 1), ("b", 1), ("a", 2)]
+    assert all(math.isfinite(x) for p in predictions for x in p["output"])
+
+    # The same as if the overflowing event had never been there.
+    without = [r for r in records if r.offset != 1]
+    clean = check(without, 2, 1024)
+    expected = apply(model, clean, empty_memory(clean, model))
+    assert applied.predictions == expected.predictions
+    a = applied.updates.entity_ids.index("a")
+    b = expected.updates.entity_ids.index("a")
+    np.testing.assert_allclose(applied.updates.ltm[a], expected.updates.ltm[b], atol=1e-6)
+    np.testing.assert_allclose(applied.updates.stm[a], expected.updates.stm[b], atol=1e-6)
+    assert applied.updates.step[a] == 2
+    assert applied.updates.fence_offset[a] == 3
+
+
+def test_a_batch_without_overflow_has_no_such_dead_letters(model: StreamModel) -> None:
+    checked = check([record(event("a"), b"a")], 2, 1024)
+    assert apply(model, checked, empty_memory(checked, model)).dead == []

@@ -39,7 +39,7 @@ from aiokafka.errors import (
 from pydantic import ValidationError
 
 from state import MemoryBatch, MemoryStore, MemoryUpdates
-from stream_lstm.engine import Events, Memory, entity_rows, step
+from stream_lstm.engine import Events, Memory, StepResult, entity_rows, step
 from stream_lstm.exceptions import (
     BrokerRefusedError,
     StoreError,
@@ -108,7 +108,7 @@ class DeadLetter:
     """A record that cannot become an event, and why."""
 
     record: Consumed
-    reason: str  # oversized | not_json | not_object | invalid_event | key_mismatch
+    reason: str  # oversized | not_json | not_object | invalid_event | key_mismatch | non_finite
     error: str
 
     def encode(self) -> bytes:
@@ -171,6 +171,7 @@ class Applied:
     predictions: list[tuple[bytes | None, bytes]]  # (key, Prediction JSON)
     updates: MemoryUpdates
     replayed: int  # events whose fence was already stored: dropped
+    dead: list[DeadLetter]  # events whose step was not finite (overflow): not applied
 
 
 class Emitter(Protocol):
@@ -296,20 +297,32 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
     records = checked.records if all_fresh else [checked.records[i] for i in fresh]
     rows, partitions, offsets = rows[fresh], partitions[fresh], offsets[fresh]
 
-    result = step(
-        model,
-        Events(
-            torch.from_numpy(rows),
-            torch.from_numpy(checked.features if all_fresh else checked.features[fresh]),  # (N', I)
-            torch.from_numpy(checked.reset if all_fresh else checked.reset[fresh]),  # (N',)
-        ),
-        Memory(
-            torch.from_numpy(memory.ltm),
-            torch.from_numpy(memory.stm),
-            torch.from_numpy(memory.step),
-        ),
+    events = Events(
+        torch.from_numpy(rows),
+        torch.from_numpy(checked.features if all_fresh else checked.features[fresh]),  # (N', I)
+        torch.from_numpy(checked.reset if all_fresh else checked.reset[fresh]),  # (N',)
     )
-    predictions = _predictions(model, entity_ids, event_ids, records, result.output, result.step)
+    start = Memory(
+        torch.from_numpy(memory.ltm), torch.from_numpy(memory.stm), torch.from_numpy(memory.step)
+    )
+    result = step(model, events, start)
+    dead: list[DeadLetter] = []
+    if not _finite(result):  # rare: an overflow; find the events that caused it
+        result, kept = _step_finite_events(model, events, start)
+        dead = [
+            DeadLetter(records[i], "non_finite", NON_FINITE_ERROR)
+            for i in np.flatnonzero(~kept).tolist()
+        ]
+        if dead:
+            at = np.flatnonzero(kept)
+            entity_ids, event_ids = [entity_ids[i] for i in at], [event_ids[i] for i in at]
+            predicted = [records[i] for i in at]
+            output, steps = result.output[at], result.step[at]
+            predictions = _predictions(model, entity_ids, event_ids, predicted, output, steps)
+    if not dead:
+        predictions = _predictions(
+            model, entity_ids, event_ids, records, result.output, result.step
+        )
 
     last = np.full(len(ids), -1, dtype=np.int64)  # (E,) last fresh event of each entity
     np.maximum.at(last, rows, np.arange(len(rows)))
@@ -322,7 +335,75 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
         fence_partition=partitions[last[stepped]],
         fence_offset=offsets[last[stepped]],
     )
-    return Applied(predictions, updates, replayed=len(checked.records) - len(records))
+    return Applied(predictions, updates, replayed=len(checked.records) - len(records), dead=dead)
+
+
+def _log(letters: Sequence[DeadLetter]) -> None:
+    for dead in letters:
+        logger.warning(
+            "dead letter %s at %s[%d]@%d: %s",
+            dead.reason,
+            dead.record.topic,
+            dead.record.partition,
+            dead.record.offset,
+            dead.error,
+        )
+
+
+NON_FINITE_ERROR = (
+    "the model's step overflowed on this event (its output or memory is not finite); the event "
+    "is not applied and its entity keeps the memory it had before it"
+)
+
+
+def _finite(result: StepResult) -> bool:
+    memory = result.memory
+    return bool(
+        torch.isfinite(result.output).all()
+        and torch.isfinite(memory.ltm).all()
+        and torch.isfinite(memory.stm).all()
+    )
+
+
+def _step_finite_events(
+    model: StreamModel, events: Events, start: Memory
+) -> tuple[StepResult, npt.NDArray[np.bool_]]:
+    """The batch again, one event at a time, skipping each event whose step is not finite:
+    its entity goes on from the memory it had before it. Slow, and only run after an overflow.
+
+    Returns the result (the output and step rows of skipped events are zeros) and which events
+    were kept (N,).
+    """
+    n = len(events.entity)
+    memory = Memory(start.ltm.clone(), start.stm.clone(), start.step.clone())
+    output: torch.Tensor | None = None
+    steps = torch.zeros(n, dtype=torch.int64)
+    kept = np.zeros(n, dtype=np.bool_)
+    for i, row in enumerate(events.entity.tolist()):
+        one = step(
+            model,
+            Events(
+                torch.zeros(1, dtype=torch.int64),
+                events.features[i : i + 1],
+                events.reset[i : i + 1],
+            ),
+            Memory(
+                memory.ltm[row : row + 1], memory.stm[row : row + 1], memory.step[row : row + 1]
+            ),
+        )
+        if output is None:
+            output = torch.zeros(n, one.output.shape[1], dtype=one.output.dtype)
+        if not _finite(one):
+            continue
+        kept[i] = True
+        output[i], steps[i] = one.output[0], one.step[0]
+        memory.ltm[row], memory.stm[row], memory.step[row] = (
+            one.memory.ltm[0],
+            one.memory.stm[0],
+            one.memory.step[0],
+        )
+    assert output is not None, "a batch has events"
+    return StepResult(output, steps, memory), kept
 
 
 def overlay(memory: MemoryBatch, in_flight: MemoryUpdates) -> None:
@@ -405,15 +486,7 @@ class BatchProcessor:
         oldest first, which this one starts from whether or not they have reached Redis yet."""
         clock = _Stages()
         checked = check(records, self.model.input_size, self.max_event_bytes)
-        for dead in checked.dead:
-            logger.warning(
-                "dead letter %s at %s[%d]@%d: %s",
-                dead.reason,
-                dead.record.topic,
-                dead.record.partition,
-                dead.record.offset,
-                dead.error,
-            )
+        _log(checked.dead)
         clock.done("check")
         memory = await self._retry(
             "load memories",
@@ -428,6 +501,7 @@ class BatchProcessor:
             overlay(memory, updates)
         clock.done("load")
         applied = apply(self.model, checked, memory)
+        _log(applied.dead)
         clock.done("step")
         return Prepared(checked, memory, applied, clock)
 
@@ -440,7 +514,8 @@ class BatchProcessor:
         """Send a prepared batch's predictions and dead letters; return once all are stored."""
         clock = prepared.clock
         clock.restart()
-        await self._retry("emit", lambda: self._emit(prepared.applied, prepared.checked.dead))
+        dead = [*prepared.checked.dead, *prepared.applied.dead]
+        await self._retry("emit", lambda: self._emit(prepared.applied, dead))
         clock.done("emit")
 
     async def commit(self, prepared: Prepared) -> BatchReport:
@@ -463,7 +538,7 @@ class BatchProcessor:
         checked = prepared.checked
         return BatchReport(
             len(checked.records) + len(checked.dead),  # every record is one or the other
-            len(checked.dead),
+            len(checked.dead) + len(applied.dead),
             applied.replayed,
             len(stale),
             len(prepared.memory.entity_ids),
