@@ -19,6 +19,29 @@ def test_keys_land_where_kafkas_default_partitioner_puts_them(key: bytes, count:
     assert keyed(key, partitions) == DefaultPartitioner()(key, partitions, partitions)
 
 
+async def test_a_health_ping_is_one_small_request_not_the_cluster_metadata(
+    kafka_broker: Broker,
+) -> None:
+    emitter = KafkaEmitter(kafka_broker.connection)
+    await emitter.start()
+    sent: list[str] = []
+    client = emitter.producer.client
+    send = client.send
+
+    async def recording(node_id: int, request: object, **kwargs: object) -> object:
+        sent.append(type(request).__name__)
+        return await send(node_id, request, **kwargs)
+
+    client.send = recording
+    try:
+        for _ in range(20):
+            await emitter.ping()
+    finally:
+        client.send = send
+        await emitter.stop()
+    assert sent == ["ApiVersionRequest"] * 20
+
+
 async def test_batches_keep_the_key_partitioning_and_per_key_order(
     kafka_broker: Broker,
 ) -> None:

@@ -166,7 +166,7 @@ class StreamWorker:
             "group": self.consumer.joined,
             "redis": await self._answers(self.store.ping(HEALTH_TIMEOUT_S)),
             "redis_writes": not self.processor.redis_full,
-            "broker": await self._answers(self.emitter.producer.client.fetch_all_metadata()),
+            "broker": await self._answers(self.emitter.ping()),
         }
 
     @staticmethod

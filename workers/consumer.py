@@ -34,7 +34,8 @@ from aiokafka import (
     ConsumerRebalanceListener,
     TopicPartition,
 )
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
+from aiokafka.protocol.admin import ApiVersionRequest
 from murmurhash2 import murmurhash2
 
 from workers.batch import BatchProcessor, Consumed, Prepared
@@ -82,6 +83,18 @@ class KafkaEmitter:
 
     async def stop(self) -> None:
         await self.producer.stop()
+
+    async def ping(self) -> None:
+        """Return once a broker answered one small request (ApiVersions).
+
+        For health checks, which may come often: fetching the cluster's metadata instead costs
+        the broker a listing of every topic and partition per call.
+        """
+        client = self.producer.client
+        node = client.get_random_node()
+        if node is None:
+            raise KafkaConnectionError("no broker known")
+        await client.send(node, ApiVersionRequest())
 
     async def emit(self, topic: str, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
         """Send the messages and return once the broker acknowledged every one."""
