@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 
 from state import RedisServer
+from stream_lstm.model import StreamModel
+from stream_lstm.tvshows import DEFAULT_MODEL
 from tests.stack import StreamSlice, event, save_model, settled_memory
+from workers.app import StreamWorker
 from workers.broker import KafkaBroker
+from workers.settings import Settings
 from workers.stack import WorkerProcess
 
 TOKEN = "api-token-5b0d6c2e9f1a4b7c"
@@ -90,3 +94,12 @@ def listeners(port: int) -> set[str]:
         if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
             found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
     return found
+
+
+def test_the_memory_api_has_redis_connections_of_its_own(tmp_path: Path) -> None:
+    """A flood of API requests waits on the API's own connection pool, never on the one the
+    stream loads and commits with."""
+    settings = Settings.load(redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path)
+    worker = StreamWorker(settings, StreamModel.load(DEFAULT_MODEL, device="cpu"))
+    assert worker.api_store is not worker.store
+    assert worker.api_store._redis.connection_pool is not worker.store._redis.connection_pool

@@ -76,6 +76,9 @@ class StreamWorker:
             logging_config=None,
         )
         self.store = settings.memory_store(model.version)
+        # The memory API's own connections: a flood of requests waits on these, never on the
+        # ones the stream loads and commits with.
+        self.api_store = settings.memory_store(model.version, cache_entities=0)
         self.emitter = KafkaEmitter(settings.kafka)
         self.processor = BatchProcessor(
             model,
@@ -113,7 +116,7 @@ class StreamWorker:
                 return await super().dispatch(request)
 
             async def get(self, request: Request, entity_id: str) -> Response:
-                stored = await worker.store.get(entity_id)
+                stored = await worker.api_store.get(entity_id)
                 if stored is None:
                     return self.json({"error": f"no memory stored for {entity_id!r}"}, status=404)
                 snapshot = stored.snapshot(entity_id, worker.model.version)
@@ -122,7 +125,7 @@ class StreamWorker:
                 )
 
             async def delete(self, request: Request, entity_id: str) -> Response:
-                existed = await worker.store.reset(entity_id)
+                existed = await worker.api_store.reset(entity_id)
                 if not existed:
                     return self.json({"error": f"no memory stored for {entity_id!r}"}, status=404)
                 return self.json({"entity_id": entity_id, "reset": True})

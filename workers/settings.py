@@ -232,10 +232,13 @@ class Settings(BaseSettings):
         except BrokerRefusedError as e:
             raise ConfigError(blame(e)) from None
 
-    def memory_store(self, model_version: str, retry_s: float = 30.0) -> MemoryStore:
+    def memory_store(
+        self, model_version: str, retry_s: float = 30.0, cache_entities: int | None = None
+    ) -> MemoryStore:
         """The memory store these settings name, for memories of that model version.
 
         ``retry_s``: how long a call waits out a Redis outage (a command line call: seconds).
+        ``cache_entities``: the memory cache's size, MEMORY_CACHE_ENTITIES when None.
         """
         return MemoryStore(
             self.redis_url,
@@ -243,7 +246,9 @@ class Settings(BaseSettings):
             model_version,
             ttl_s=self.memory_ttl_s,
             dtype=self.memory_dtype,
-            cache_entities=self.memory_cache_entities,
+            cache_entities=(
+                self.memory_cache_entities if cache_entities is None else cache_entities
+            ),
             retry_s=retry_s,
         )
 
