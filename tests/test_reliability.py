@@ -437,6 +437,70 @@ async def test_redis_full_is_waited_out_like_an_outage_and_loses_nothing(
             stack.stop_all()
 
 
+async def lag_of(worker: WorkerProcess) -> float:
+    """The worker's stream_lstm_consumer_lag, summed over its partitions."""
+    status, text = await asyncio.to_thread(worker.http, "GET", "/metrics")
+    assert status == 200, text
+    return sum(
+        float(line.split()[-1])
+        for line in str(text).splitlines()
+        if line.startswith("stream_lstm_consumer_lag{")
+    )
+
+
+@pytest.mark.slow
+async def test_a_stall_with_events_waiting_turns_health_503_and_the_lag_keeps_counting(
+    tansu_broker: KafkaBroker, model_path: Path, tmp_path: Path
+) -> None:
+    """No batch finishes (Redis frozen mid-call) while events wait: after STALL_S /health says
+    not ready (checks.progress) and the lag gauge counts the waiting events, though no batch
+    finishes to update it; both recover when the stream moves again."""
+    with RedisServer() as redis:
+        stack = StreamSlice(tansu_broker, redis, model_path, tmp_path)
+        try:
+            worker = await start_worker(stack, stall_s="2")
+            messages, history = random_stream(
+                random.Random(83), [f"stall-{k}" for k in range(10)], 8
+            )
+            first, rest = messages[:10], messages[10:]
+            async with (
+                Feed(stack) as feed,
+                Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as tail,
+            ):
+                await feed.publish(first)
+                await tail.wait_for(len(first))
+                await eventually(lambda: _lag_is(worker, 0), "no lag once the first are done")
+                freeze(redis.pid)
+                try:
+                    await feed.publish(rest)
+                    await eventually(
+                        lambda: _lag_is(worker, len(rest)), "the lag to count what waits", 20
+                    )
+
+                    async def stalled() -> bool:
+                        status, body = await asyncio.to_thread(worker.http, "GET", "/health")
+                        return status == 503 and body["checks"]["progress"] is False
+
+                    await eventually(stalled, "/health to say the stream stalls", 20)
+                finally:
+                    thaw(redis.pid)
+
+                async def ready() -> bool:
+                    return (await asyncio.to_thread(worker.http, "GET", "/health"))[0] == 200
+
+                await eventually(ready, "/health to say ready again", 30)
+                await tail.wait_for(len(messages))
+                await eventually(lambda: _lag_is(worker, 0), "no lag at the end")
+                predictions = list(tail.messages)
+            check_against_offline(stack.model, history, predictions)
+        finally:
+            stack.stop_all()
+
+
+async def _lag_is(worker: WorkerProcess, expected: int) -> bool:
+    return await lag_of(worker) == expected
+
+
 @pytest.mark.slow
 async def test_redis_away_for_10s_the_worker_waits_says_not_ready_and_loses_nothing(
     kafka_broker: Broker, model_path: Path, tmp_path: Path

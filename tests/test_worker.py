@@ -193,7 +193,14 @@ async def test_an_api_reset_reaches_the_worker_that_cached_the_memory(
 def test_health_reports_each_dependency(worker: WorkerProcess) -> None:
     status, body = worker.http("GET", "/health")
     assert status == 200
-    checks = {"model": True, "group": True, "redis": True, "redis_writes": True, "broker": True}
+    checks = {
+        "model": True,
+        "group": True,
+        "redis": True,
+        "redis_writes": True,
+        "progress": True,
+        "broker": True,
+    }
     assert body == {"ready": True, "checks": checks}
 
 

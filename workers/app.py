@@ -169,6 +169,7 @@ class StreamWorker:
             "group": self.consumer.joined,
             "redis": await self._answers(self.store.ping(HEALTH_TIMEOUT_S)),
             "redis_writes": not self.processor.redis_full,
+            "progress": not self.consumer.stalled,
             "broker": await self._answers(self.emitter.ping()),
         }
 

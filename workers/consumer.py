@@ -156,7 +156,10 @@ class BatchConsumer(mode.Service):
         self.emitter = emitter  # the processor sends with it; started and stopped here
         self.metrics = metrics
         self.in_hand = asyncio.Lock()
-        self.joined = False  # has the group given this worker its partitions (maybe none) yet?
+        self.joined = False  # does the group give this worker its partitions (maybe none) now?
+        self.lag = 0  # events of its partitions not yet through a finished batch
+        self._done: dict[TopicPartition, int] = {}  # next offset after the last finished batch
+        self._progress_at = time.monotonic()  # a batch finished, or nothing waited
         self._consumer: AIOKafkaConsumer | None = None
         self._finishing: list[_Finishing] = []  # batches emitting and committing, oldest first
         super().__init__(**kwargs)
@@ -273,11 +276,30 @@ class BatchConsumer(mode.Service):
         oldest = min(m.timestamp for messages in fetched.values() for m in messages) / 1000
         if oldest > 0:  # a record without a timestamp says -1
             self.metrics.observe_age(this.fetched_at - oldest, emitted_at - oldest)
-        for tp, messages in fetched.items():
+        self._done |= {tp: messages[-1].offset + 1 for tp, messages in fetched.items()}
+        self._progress_at = time.monotonic()
+
+    @property
+    def stalled(self) -> bool:
+        """Events wait and no batch has finished for STALL_S: something holds the stream."""
+        return self.lag > 0 and time.monotonic() - self._progress_at > self.settings.stall_s
+
+    @mode.Service.timer(1.0)
+    async def _watch_lag(self) -> None:
+        """The lag of each assigned partition, every second: a stalled worker's lag grows."""
+        lag = 0
+        for tp in self.consumer.assignment():
             highwater = self.consumer.highwater(tp)
+            done = self._done.get(tp)
+            if done is None:
+                done = await self.consumer.position(tp)
             if highwater is not None:
-                lag = max(0, highwater - messages[-1].offset - 1)
-                self.metrics.lag.labels(str(tp.partition)).set(lag)
+                behind = max(0, highwater - done)
+                self.metrics.lag.labels(str(tp.partition)).set(behind)
+                lag += behind
+        self.lag = lag
+        if lag == 0:
+            self._progress_at = time.monotonic()
 
     async def finished(self) -> None:
         """Wait until every batch has emitted and committed its memories and offsets.
@@ -320,6 +342,7 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
         self.service = service
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.service.joined = False  # until the group assigns partitions again
         if revoked:
             async with self.service.in_hand:
                 await self.service.finished()

@@ -86,8 +86,8 @@ class Metrics:
         )
         self.lag = Gauge(
             "stream_lstm_consumer_lag",
-            "Events behind the high watermark, per input partition, as of the fetch that "
-            "delivered the partition's last batch (events that arrived since are not counted)",
+            "Events behind the high watermark, per input partition: not yet through a finished "
+            "batch (updated every second, whether or not batches finish)",
             ["partition"],
             registry=self.registry,
         )

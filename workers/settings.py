@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         le=300,
         description="consumer group session timeout: how fast a dead worker's partitions move",
     )
+    stall_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="/health says not ready when events wait and no batch has finished this long",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the step runs")
     torch_threads: int = Field(
         1, ge=1, le=256, description="CPU threads of the step (the broker and Redis need cores too)"
