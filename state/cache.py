@@ -134,8 +134,10 @@ class MemoryCache:
         for at in np.flatnonzero(slots < 0).tolist():  # new entities take the oldest slots
             slots[at] = self._slot(ids[rows[at]])
         ltm, stm = kept(updates.ltm), kept(updates.stm)
-        if self.rounding is not None:
-            ltm, stm = ltm.astype(self.rounding), stm.astype(self.rounding)
+        if self.rounding is not None:  # as the codec stores them: saturated, then rounded
+            top = float(np.finfo(self.rounding).max)
+            ltm = np.clip(ltm, -top, top).astype(self.rounding)
+            stm = np.clip(stm, -top, top).astype(self.rounding)
         self._ltm[slots] = ltm
         self._stm[slots] = stm
         self._step[slots] = kept(updates.step)

@@ -45,6 +45,7 @@ FLOAT16 = 2
 DTYPES: dict[int, np.dtype[np.floating]] = {FLOAT32: np.dtype("<f4"), FLOAT16: np.dtype("<f2")}
 """Dtype codes a value may carry. float16 halves the memories (opt-in: it rounds them)."""
 CODES = {"float32": FLOAT32, "float16": FLOAT16}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 HEADER = struct.Struct("<4sBBHIiqQd")
 HEADER_SIZE = HEADER.size  # 40
@@ -164,8 +165,12 @@ def encode_many(updates: MemoryUpdates, updated_at: float, code: int = FLOAT32) 
     records["fence_offset"] = updates.fence_offset
     records["step"] = updates.step
     records["updated_at"] = updated_at
-    records["ltm"] = updates.ltm
-    records["stm"] = updates.stm
+    if code == FLOAT16:  # beyond float16's range a memory would be stored as inf: saturate
+        records["ltm"] = np.clip(updates.ltm, -FLOAT16_MAX, FLOAT16_MAX)
+        records["stm"] = np.clip(updates.stm, -FLOAT16_MAX, FLOAT16_MAX)
+    else:
+        records["ltm"] = updates.ltm
+        records["stm"] = updates.stm
     # Viewed as opaque fixed-size blobs, tolist() cuts one bytes object per record in C.
     values: list[bytes] = records.view(f"V{records.dtype.itemsize}").tolist()
     return values

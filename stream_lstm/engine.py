@@ -113,10 +113,11 @@ def step(model: StreamModel, events: Events, memory: Memory) -> StepResult:
         data = torch.empty_like(features)  # (N, I)
         data[packed_row] = features[order]
 
-        keep = seg_from_stored[by_len].to(torch.float32)[:, None, None]  # (S, 1, 1)
+        # A segment after a reset starts from zeros: masked, not multiplied (inf * 0 is NaN).
+        fresh = ~seg_from_stored[by_len].to(device)[:, None, None]  # (S, 1, 1)
         rows = seg_entity[by_len]  # (S,)
-        h0 = (memory.stm.to(device)[rows] * keep).transpose(0, 1).contiguous()  # (L, S, H)
-        c0 = (memory.ltm.to(device)[rows] * keep).transpose(0, 1).contiguous()  # (L, S, H)
+        h0 = memory.stm.to(device)[rows].masked_fill(fresh, 0.0).transpose(0, 1).contiguous()
+        c0 = memory.ltm.to(device)[rows].masked_fill(fresh, 0.0).transpose(0, 1).contiguous()
         packed_out, (h_n, c_n) = model.lstm(PackedSequence(data, batch_sizes.cpu()), (h0, c0))
 
         stm_top = torch.empty(n, model.hidden_size, device=device)  # (N, H) in arrival order
@@ -150,8 +151,9 @@ def _one_event_each(
     the cells. Both are the same arithmetic (a test holds them to it).
     """
     device, home = model.device, memory.ltm.device
-    keep = (~reset).to(torch.float32)[:, None, None]  # (N, 1, 1)
-    stm, ltm = memory.stm.to(device) * keep, memory.ltm.to(device) * keep  # (N, L, H)
+    fresh = reset.to(device)[:, None, None]  # (N, 1, 1): from zeros (masked: inf * 0 is NaN)
+    stm = memory.stm.to(device).masked_fill(fresh, 0.0)  # (N, L, H)
+    ltm = memory.ltm.to(device).masked_fill(fresh, 0.0)  # (N, L, H)
     by = _by_cells if device.type == "cuda" else _by_sequence
     top, stm, ltm = by(model.lstm, features, stm, ltm)
     output = model.readout(top)  # (N, O)

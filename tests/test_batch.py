@@ -21,6 +21,7 @@ from stream_lstm.model import StreamModel
 from stream_lstm.schema import Event, Prediction
 from workers.batch import (
     DEAD_ERROR_MAX,
+    DEAD_KEY_MAX,
     DEAD_LETTER_MAX_BYTES,
     DEAD_PAYLOAD_MAX,
     Checked,
@@ -133,6 +134,7 @@ def test_a_dead_letter_fits_a_kafka_message_whatever_the_payload(
     (dead,) = check([record(raw, key=key)], 2, max_event_bytes).dead
     encoded = dead.encode()
     assert len(encoded) <= DEAD_LETTER_MAX_BYTES
+    assert dead.key == key[:DEAD_KEY_MAX], "the letter's Kafka key counts toward the limit too"
     letter = orjson.loads(encoded)
     assert letter["payload_truncated"] is True
     assert letter["payload_bytes"] == len(raw)
@@ -391,3 +393,19 @@ def test_an_overflowing_step_is_a_dead_letter_and_its_entity_keeps_its_last_fini
 def test_a_batch_without_overflow_has_no_such_dead_letters(model: StreamModel) -> None:
     checked = check([record(event("a"), b"a")], 2, 1024)
     assert apply(model, checked, empty_memory(checked, model)).dead == []
+
+
+def test_a_reset_recovers_an_entity_whose_stored_memory_is_not_finite(
+    model: StreamModel,
+) -> None:
+    """A reset starts from zeros by masking, not multiplying: inf * 0 would be NaN."""
+    checked = check([record(event("a", [0.1, 0.2], reset=True), b"a")], 2, 1024)
+    memory = empty_memory(checked, model)
+    memory.ltm[:] = np.inf
+    memory.stm[:] = np.nan
+    applied = apply(model, checked, memory)
+    assert applied.dead == []
+    (prediction,) = [orjson.loads(value) for _, value in applied.predictions]
+    assert prediction["step"] == 1
+    assert all(math.isfinite(x) for x in prediction["output"])
+    assert np.isfinite(applied.updates.ltm).all()

@@ -192,3 +192,21 @@ def test_a_batch_of_mixed_storage_dtypes_loads_whatever_the_store_writes() -> No
         np.testing.assert_array_equal(batch.ltm[:2], np.ones((2, 1, 3)))
         np.testing.assert_array_equal(batch.stm[:2], -np.ones((2, 1, 3)))
         assert batch.found.tolist() == [True, True, False]
+
+
+def test_float16_storage_saturates_what_is_beyond_its_range_instead_of_storing_inf() -> None:
+    """An LTM can grow past 65,504 (float16's largest) with large inputs over many events;
+    stored as inf it would make every later event of its entity non-finite."""
+    sent = updates(1, 1, 4)
+    sent = MemoryUpdates(
+        sent.entity_ids,
+        np.array([[[1e6, -1e6, 65504.0, 1.5]]], dtype=np.float32),
+        np.array([[[0.5, -0.5, 0.25, 1e9]]], dtype=np.float32),
+        sent.step,
+        sent.fence_partition,
+        sent.fence_offset,
+    )
+    values = codec.encode_many(sent, 1.0, codec.FLOAT16)
+    batch = codec.decode_many(sent.entity_ids, values, 1, 4, codec.FLOAT16)
+    assert batch.ltm.tolist() == [[[65504.0, -65504.0, 65504.0, 1.5]]]
+    assert batch.stm.tolist() == [[[0.5, -0.5, 0.25, 65504.0]]]

@@ -138,8 +138,11 @@ class StreamWorker:
         token = self.settings.api_token
         if token is None:
             return True
-        expected = f"Bearer {token.get_secret_value()}".encode()
-        return hmac.compare_digest(authorization.encode(), expected)
+        scheme, _, given = authorization.partition(" ")
+        # Header bytes that are not UTF-8 reach us as surrogates: compare them as bytes too.
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        matches = hmac.compare_digest(given_bytes, token.get_secret_value().encode())
+        return scheme.lower() == "bearer" and matches
 
     def _health_view(self) -> type[View]:
         worker = self
@@ -167,7 +170,7 @@ class StreamWorker:
         return {
             "model": self.model is not None,
             "group": self.consumer.joined,
-            "redis": await self._answers(self.store.ping(HEALTH_TIMEOUT_S)),
+            "redis": await self._answers(self.api_store.ping(HEALTH_TIMEOUT_S)),
             "redis_writes": not self.processor.redis_full,
             "progress": not self.consumer.stalled,
             "broker": await self._answers(self.emitter.ping()),

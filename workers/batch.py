@@ -111,6 +111,14 @@ class DeadLetter:
     reason: str  # oversized | not_json | not_object | invalid_event | key_mismatch | non_finite
     error: str
 
+    @property
+    def key(self) -> bytes | None:
+        """The letter's own Kafka key: the record's, cut to ``DEAD_KEY_MAX`` like the key the
+        letter holds (a key is bytes of any size the producer allowed, and counts toward the
+        broker's message limit)."""
+        key = self.record.key
+        return None if key is None else key[:DEAD_KEY_MAX]
+
     def encode(self) -> bytes:
         """The dead-letter topic's JSON: enough to find, understand and replay the record.
 
@@ -308,7 +316,7 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
     result = step(model, events, start)
     dead: list[DeadLetter] = []
     if not _finite(result):  # rare: an overflow; find the events that caused it
-        result, kept = _step_finite_events(model, events, start)
+        result, kept = _step_finite_events(model, events, start, result)
         dead = [
             DeadLetter(records[i], "non_finite", NON_FINITE_ERROR)
             for i in np.flatnonzero(~kept).tolist()
@@ -366,43 +374,49 @@ def _finite(result: StepResult) -> bool:
 
 
 def _step_finite_events(
-    model: StreamModel, events: Events, start: Memory
+    model: StreamModel, events: Events, start: Memory, fast: StepResult
 ) -> tuple[StepResult, npt.NDArray[np.bool_]]:
-    """The batch again, one event at a time, skipping each event whose step is not finite:
-    its entity goes on from the memory it had before it. Slow, and only run after an overflow.
+    """``fast`` again for the entities it gave a non-finite output or memory, their events one
+    at a time, skipping each event whose step is not finite: its entity goes on from the memory
+    it had before it. The other entities keep ``fast``'s results (entities are independent).
 
     Returns the result (the output and step rows of skipped events are zeros) and which events
     were kept (N,).
     """
-    n = len(events.entity)
-    memory = Memory(start.ltm.clone(), start.stm.clone(), start.step.clone())
-    output: torch.Tensor | None = None
-    steps = torch.zeros(n, dtype=torch.int64)
-    kept = np.zeros(n, dtype=np.bool_)
-    for i, row in enumerate(events.entity.tolist()):
+    memory = Memory(fast.memory.ltm.clone(), fast.memory.stm.clone(), fast.memory.step.clone())
+    output, steps = fast.output.clone(), fast.step.clone()
+    bad_output = ~torch.isfinite(output).flatten(1).all(dim=1)  # (N,)
+    poisoned = ~(
+        torch.isfinite(memory.ltm).flatten(1).all(dim=1)
+        & torch.isfinite(memory.stm).flatten(1).all(dim=1)
+    )  # (E,)
+    poisoned[events.entity[bad_output]] = True
+    for row in torch.nonzero(poisoned).flatten().tolist():  # from where the batch started them
+        memory.ltm[row], memory.stm[row], memory.step[row] = (
+            start.ltm[row],
+            start.stm[row],
+            start.step[row],
+        )
+    kept = np.ones(len(events.entity), dtype=np.bool_)
+    first = torch.zeros(1, dtype=torch.int64)
+    for i in torch.nonzero(poisoned[events.entity]).flatten().tolist():
+        row = int(events.entity[i])
+        at, of = slice(i, i + 1), slice(row, row + 1)
         one = step(
             model,
-            Events(
-                torch.zeros(1, dtype=torch.int64),
-                events.features[i : i + 1],
-                events.reset[i : i + 1],
-            ),
-            Memory(
-                memory.ltm[row : row + 1], memory.stm[row : row + 1], memory.step[row : row + 1]
-            ),
+            Events(first, events.features[at], events.reset[at]),
+            Memory(memory.ltm[of], memory.stm[of], memory.step[of]),
         )
-        if output is None:
-            output = torch.zeros(n, one.output.shape[1], dtype=one.output.dtype)
         if not _finite(one):
+            kept[i] = False
+            output[i], steps[i] = 0.0, 0
             continue
-        kept[i] = True
         output[i], steps[i] = one.output[0], one.step[0]
         memory.ltm[row], memory.stm[row], memory.step[row] = (
             one.memory.ltm[0],
             one.memory.stm[0],
             one.memory.step[0],
         )
-    assert output is not None, "a batch has events"
     return StepResult(output, steps, memory), kept
 
 
@@ -473,7 +487,7 @@ class BatchProcessor:
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         self.max_event_bytes = max_event_bytes
-        self.redis_full = False  # the last Redis call was refused: maxmemory, until one succeeds
+        self.redis_full = False  # the last commit was refused: maxmemory, until one succeeds
 
     async def process(self, records: Sequence[Consumed]) -> BatchReport:
         """One batch through every stage."""
@@ -525,6 +539,7 @@ class BatchProcessor:
         committed = await self._retry(
             "commit memories",
             lambda: self.store.commit_many(applied.updates, loaded=prepared.memory),
+            commit=True,
         )
         clock.done("commit")
         stale = committed.stale_ids
@@ -547,13 +562,15 @@ class BatchProcessor:
         )
 
     async def _emit(self, applied: Applied, dead: list[DeadLetter]) -> None:
-        letters = [(d.record.key, d.encode()) for d in dead]
+        letters = [(d.key, d.encode()) for d in dead]
         await asyncio.gather(
             self.emitter.emit(self.output_topic, applied.predictions),
             self.emitter.emit(self.dead_letter_topic, letters),
         )
 
-    async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def _retry(
+        self, what: str, attempt: Callable[[], Awaitable[T]], *, commit: bool = False
+    ) -> T:
         """Retry transient failures with growing pauses; a bad stored value, a refusal by Redis
         and a send the broker refuses for good are not transient."""
         for tries in itertools.count(1):
@@ -562,7 +579,8 @@ class BatchProcessor:
             except StoreError as e:
                 if not isinstance(e, StoreUnavailableError):  # a refusal, a value that does not
                     raise  # decode: retrying cannot help
-                self.redis_full = isinstance(e, StoreFullError)
+                if commit:  # only a commit says whether Redis takes writes
+                    self.redis_full = isinstance(e, StoreFullError)
                 error: Exception = e
             except FINAL_SEND_ERRORS as e:
                 raise BrokerRefusedError(
@@ -573,7 +591,8 @@ class BatchProcessor:
             except (OSError, TimeoutError, KafkaError) as e:
                 error = e
             else:
-                self.redis_full = False
+                if commit:
+                    self.redis_full = False
                 return result
             pause = RETRY_PAUSE_S[min(tries, len(RETRY_PAUSE_S)) - 1]
             logger.warning("%s failed (try %d), retrying in %.1fs: %s", what, tries, pause, error)

@@ -19,6 +19,7 @@ to the ``BatchProcessor``, and the batch's offsets are committed right after its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -286,20 +287,33 @@ class BatchConsumer(mode.Service):
 
     @mode.Service.timer(1.0)
     async def _watch_lag(self) -> None:
-        """The lag of each assigned partition, every second: a stalled worker's lag grows."""
+        """The lag of each assigned partition, every second, as of the broker's last answer
+        to a fetch (the high watermark it reported): it counts what waits even when no batch
+        finishes. Never fails the worker: a rebalance can move a partition mid-way."""
         lag = 0
-        for tp in self.consumer.assignment():
-            highwater = self.consumer.highwater(tp)
-            done = self._done.get(tp)
-            if done is None:
-                done = await self.consumer.position(tp)
-            if highwater is not None:
-                behind = max(0, highwater - done)
-                self.metrics.lag.labels(str(tp.partition)).set(behind)
-                lag += behind
+        try:
+            for tp in self.consumer.assignment():
+                highwater = self.consumer.highwater(tp)
+                done = self._done.get(tp)
+                if done is None:
+                    done = await self.consumer.position(tp)
+                if highwater is not None:
+                    behind = max(0, highwater - done)
+                    self.metrics.lag.labels(str(tp.partition)).set(behind)
+                    lag += behind
+        except Exception as e:  # a partition revoked while we asked: next second, again
+            logger.debug("lag not measured this time: %r", e)
+            return
         self.lag = lag
         if lag == 0:
             self._progress_at = time.monotonic()
+
+    def forget(self, revoked: list[TopicPartition]) -> None:
+        """Partitions another worker owns now: their offsets and lag are no longer ours."""
+        for tp in revoked:
+            self._done.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(str(tp.partition))
 
     async def finished(self) -> None:
         """Wait until every batch has emitted and committed its memories and offsets.
@@ -347,6 +361,7 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
             async with self.service.in_hand:
                 await self.service.finished()
                 self.service.processor.store.forget_cached()  # a new owner may write them now
+                self.service.forget(revoked)
                 logger.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:

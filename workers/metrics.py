@@ -87,7 +87,8 @@ class Metrics:
         self.lag = Gauge(
             "stream_lstm_consumer_lag",
             "Events behind the high watermark, per input partition: not yet through a finished "
-            "batch (updated every second, whether or not batches finish)",
+            "batch (measured every second against the high watermark of the broker's last "
+            "fetch answer, whether or not batches finish)",
             ["partition"],
             registry=self.registry,
         )
