@@ -744,6 +744,12 @@ _NAME_MISMATCHES = {62, 64}
 """OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
 
 
+def names_another_host(error: ssl.SSLCertVerificationError) -> bool:
+    """Whether a server's certificate was refused for naming another host or IP address (not
+    for an issuer we do not trust): the hostname check's doing, not the CA's."""
+    return error.verify_code in _NAME_MISMATCHES
+
+
 def _chain(error: BaseException) -> Iterator[BaseException]:
     """``error`` and what it was raised from or while handling, nearest first (a few: redis-py's
     chains are short; never a long or cyclic one)."""
@@ -779,7 +785,7 @@ def _why_refused(refusal: BaseException, user: str) -> str:
     if isinstance(refusal, NoPermissionError):
         return f"permission denied to user {user!r} ({refusal})"
     if isinstance(refusal, ssl.SSLCertVerificationError):
-        if refusal.verify_code in _NAME_MISMATCHES:
+        if names_another_host(refusal):
             return f"hostname mismatch: {refusal.verify_message}"
         return f"certificate not trusted: {refusal.verify_message}"
     return f"client certificate refused ({refusal})"
@@ -1005,7 +1011,8 @@ def _passwords(url: str) -> list[str]:
     ends the host at an unescaped ``/`` would take for one: what no message may show."""
     _, userinfo, _, options = _split_url(url)
     password = userinfo.removesuffix("@").partition(":")[2]
-    found = [password, *[p for p in (password.partition("/")[0],) if len(p) >= _SHORTEST]]
+    head = password.partition("/")[0]
+    found = [password, head] if len(head) >= _SHORTEST else [password]
     found += [value for name, _, value in options if _is_password(name)]
     return [form for secret in found if secret for form in {secret, unquote(secret)}]
 

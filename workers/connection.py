@@ -18,7 +18,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -34,9 +34,10 @@ from aiokafka.errors import (
 )
 from pydantic import SecretStr
 
+from state.store import names_another_host
 from stream_lstm.exceptions import BrokerError, BrokerRefusedError
 
-__all__ = ["KafkaConnection", "SaslMechanism", "SecurityProtocol"]
+__all__ = ["SECURITY_FIELDS", "KafkaConnection", "SaslMechanism", "SecurityProtocol"]
 
 logger = logging.getLogger(__name__)
 
@@ -315,8 +316,14 @@ class KafkaConnection:
             ) from None
 
 
+SECURITY_FIELDS = tuple(
+    f.name for f in fields(KafkaConnection) if f.init and f.name != "bootstrap_servers"
+)
+"""How to talk to the brokers, besides where they are: each is the setting ``kafka_<name>``."""
+
+
 def _untrusted(host: str, port: int, error: ssl.SSLCertVerificationError) -> BrokerRefusedError:
-    if "hostname" in str(error.verify_message).lower() or "IP address mismatch" in str(error):
+    if names_another_host(error):
         return BrokerRefusedError(
             f"the certificate of the broker at {host}:{port} is not for {host!r}: "
             f"{error.verify_message}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +23,12 @@ from stream_lstm.exceptions import (
     StreamLSTMError,
 )
 from stream_lstm.tvshows import DEFAULT_MODEL
-from workers.connection import KafkaConnection, SaslMechanism, SecurityProtocol
+from workers.connection import (
+    SECURITY_FIELDS,
+    KafkaConnection,
+    SaslMechanism,
+    SecurityProtocol,
+)
 
 ENV_PREFIX = "STREAM_LSTM_"
 
@@ -215,26 +221,17 @@ class Settings(BaseSettings):
             part.strip().removeprefix("kafka://") for part in self.broker.split(";") if part.strip()
         )
 
-    @property
+    @cached_property
     def kafka(self) -> KafkaConnection:
-        """How every Kafka client of the worker and the command line connects.
+        """How every Kafka client of the worker and the command line connects; made once, so
+        the TLS files are read once.
 
         A TLS file that cannot be loaded (a bad key password, a file that is no PEM) raises
         ConfigError naming the setting.
         """
+        security = {name: getattr(self, f"kafka_{name}") for name in SECURITY_FIELDS}
         try:
-            return KafkaConnection(
-                self.bootstrap_servers,
-                security_protocol=self.kafka_security_protocol,
-                sasl_mechanism=self.kafka_sasl_mechanism,
-                sasl_username=self.kafka_sasl_username,
-                sasl_password=self.kafka_sasl_password,
-                ssl_cafile=self.kafka_ssl_cafile,
-                ssl_certfile=self.kafka_ssl_certfile,
-                ssl_keyfile=self.kafka_ssl_keyfile,
-                ssl_key_password=self.kafka_ssl_key_password,
-                ssl_check_hostname=self.kafka_ssl_check_hostname,
-            )
+            return KafkaConnection(self.bootstrap_servers, **security)
         except BrokerRefusedError as e:
             raise ConfigError(blame(e)) from None
 
@@ -283,18 +280,7 @@ def blame(error: StreamLSTMError) -> str:
     return str(error)
 
 
-KAFKA_CONNECTION = (
-    "broker",
-    "kafka_security_protocol",
-    "kafka_sasl_mechanism",
-    "kafka_sasl_username",
-    "kafka_sasl_password",
-    "kafka_ssl_cafile",
-    "kafka_ssl_certfile",
-    "kafka_ssl_keyfile",
-    "kafka_ssl_key_password",
-    "kafka_ssl_check_hostname",
-)
+KAFKA_CONNECTION = ("broker", *(f"kafka_{name}" for name in SECURITY_FIELDS))
 """The settings every Kafka client reads (``Settings.kafka``): the commands that talk to the
 broker take them as flags."""
 
