@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 import torch
+from pydantic import SecretStr
 from torch import nn
 
 from state import RedisServer
@@ -25,7 +26,7 @@ from state.server import RedisClusterServer
 from stream_lstm.model import StreamModel
 from tests.offline import offline
 from workers.broker import Broker
-from workers.connection import KafkaConnection
+from workers.connection import SECURITY_FIELDS, KafkaConnection
 from workers.stack import WorkerProcess
 
 INPUT = 4
@@ -145,26 +146,30 @@ class StreamSlice:
         return await self.read(self.env["STREAM_LSTM_DEAD_LETTER_TOPIC"], count)
 
 
+async def partitions(connection: KafkaConnection, topic: str) -> list[dict[str, Any]]:
+    """The topic's partitions as the cluster describes them: leader, replicas, in-sync ones."""
+    admin = connection.admin()
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    assert described["error_code"] == 0, described
+    found: list[dict[str, Any]] = described["partitions"]
+    return found
+
+
 def connection_env(connection: KafkaConnection) -> dict[str, str]:
     """The worker settings (environment variables) that make this connection."""
-    env = {
-        "STREAM_LSTM_BROKER": "kafka://" + connection.bootstrap_servers.replace(",", ";"),
-        "STREAM_LSTM_KAFKA_SECURITY_PROTOCOL": connection.security_protocol,
-        "STREAM_LSTM_KAFKA_SSL_CHECK_HOSTNAME": str(connection.ssl_check_hostname).lower(),
-    }
-    for name in (
-        "sasl_mechanism",
-        "sasl_username",
-        "sasl_password",
-        "ssl_cafile",
-        "ssl_certfile",
-        "ssl_keyfile",
-        "ssl_key_password",
-    ):
+    env = {"STREAM_LSTM_BROKER": "kafka://" + connection.bootstrap_servers.replace(",", ";")}
+    for name in SECURITY_FIELDS:
         value = getattr(connection, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = str(value).lower()
         if value is not None:
-            secret = getattr(value, "get_secret_value", None)
-            env[f"STREAM_LSTM_KAFKA_{name.upper()}"] = secret() if secret else str(value)
+            env[f"STREAM_LSTM_KAFKA_{name.upper()}"] = str(value)
     return env
 
 

@@ -9,9 +9,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.conftest import require_apache_kafka
+from tests.stack import partitions
 from workers.apache_kafka import KAFKA_VERSION, ApacheKafka, apache_kafka_missing, kafka_jars
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -59,13 +59,7 @@ async def test_a_broker_serves_on_its_ports_creates_replicated_topics_and_stops_
     assert apache_kafka.url == f"kafka://127.0.0.1:{port}"
     topic = f"launcher-{uuid.uuid4().hex[:8]}"
     assert await apache_kafka.connection.create_topics([topic], partitions=3) == [topic]
-    admin = AIOKafkaAdminClient(bootstrap_servers=apache_kafka.bootstrap)
-    await admin.start()
-    try:
-        (described,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    assert len(described["partitions"]) == 3
+    assert len(await partitions(apache_kafka.connection, topic)) == 3
 
 
 def test_stop_ends_every_node_process(tmp_path: Path) -> None:

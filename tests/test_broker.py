@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from stream_lstm.exceptions import BrokerError
+from tests.stack import partitions
 from workers.broker import KafkaBroker
 
 # Tansu makes a join wait ~half the session timeout (1 s at least), and a rejoin of a group
@@ -32,17 +32,6 @@ def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def _partition_count(bootstrap: str, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (described,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    assert described["error_code"] == 0, described
-    return len(described["partitions"])
-
-
 def test_urls_name_the_chosen_port(broker: KafkaBroker) -> None:
     assert broker.bootstrap == f"127.0.0.1:{broker.port}"
     assert broker.url == f"kafka://127.0.0.1:{broker.port}"
@@ -56,7 +45,7 @@ async def test_create_topics_makes_eight_partitions_and_is_idempotent(
     assert await broker.connection.create_topics([topic], partitions=8) == [topic]
     assert await broker.connection.create_topics([topic], partitions=2) == []
 
-    assert await _partition_count(broker.bootstrap, topic) == 8
+    assert len(await partitions(broker.connection, topic)) == 8
 
 
 async def test_metadata_auto_creates_topics_with_four_partitions(broker: KafkaBroker) -> None:

@@ -13,13 +13,12 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from state import RedisServer
 from tests.conftest import require_apache_kafka
-from tests.stack import StreamSlice, check_against_offline, random_stream, save_model
+from tests.stack import StreamSlice, check_against_offline, partitions, random_stream, save_model
 from tests.test_reliability import ENTITIES, Feed, Tail, assert_memories, eventually, start_worker
 from workers.apache_kafka import ApacheKafka
 
@@ -36,21 +35,8 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(tmp_path_factory.mktemp("model") / "model.pt", seed=13)
 
 
-async def partitions(stack: StreamSlice, topic: str) -> list[dict[str, Any]]:
-    """The topic's partitions as the cluster describes them: leader, replicas, in-sync ones."""
-    admin = stack.connection.admin()
-    await admin.start()
-    try:
-        (described,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    assert described["error_code"] == 0, described
-    found: list[dict[str, Any]] = described["partitions"]
-    return found
-
-
 async def all_in_sync(stack: StreamSlice, topic: str) -> bool:
-    return all(len(p["isr"]) == 3 for p in await partitions(stack, topic))
+    return all(len(p["isr"]) == 3 for p in await partitions(stack.connection, topic))
 
 
 @pytest.mark.slow
@@ -73,8 +59,8 @@ async def kill_a_broker_mid_stream(stack: StreamSlice, cluster: ApacheKafka) -> 
     worker = await start_worker(stack, max_batch="32")  # it creates the topics: 3 replicas
     topic = stack.env["STREAM_LSTM_INPUT_TOPIC"]
     for name in (topic, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]):
-        assert all(len(p["replicas"]) == 3 for p in await partitions(stack, name)), name
-    leaders = Counter(p["leader"] for p in await partitions(stack, topic))
+        assert all(len(p["replicas"]) == 3 for p in await partitions(stack.connection, name)), name
+    leaders = Counter(p["leader"] for p in await partitions(stack.connection, topic))
     victim = leaders.most_common(1)[0][0]
 
     async with Feed(stack) as feed, Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as tail:
