@@ -265,7 +265,8 @@ without bound."""
 
 def _checked_config(plain: dict[str, Any], name: str) -> ModelConfig:
     """A model file's config, each field of the type and within the bounds it must have:
-    a file is input, and its sizes decide what is allocated."""
+    a file is input, and its sizes decide what is allocated. (The activation and the labels'
+    count are ``_check_config``'s, as for a model built in memory.)"""
     expected = {f.name for f in fields(ModelConfig)}
     if set(plain) != expected:
         raise CheckpointError(
@@ -289,8 +290,6 @@ def _checked_config(plain: dict[str, Any], name: str) -> ModelConfig:
     for field in ("bias", "head_bias"):
         if type(plain[field]) is not bool:
             raise refuse(field, "true or false")
-    if not isinstance(plain["activation"], str) or plain["activation"] not in get_args(Activation):
-        raise refuse("activation", f"one of {', '.join(get_args(Activation))}")
     labels = plain["labels"]
     if labels is not None and (
         not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)

@@ -314,23 +314,17 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
         torch.from_numpy(memory.ltm), torch.from_numpy(memory.stm), torch.from_numpy(memory.step)
     )
     result = step(model, events, start)
-    dead: list[DeadLetter] = []
+    output, steps, predicted, dead = result.output, result.step, records, []
     if not _finite(result):  # rare: an overflow; find the events that caused it
         result, kept = _step_finite_events(model, events, start, result)
         dead = [
-            DeadLetter(records[i], "non_finite", NON_FINITE_ERROR)
-            for i in np.flatnonzero(~kept).tolist()
+            DeadLetter(records[i], "non_finite", NON_FINITE_ERROR) for i in np.flatnonzero(~kept)
         ]
-        if dead:
-            at = np.flatnonzero(kept)
-            entity_ids, event_ids = [entity_ids[i] for i in at], [event_ids[i] for i in at]
-            predicted = [records[i] for i in at]
-            output, steps = result.output[at], result.step[at]
-            predictions = _predictions(model, entity_ids, event_ids, predicted, output, steps)
-    if not dead:
-        predictions = _predictions(
-            model, entity_ids, event_ids, records, result.output, result.step
-        )
+        at = np.flatnonzero(kept)
+        entity_ids, event_ids = [entity_ids[i] for i in at], [event_ids[i] for i in at]
+        predicted = [records[i] for i in at]
+        output, steps = result.output[at], result.step[at]
+    predictions = _predictions(model, entity_ids, event_ids, predicted, output, steps)
 
     last = np.full(len(ids), -1, dtype=np.int64)  # (E,) last fresh event of each entity
     np.maximum.at(last, rows, np.arange(len(rows)))
