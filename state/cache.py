@@ -9,8 +9,10 @@ key, and every other writer is seen:
   revoked, after its batches have committed;
 - a stale worker still writing: its commits are refused by the fences, and a refused or failed
   commit evicts its entities (a newer fence is stored, or maybe is);
-- a reset from the CLI or the memory API: it counts itself in the namespace's reset counter,
-  read with every load, and a changed counter clears the cache;
+- a reset from the CLI or the memory API, or a write of an entity whose events come on several
+  partitions (another partition's owner may write it too): each counts itself in the
+  namespace's outside-writes counter, read with every load, and a changed counter clears the
+  cache; an entity with fences on several partitions is not cached at all;
 - a TTL: an entry is not used once the key may have expired.
 
 Entries sit in preallocated arrays, one slot an entity; slots are reused in the order they were
@@ -50,7 +52,7 @@ class MemoryCache:
         self.capacity = capacity
         self.ttl_s = ttl_s
         self.rounding = rounding
-        self._resets: bytes | None = None  # the reset counter last read (None: no reset yet)
+        self._outside_writes: bytes | None = None  # the counter last read (None: none yet)
         self.generation = 0
         """How many times the cache was cleared: a commit sent before a clear, and answered
         after it, may have been overtaken by what the clear was for, so it is not kept."""
@@ -68,11 +70,12 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._slots)
 
-    def check_resets(self, counter: bytes | None) -> None:
-        """Clear the cache when the namespace's reset counter moved since it was last read."""
-        if counter != self._resets:
+    def check_outside_writes(self, counter: bytes | None) -> None:
+        """Clear the cache when the namespace's outside-writes counter moved since it was last
+        read."""
+        if counter != self._outside_writes:
             self.clear()
-            self._resets = counter
+            self._outside_writes = counter
 
     def find(self, entity_ids: Sequence[str], layers: int, hidden: int) -> I64:
         """Each entity's slot, or -1 where it is not cached (or its entry is too old to use)."""
@@ -110,7 +113,8 @@ class MemoryCache:
         the cache was at ``generation``; evict the others: a newer fence is stored for them.
 
         An entity that appears more than once is evicted too: which of its updates Redis kept
-        is the fences' business, not the cache's.
+        is the fences' business, not the cache's. So is one with more fences (format 2): the
+        cache holds one fence an entity.
         """
         if generation != self.generation:
             return
@@ -122,6 +126,7 @@ class MemoryCache:
         if len(set(ids)) != e:
             counts = collections.Counter(ids)
             keep &= np.fromiter((counts[i] == 1 for i in ids), np.bool_, e)
+        keep[list(updates.other_fences)] = False
         keep[np.flatnonzero(keep)[: -self.capacity]] = False  # more than fit: the last ones
         self.evict([ids[r] for r in np.flatnonzero(~keep).tolist()])
         rows = np.flatnonzero(keep)

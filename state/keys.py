@@ -33,8 +33,9 @@ MEMORY = "mem"
 """The key kind of an entity's memory (LTM, STM, step, fence in one value)."""
 FENCE = "fence"
 """The key kind of a partition's fence: the highest offset any commit carried for it."""
-RESETS = "resets"
-"""The key kind of the reset counter: how many resets were made out of the stream."""
+OUTSIDE_WRITES = "outside"
+"""The key kind of the outside-writes counter: writes no partition's owner sees coming (resets,
+and memories with fences on several partitions), which its cache and fast commit must see."""
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -84,9 +85,9 @@ class KeyLayout:
         return f"{self.namespace}:{FENCE}:{self.model_version}:{partition}"
 
     @property
-    def resets(self) -> str:
-        """The key counting resets (one server only: it has no hash tag)."""
-        return f"{self.namespace}:{RESETS}:{self.model_version}"
+    def outside_writes(self) -> str:
+        """The key counting outside writes (one server only: it has no hash tag)."""
+        return f"{self.namespace}:{OUTSIDE_WRITES}:{self.model_version}"
 
     def memories(self, entity_ids: Sequence[str]) -> list[str]:
         """The keys of many entities' memories, in order."""

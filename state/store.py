@@ -43,6 +43,7 @@ import functools
 import logging
 import random
 import ssl
+import struct
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ slot map (a replica may have taken over) instead of waiting out ``retry_s`` on i
 # Lua 5.1 numbers are doubles: read integers byte by byte, and compare an i64 offset as its
 # signed high word then its unsigned low word, which is exact for every offset.
 _LUA_HEADER = r"""
-local HEADER, MAGIC = %(header)d, '%(magic)s'
+local HEADER, MAGIC, V1, V2 = %(header)d, '%(magic)s', %(v1)d, %(v2)d
 local function u32(s, i)
   local a, b, c, d = string.byte(s, i, i + 3)
   return a + 256 * (b + 256 * (c + 256 * d))
@@ -130,32 +131,46 @@ local function i32(s, i)
   return n
 end
 local function ours(v)
-  return #v >= HEADER and string.sub(v, 1, #MAGIC) == MAGIC
+  if #v < HEADER or string.sub(v, 1, 4) ~= MAGIC then return false end
+  local version = string.byte(v, 5)
+  return version == V1 or version == V2
 end
-local function fence(v)
-  return {i32(v, %(partition)d), i32(v, %(offset)d + 4), u32(v, %(offset)d)}
+local function memory_size(head)  -- LTM and STM, from the header: what lies before more fences
+  local item = string.byte(head, 6) == %(float32)d and 4 or 2
+  return 2 * (string.byte(head, 7) + 256 * string.byte(head, 8)) * u32(head, 9) * item
+end
+local function fences(head, tail)  -- partition -> {high word, low word} of its offset
+  local f = {[i32(head, %(partition)d)] = {i32(head, %(offset)d + 4), u32(head, %(offset)d)}}
+  for i = 1, #tail, 12 do f[i32(tail, i)] = {i32(tail, i + 8), u32(tail, i + 4)} end
+  return f
 end
 local function write(key, v, ttl)
   if ttl > 0 then redis.call('SET', key, v, 'PX', ttl) else redis.call('SET', key, v) end
 end
 """
 
-# KEYS[1..n]: memory keys, then (one server only) partition fence keys. ARGV[1]: TTL in ms
-# (0: none). ARGV[2]: n. ARGV[i + 2]: the new value of KEYS[i]; for a fence key, the batch's
-# highest offset in that partition, in decimal. Returns one code per memory key: 1 applied,
-# 0 stale. When a stored value is not a memory of this format, nothing is written and its keys
-# get -1. A key may repeat: each occurrence is compared with the fence the previous one left.
-# A partition fence only grows, whatever was applied: an over-estimate only costs a later
-# batch the fast commit.
+# KEYS[1..n]: memory keys, then (one server only) m partition fence keys and the outside-writes
+# counter. ARGV[1]: TTL in ms (0: none). ARGV[2]: n. ARGV[3]: m. ARGV[i + 3]: the new value of
+# KEYS[i]; ARGV[n + j + 3]: the batch's highest offset in the partition of KEYS[n + j], in
+# decimal. Returns one code per memory key (``CommitResult``): 1 applied, 0 stale, 2 moved.
+# When a stored value is not a memory of ours, nothing is written and its keys get -1. A key
+# may repeat: each occurrence is compared with the fences the previous one left. A partition
+# fence only grows, whatever was applied: an over-estimate only costs a later batch the fast
+# commit. A write of fences on several partitions counts itself as an outside write.
 _COMMIT = r"""
-local n = tonumber(ARGV[2])
+local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
 local stored, foreign = {}, false
 for i = 1, n do
   local key = KEYS[i]
   if stored[key] == nil then
-    local v = redis.call('GETRANGE', key, 0, HEADER - 1)  -- the header only: no 1 KB copies
-    if v == '' and redis.call('EXISTS', key) == 0 then stored[key] = false
-    elseif ours(v) then stored[key] = fence(v)
+    local head = redis.call('GETRANGE', key, 0, HEADER - 1)  -- not the 1 KB of memories
+    if head == '' and redis.call('EXISTS', key) == 0 then stored[key] = false
+    elseif ours(head) then
+      local tail = ''
+      if string.byte(head, 5) == V2 then
+        tail = redis.call('GETRANGE', key, HEADER + memory_size(head), -1)
+      end
+      stored[key] = fences(head, tail)
     else stored[key] = 'foreign'; foreign = true end
   end
 end
@@ -164,66 +179,126 @@ if foreign then
   for i = 1, n do codes[i] = stored[KEYS[i]] == 'foreign' and -1 or 0 end
   return codes
 end
-local ttl = tonumber(ARGV[1])
+local function compare(new, old)
+  local newer, missing = false, false
+  for p, o in pairs(old) do
+    local x = new[p]
+    if not x or x[1] < o[1] or (x[1] == o[1] and x[2] < o[2]) then missing = true end
+  end
+  for p, x in pairs(new) do
+    local o = old[p]
+    if not o or x[1] > o[1] or (x[1] == o[1] and x[2] > o[2]) then newer = true end
+  end
+  if not newer then return 0 end
+  if missing then return 2 end
+  return 1
+end
+local ttl, spans = tonumber(ARGV[1]), false
 for i = 1, n do
-  local key, v, old = KEYS[i], ARGV[i + 2], stored[KEYS[i]]
-  local new = fence(v)
-  if not old or new[1] ~= old[1] or new[2] > old[2] or (new[2] == old[2] and new[3] > old[3]) then
+  local key, v, old = KEYS[i], ARGV[i + 3], stored[KEYS[i]]
+  local new = fences(v, string.sub(v, HEADER + memory_size(v) + 1))
+  local code = 1
+  if old then code = compare(new, old) end
+  if code == 1 then
     write(key, v, ttl)
     stored[key] = new
-    codes[i] = 1
-  else
-    codes[i] = 0
+    local partitions = 0
+    for p in pairs(new) do if p ~= %(resets)d then partitions = partitions + 1 end end
+    if partitions > 1 then spans = true end
   end
+  codes[i] = code
 end
-for j = n + 1, #KEYS do
-  local new, old = ARGV[j + 2], redis.call('GET', KEYS[j])
+for j = n + 1, n + m do
+  local new, old = ARGV[j + 3], redis.call('GET', KEYS[j])
   if not old or #new > #old or (#new == #old and new > old) then redis.call('SET', KEYS[j], new) end
 end
+if spans and KEYS[n + m + 1] then redis.call('INCR', KEYS[n + m + 1]) end
 return codes
 """
 
-# KEYS[1]: a memory key; KEYS[2] (one server only): the reset counter. ARGV[1]: TTL in ms
-# (0: none). ARGV[2]: updated_at, 8 bytes. Zeroes the step and the memories but keeps the
-# header up to the fence, fence included, and counts the reset, so that workers drop what they
-# cached: only a real reset counts (an unknown id, sent by anyone with the API, would make every
-# worker drop its cache). Returns 1 when reset, 0 when nothing is stored, -1 when the stored
-# value is foreign.
+# KEYS[1]: a memory key; KEYS[2] (one server only): the outside-writes counter. ARGV[1]: TTL in
+# ms (0: none). ARGV[2]: updated_at, 8 bytes. Zeroes the step and the memories, keeps the
+# fences and counts the reset among them (under partition RESETS, the first of the more
+# fences), so that no commit made from the memory before the reset can overwrite it; counts
+# itself as an outside write, so that workers drop what they cached. Only a real reset counts
+# (an unknown id, sent by anyone with the API, would make every worker drop its cache).
+# Returns 1 when reset, 0 when nothing is stored, -1 when the stored value is foreign.
 _RESET = r"""
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 if not ours(v) then return -1 end
 if KEYS[2] then redis.call('INCR', KEYS[2]) end
-write(KEYS[1], string.sub(v, 1, %(step)d) .. string.rep('\0', 8) .. ARGV[2]
-  .. string.rep('\0', #v - HEADER), tonumber(ARGV[1]))
+local size = HEADER + memory_size(v)
+local resets, others = 0, {}
+for i = size + 1, #v, 12 do
+  if i32(v, i) == %(resets)d then resets = u32(v, i + 4)
+  else others[#others + 1] = string.sub(v, i, i + 11) end
+end
+local count, bytes = resets + 1, {}
+for k = 1, 4 do bytes[k] = count %% 256; count = math.floor(count / 256) end
+write(KEYS[1], string.sub(v, 1, 4) .. string.char(V2) .. string.sub(v, 6, %(step)d)
+  .. string.rep('\0', 8) .. ARGV[2] .. string.rep('\0', size - HEADER)
+  .. '%(resets_bytes)s' .. string.char(unpack(bytes)) .. string.rep('\0', 4)
+  .. table.concat(others), tonumber(ARGV[1]))
 return 1
 """
 
 _LUA_CONSTANTS = {
     "header": codec.HEADER_SIZE,
-    "magic": "".join(f"\\{byte}" for byte in codec.MAGIC + bytes([codec.FORMAT_VERSION])),
+    "magic": "".join(f"\\{byte}" for byte in codec.MAGIC),
+    "v1": codec.FORMAT_VERSION,
+    "v2": codec.FORMAT_FENCES,
+    "float32": codec.FLOAT32,
     "partition": codec.FENCE_PARTITION_AT + 1,  # Lua strings count from 1
     "offset": codec.FENCE_OFFSET_AT + 1,
     "step": codec.STEP_AT,
+    "resets": codec.RESETS,
+    "resets_bytes": "".join(f"\\{byte}" for byte in struct.pack("<i", codec.RESETS)),
 }
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class CommitResult:
-    """Which updates of a commit were written; the others were stale (fence not newer)."""
+    """What a commit did with each update: written, stale, or moved.
+
+    - stale: every event of the update is already in the stored memory (its fences are as new
+      or newer on every partition): nothing to write, nothing lost.
+    - moved: the stored memory has events the update lacks (an entity keyed on several
+      partitions was advanced from another one, or it was reset since the update was
+      computed) and the update has events it lacks: nothing written; apply the update's new
+      events again on what is stored.
+    """
 
     entity_ids: Sequence[str]
-    applied: npt.NDArray[np.bool_]  # (E,)
+    codes: npt.NDArray[np.int64]  # (E,) 1 applied, 0 stale, 2 moved
+
+    @property
+    def applied(self) -> npt.NDArray[np.bool_]:
+        """(E,) which updates this commit wrote."""
+        applied: npt.NDArray[np.bool_] = self.codes == APPLIED
+        return applied
 
     @property
     def applied_ids(self) -> list[str]:
         """Entities whose memory this commit wrote."""
-        return [self.entity_ids[i] for i in np.flatnonzero(self.applied).tolist()]
+        return self._ids(APPLIED)
 
     @property
     def stale_ids(self) -> list[str]:
-        """Entities whose stored fence was already as new or newer: nothing written."""
-        return [self.entity_ids[i] for i in np.flatnonzero(~self.applied).tolist()]
+        """Entities whose stored memory already had every event of the update."""
+        return self._ids(STALE)
+
+    @property
+    def moved_ids(self) -> list[str]:
+        """Entities whose stored memory moved on without the update's events: apply them
+        again on it."""
+        return self._ids(MOVED)
+
+    def _ids(self, code: int) -> list[str]:
+        return [self.entity_ids[i] for i in np.flatnonzero(self.codes == code).tolist()]
+
+
+STALE, APPLIED, MOVED = 0, 1, 2
 
 
 @dataclass(slots=True, eq=False)
@@ -361,7 +436,10 @@ class MemoryStore:
         if cache.generation != generation:  # a reset came since: the cache was cleared
             return await self._load_one_server(entity_ids, layers, hidden, partitions)
         batch = dataclasses.replace(
-            cache.take(entity_ids, slots), partition_fences=memories.partition_fences
+            cache.take(entity_ids, slots),
+            other_fences={missed[row]: f for row, f in memories.other_fences.items()},
+            partition_fences=memories.partition_fences,
+            outside_writes=memories.outside_writes,
         )
         if missed:
             batch.ltm[missed], batch.stm[missed] = memories.ltm, memories.stm
@@ -377,30 +455,29 @@ class MemoryStore:
         hidden: int,
         partitions: Collection[int],
     ) -> MemoryBatch:
-        """One MGET of the memories, the partitions' fences and (with a cache) the reset
-        counter; a counter that moved clears the cache."""
+        """One MGET of the memories, the partitions' fences and the outside-writes counter; a
+        counter that moved clears the cache."""
         keys = self._keys.memories(entity_ids)
         fenced = sorted(partitions)
         fence_keys = [self._keys.fence(partition) for partition in fenced]
-        counter = [self._keys.resets] if self._cache is not None else []
         values = cast(
             "list[bytes | None]",
             await self._call(
                 f"load_many of {len(keys)} entities",
-                lambda: self._redis.mget(keys + fence_keys + counter),
+                lambda: self._redis.mget(keys + fence_keys + [self._keys.outside_writes]),
             ),
         )
         memories = codec.decode_many(entity_ids, values[: len(keys)], layers, hidden, self._code)
         stored = values[len(keys) : len(keys) + len(fence_keys)]
         fences = {p: None if f is None else int(f) for p, f in zip(fenced, stored, strict=True)}
         if self._cache is not None:
-            self._cache.check_resets(values[-1])
-        return dataclasses.replace(memories, partition_fences=fences)
+            self._cache.check_outside_writes(values[-1])
+        return dataclasses.replace(memories, partition_fences=fences, outside_writes=values[-1])
 
     async def commit_many(
         self, updates: MemoryUpdates, *, loaded: MemoryBatch | None = None
     ) -> CommitResult:
-        """Write each update whose fence is newer than the stored one, in one script call.
+        """Write each update whose fences cover the stored ones and pass one, in one script call.
 
         On a cluster, one script call per slot, pipelined: one round trip per node. Repeats of
         an entity share its slot, so they stay in one call, in order.
@@ -408,8 +485,10 @@ class MemoryStore:
         ``loaded``: what ``load_many`` returned for these entities in this batch, asked with
         the updates' partitions (a load refuses a foreign value); each entity appears once. On
         one server without a TTL the batch may then skip the script for one MSET when the
-        partition fences prove the script would write every update (``_commit_fast``); that
-        path does not read the stored values again.
+        partition fences and the outside-writes counter prove the script would write every
+        update (``_commit_fast``); that path does not read the stored values again. Pass it
+        only when the updates were computed from what that load returned (or from updates
+        still being committed in order before them, all written since).
 
         Raises StoreError when a stored value is foreign: then nothing in the batch is written,
         on a cluster nothing in that value's slot (the other slots' updates are committed,
@@ -417,7 +496,7 @@ class MemoryStore:
         StoreUnavailableError when Redis does not answer within the retry budget.
         """
         if not updates.entity_ids:
-            return CommitResult(updates.entity_ids, np.zeros(0, dtype=np.bool_))
+            return CommitResult(updates.entity_ids, np.zeros(0, dtype=np.int64))
         keys = self._keys.memories(updates.entity_ids)
         values = codec.encode_many(updates, time.time(), self._code)
         what = f"commit_many of {len(keys)} entities"
@@ -441,7 +520,7 @@ class MemoryStore:
             raise
         codes = np.asarray(answer, dtype=np.int64)
         if cache is not None:
-            cache.put(updates, codes == 1, sent, generation)
+            cache.put(updates, codes == APPLIED, sent, generation)
         if (codes < 0).any():
             foreign = [updates.entity_ids[i] for i in np.flatnonzero(codes < 0).tolist()]
             written = "their hash slots" if self._cluster is not None else "this batch"
@@ -449,7 +528,7 @@ class MemoryStore:
                 f"entities {foreign[:5]!r} hold values that are not stream-lstm memories of "
                 f"format {codec.FORMAT_VERSION}; nothing in {written} was written"
             )
-        return CommitResult(updates.entity_ids, codes == 1)
+        return CommitResult(updates.entity_ids, codes)
 
     async def _commit_one_server(
         self,
@@ -460,21 +539,26 @@ class MemoryStore:
     ) -> list[int]:
         """The fast commit where it writes exactly what the script would, else the script.
 
-        The fences read with the load decide whether to try: a fence already reached means
-        the script at once, in one round trip.
+        What the load read decides whether to try: a partition fence already reached, an
+        entity with fences on several partitions, means the script at once, in one round trip.
         """
         bounds = _offset_bounds(updates)
         fence_keys = [self._keys.fence(partition) for partition in bounds]
-        fast = (
+        counter = self._keys.outside_writes
+        if (
             loaded is not None
             and not self._ttl_ms
+            and not updates.spans_partitions()
             and _unreached([loaded.partition_fences.get(p) for p in bounds], bounds)
-        )
-        if fast and await self._commit_fast(keys, values, fence_keys, bounds):
-            return [1] * len(keys)
+        ):
+            absent = {loaded.entity_ids[i] for i in np.flatnonzero(~loaded.found).tolist()}
+            new = [key for key, e in zip(keys, updates.entity_ids, strict=True) if e in absent]
+            if await self._commit_fast(keys, values, fence_keys, bounds, loaded, new):
+                return [APPLIED] * len(keys)
         highest = [str(high) for _, high in bounds.values()]
         codes: list[int] = await self._commit(
-            keys=[*keys, *fence_keys], args=[self._ttl_ms, len(keys), *values, *highest]
+            keys=[*keys, *fence_keys, counter],
+            args=[self._ttl_ms, len(keys), len(fence_keys), *values, *highest],
         )
         return codes
 
@@ -484,21 +568,32 @@ class MemoryStore:
         values: list[bytes],
         fence_keys: list[str],
         bounds: dict[int, tuple[int, int]],
+        loaded: MemoryBatch,
+        new: list[str],
     ) -> bool:
-        """MSET the whole batch when no commit can have reached its offsets; False otherwise.
+        """MSET the whole batch when the script would write every update; False otherwise.
 
         The script costs Redis ~8 us per entity (each value goes through Lua), a plain MSET
-        ~0.3. Every commit raises its partitions' fences to its highest offsets, atomically with
-        its writes. So when each partition's stored fence is below the batch's lowest offset
-        there, every entity's stored fence is older than its update, and the script would write
-        them all: MSET writes the same. WATCH makes that hold until the write; a missing fence
-        (the partition's first commit), a fence reached, or a commit in between leaves the
-        batch to the script.
+        ~0.3. It writes an update whose fences cover the stored ones and pass one. Every commit
+        raises its partitions' fences to its highest offsets, atomically with its writes, so
+        when each partition's stored fence is below the batch's lowest offset there, no stored
+        memory has a fence as new as the batch's on its partitions. Fences on other partitions
+        come only from an outside write, one that no partition's owner sees coming: a reset,
+        or a memory written with fences on several partitions. Each counts itself in the
+        outside-writes counter, so a counter as the load read it means the stored fences are
+        still those the updates started from, except ``new`` entities, which the load did not
+        find: they must still be absent. WATCH makes all this hold until the write; anything
+        else leaves the batch to the script.
         """
+        counter = self._keys.outside_writes
         async with self._redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(*fence_keys)
-            stored = await pipe.mget(fence_keys)
-            if not _unreached([None if f is None else int(f) for f in stored], bounds):
+            await pipe.watch(*fence_keys, counter, *new)
+            *stored, outside = await pipe.mget([*fence_keys, counter])
+            if outside != loaded.outside_writes or not _unreached(
+                [None if f is None else int(f) for f in stored], bounds
+            ):
+                return False
+            if new and await pipe.exists(*new):
                 return False
             pipe.multi()  # type: ignore[no-untyped-call]
             pipe.mset(
@@ -575,6 +670,7 @@ class MemoryStore:
                 *[commit.keys[row] for row in rows],
                 self._ttl_ms,
                 len(rows),
+                0,  # no partition fences on a cluster
                 *[commit.values[row] for row in rows],
             )
         replies: list[Any] = await pipe.execute(raise_on_error=False)
@@ -592,15 +688,17 @@ class MemoryStore:
             raise StoreError(f"entity {entity_id!r}: {error}") from None
 
     async def reset(self, entity_id: str) -> bool:
-        """Zero an entity's memories and step, keeping its fence; False if nothing is stored.
+        """Zero an entity's memories and step, keeping its fences; False if nothing is stored.
 
-        The fence stays so that a replay of events from before the reset still applies
-        nothing. Events after the reset build on the zeros. On one server the reset also
-        counts itself, so that every worker's cache lets go of what it held.
+        The fences stay so that a replay of events from before the reset still applies
+        nothing. Events after the reset build on the zeros. The reset counts itself among the
+        fences, so a batch that read the memory before the reset and commits after it finds
+        its commit moved, and applies its events again on the zeros: the reset holds. On one
+        server it also counts itself as an outside write, so every worker's cache lets go.
         """
         keys = [self._keys.memory(entity_id)]
         if self._cluster is None:
-            keys.append(self._keys.resets)
+            keys.append(self._keys.outside_writes)
         updated_at = codec.UPDATED_AT.pack(time.time())
         code: int = await self._call(
             f"reset of {entity_id!r}",

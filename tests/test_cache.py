@@ -182,7 +182,7 @@ async def test_only_a_real_reset_counts_so_unknown_ids_cannot_flush_every_cache(
     """Resetting ids nobody has stored (anyone with the API can send millions) must not bump
     the counter: each bump makes every worker drop its whole cache on its next batch."""
     ns = namespace()
-    counter = KeyLayout(ns, "v1").resets
+    counter = KeyLayout(ns, "v1").outside_writes
     async with (
         MemoryStore(redis_server.url, ns, "v1", cache_entities=100) as worker,
         MemoryStore(redis_server.url, ns, "v1") as cli,

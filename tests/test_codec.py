@@ -113,7 +113,10 @@ def good_value() -> bytes:
         (b"x" * 100, "not a stream-lstm memory"),
         (good_value()[:-1], "truncated"),
         (good_value() + b"\0", "does not match its header"),
-        (good_value()[:4] + b"\x02" + good_value()[5:], "format version 2"),
+        (good_value()[:4] + b"\x03" + good_value()[5:], "format version 3"),
+        (good_value()[:4] + b"\x02" + good_value()[5:], "format 2.*before fences"),
+        (good_value() + b"\0" * 12, "format 1.*before fences"),
+        (good_value()[:4] + b"\x02" + good_value()[5:] + b"\0" * 11, "format 2.*truncated"),
         (good_value()[:5] + b"\x09" + good_value()[6:], "unknown dtype code 9"),
     ],
 )

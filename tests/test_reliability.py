@@ -100,6 +100,7 @@ class Feed:
 
     def __init__(self, stack: StreamSlice, topic: str | None = None) -> None:
         self.topic = topic or stack.env["STREAM_LSTM_INPUT_TOPIC"]
+        self.placed: dict[tuple[int, int], Message] = {}  # (partition, offset): what is there
         self._producer = stack.connection.producer(acks="all")
 
     async def __aenter__(self) -> Feed:
@@ -109,11 +110,21 @@ class Feed:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._producer.stop()
 
-    async def publish(self, messages: Sequence[Message]) -> list[tuple[int, int]]:
-        """Send all, wait until the broker acknowledged all; (partition, offset) of each."""
+    async def publish(
+        self, messages: Sequence[Message], partitions: Sequence[int | None] | None = None
+    ) -> list[tuple[int, int]]:
+        """Send all (each to its partition, if given), wait until the broker acknowledged all;
+        (partition, offset) of each."""
         send = self._producer.send
-        pending = [await send(self.topic, value, key=key) for key, value in messages]
-        return [(m.partition, m.offset) for m in await asyncio.gather(*pending)]
+        pending = [
+            await send(self.topic, value, key=key, partition=partition)
+            for (key, value), partition in zip(
+                messages, partitions or [None] * len(messages), strict=True
+            )
+        ]
+        where = [(m.partition, m.offset) for m in await asyncio.gather(*pending)]
+        self.placed.update(zip(where, messages, strict=True))
+        return where
 
     async def paced(self, messages: Sequence[Message], chunk: int, pause_s: float) -> None:
         """A live stream: ``chunk`` messages at a time, ``pause_s`` apart."""
@@ -201,7 +212,10 @@ def thaw(pid: int | None) -> None:
 
 @contextlib.asynccontextmanager
 async def predictions_unacknowledged(
-    stack: StreamSlice, feed: Feed, messages: Sequence[Message]
+    stack: StreamSlice,
+    feed: Feed,
+    messages: Sequence[Message],
+    partitions: Sequence[int | None] | None = None,
 ) -> AsyncIterator[None]:
     """Publish ``messages`` and hold the workers, inside the block, with them in hand: loaded,
     stepped and their predictions sent, but never acknowledged by the (frozen) broker.
@@ -211,7 +225,7 @@ async def predictions_unacknowledged(
     """
     freeze(redis_pid(stack))
     try:
-        await feed.publish(messages)
+        await feed.publish(messages, partitions)
         await asyncio.sleep(1.5)
         freeze(stack.broker.pid)
     finally:
@@ -281,6 +295,76 @@ async def test_kill_9_twice_mid_stream_loses_nothing_and_applies_nothing_twice(
 
     finals = check_against_offline(stack.model, history, predictions)
     assert_memories(worker, history, finals)
+
+
+@pytest.mark.slow
+async def test_kill_9_with_entities_on_two_partitions_applies_each_event_once(
+    stack: StreamSlice,
+) -> None:
+    """Issue 15, finding 1: each entity's events are spread over two partitions (producers with
+    different partitioners). The worker is killed twice mid-stream, then once between a
+    batch's memory commit and its offset commit, so its restart replays events of both
+    partitions whose memories are stored. Across partitions the order is the worker's, and a
+    replay may take another: each entity's memory must hold each of its events exactly once,
+    and equal nn.LSTM over them in the order of the last prediction emitted for each step, as
+    must those predictions."""
+    rng = random.Random(72)
+    ids = [f"split-{k}" for k in range(60)]
+    messages: list[Message] = [
+        event(e, [rng.uniform(-2, 2) for _ in range(INPUT)]) for e in ids for _ in range(16)
+    ]
+    rng.shuffle(messages)
+    spread = [rng.randrange(2) for _ in messages]
+    total, chunk = len(messages), len(messages) // 60
+    live, window = 2 * total // 3, 2 * total // 3 + 200
+    worker = await start_worker(stack, max_batch="32")
+    async with Feed(stack) as feed, Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as tail:
+
+        async def publish(start: int, end: int, pause_s: float = 0.0) -> None:
+            for at in range(start, end, chunk):
+                part = messages[at : min(at + chunk, end)]
+                await feed.publish(part, spread[at : at + len(part)])
+                await asyncio.sleep(pause_s)
+
+        publishing = asyncio.create_task(publish(0, live, pause_s=0.25))  # ~10 s
+        # The last restart takes whole fetches, so the batch held below has both partitions.
+        for more, batch in ((total // 8, "32"), (100, "1000")):
+            await tail.wait_for(len(tail.sources()) + more)
+            assert len(tail.sources()) < live, "the kill must land mid-stream"
+            assert await asyncio.to_thread(worker.stop, signal.SIGKILL) == -signal.SIGKILL
+            worker = await start_worker(stack, max_batch=batch)
+        await publishing
+        await tail.wait_for(live)
+
+        await raise_partition_fences(stack)  # the commit goes by script: see memories_in_flight
+        async with memories_in_flight(stack, feed, messages[live:window], spread[live:window]):
+            assert await asyncio.to_thread(worker.stop, signal.SIGKILL) == -signal.SIGKILL
+        worker = await start_worker(stack, max_batch="32")
+        await publish(window, total)
+        await tail.wait_for(total)
+        replayed = await metric(worker, "stream_lstm_replayed_events_total")
+        predictions, placed = list(tail.messages), feed.placed
+
+    assert replayed > 0, "the restart read events whose memories were committed"
+    last: dict[tuple[str, int], dict[str, Any]] = {}
+    for prediction in predictions:  # an entity's predictions share an output partition: in order
+        last[(prediction["entity_id"], prediction["step"])] = prediction
+    for entity_id in ids:
+        own = {at for at, (key, _) in placed.items() if key == entity_id.encode()}
+        chain = [last[(entity_id, k)] for k in range(1, len(own) + 1)]
+        order = [(p["source"]["partition"], p["source"]["offset"]) for p in chain]
+        assert sorted(order) == sorted(own), f"{entity_id}: not each event once"
+        for partition in (0, 1):
+            offsets = [offset for p, offset in order if p == partition]
+            assert offsets == sorted(offsets), f"{entity_id}: partition {partition} reordered"
+        events = [orjson.loads(placed[at][1] or b"")["features"] for at in order]
+        outputs, h_n, c_n = offline(stack.model, [(torch.tensor(x), False) for x in events])
+        torch.testing.assert_close(
+            torch.tensor([p["output"] for p in chain]), outputs, atol=1e-4, rtol=0
+        )
+        snapshot = await asyncio.to_thread(settled_memory, worker, entity_id, len(own))
+        torch.testing.assert_close(torch.tensor(snapshot["ltm"]), c_n, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(snapshot["stm"]), h_n, atol=1e-4, rtol=0)
 
 
 # --- Graceful shutdown -----------------------------------------------------------------------
@@ -594,7 +678,10 @@ async def raise_partition_fences(stack: StreamSlice) -> None:
 
 @contextlib.asynccontextmanager
 async def memories_in_flight(
-    stack: StreamSlice, feed: Feed, messages: Sequence[Message]
+    stack: StreamSlice,
+    feed: Feed,
+    messages: Sequence[Message],
+    partitions: Sequence[int | None] | None = None,
 ) -> AsyncIterator[None]:
     """Like ``predictions_unacknowledged``, but inside the block the predictions are
     acknowledged and the workers wait for the (frozen) Redis to commit the batch's memories.
@@ -602,7 +689,7 @@ async def memories_in_flight(
     Redis runs the commits it has been sent when the block ends, even those of a worker that
     was killed inside it: that worker's memories are then committed but not its offsets.
     """
-    async with predictions_unacknowledged(stack, feed, messages):
+    async with predictions_unacknowledged(stack, feed, messages, partitions):
         freeze(redis_pid(stack))
         try:
             thaw(stack.broker.pid)

@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
@@ -63,8 +63,10 @@ def make_updates(
     layers: int = 2,
     hidden: int = 4,
     partition: int = 0,
+    other_fences: Mapping[int, Mapping[int, int]] | None = None,
 ) -> MemoryUpdates:
-    """Updates whose memories encode their fence: ltm = offset, stm = -offset, step = offset."""
+    """Updates whose memories encode their fence: ltm = offset, stm = -offset, step = offset;
+    ``other_fences``: row -> the entity's fences on other partitions."""
     e = len(entity_ids)
     offset = np.broadcast_to(np.asarray(offsets, dtype=np.int64), (e,))
     memory = np.broadcast_to(offset.astype(np.float32)[:, None, None], (e, layers, hidden))
@@ -75,6 +77,7 @@ def make_updates(
         step=offset.copy(),
         fence_partition=np.full(e, partition, dtype=np.int64),
         fence_offset=offset.copy(),
+        other_fences=other_fences or {},
     )
 
 
@@ -329,12 +332,28 @@ async def test_fence_compares_full_64_bit_offsets(
     assert await stored_offset(store, "a") == (new if applies else stored)
 
 
-async def test_another_partition_applies_whatever_its_offset(store: MemoryStore) -> None:
+async def test_another_partition_applies_only_on_top_of_the_stored_fences(
+    store: MemoryStore,
+) -> None:
+    """An entity keyed on two partitions: an update made without the stored memory's events
+    of the other partition is moved (written, it would lose them); one made on top of them
+    applies and keeps a fence for each partition."""
     await store.commit_many(make_updates(["a"], 100, partition=0))
-    assert (await store.commit_many(make_updates(["a"], 5, partition=1))).applied.all()
+    assert (await store.commit_many(make_updates(["a"], 5, partition=1))).moved_ids == ["a"]
+    assert await stored_offset(store, "a") == 100
+
+    on_top = make_updates(["a"], 5, partition=1, other_fences={0: {0: 100}})
+    assert (await store.commit_many(on_top)).applied_ids == ["a"]
     stored = await store.get("a")
     assert stored is not None
-    assert (stored.fence_partition, stored.fence_offset) == (1, 5)
+    assert (stored.fence_partition, stored.fence_offset, stored.other_fences) == (1, 5, {0: 100})
+
+    # A replay of either partition's events is stale, whatever its order.
+    for replay in (make_updates(["a"], 100), make_updates(["a"], 4, partition=1)):
+        assert (await store.commit_many(replay)).stale_ids == ["a"]
+    # A stale owner of partition 0 that never saw partition 1's event: moved, not written.
+    assert (await store.commit_many(make_updates(["a"], 101))).moved_ids == ["a"]
+    assert await stored_offset(store, "a") == 5
 
 
 async def test_repeated_id_in_one_batch_keeps_the_newest(store: MemoryStore) -> None:
@@ -356,9 +375,18 @@ async def test_reset_zeroes_memory_and_keeps_fence(store: MemoryStore) -> None:
     assert stored.ltm.shape == (2, 4)
     assert (stored.step, stored.fence_partition, stored.fence_offset) == (0, 3, 10)
 
-    # events from before the reset replay as stale; newer ones build on the zeros
-    assert not (await store.commit_many(make_updates(["a"], 10, partition=3))).applied.any()
-    assert (await store.commit_many(make_updates(["a"], 11, partition=3))).applied.all()
+    assert stored.other_fences == {codec.RESETS: 1}  # the reset counts itself among the fences
+
+    # Events from before the reset replay as stale. A batch that read the memory before the
+    # reset is moved: written, it would undo the reset. Built on the zeros, it applies.
+    assert (await store.commit_many(make_updates(["a"], 10, partition=3))).stale_ids == ["a"]
+    assert (await store.commit_many(make_updates(["a"], 11, partition=3))).moved_ids == ["a"]
+    after = make_updates(["a"], 11, partition=3, other_fences={0: {codec.RESETS: 1}})
+    assert (await store.commit_many(after)).applied_ids == ["a"]
+    assert await store.reset("a") is True
+    stored = await store.get("a")
+    assert stored is not None
+    assert (stored.fence_offset, stored.other_fences) == (11, {codec.RESETS: 2})
 
 
 async def test_reset_of_unknown_entity_is_false(store: MemoryStore) -> None:
@@ -428,8 +456,8 @@ async def test_the_fast_commit_stores_exactly_what_the_script_stores(
         pytest.skip("a cluster commits by script, slot by slot")
     batches = [
         make_updates(["a", "b"], [1, 2]),
-        make_updates(["b", "c", "d"], [3, 4, 5], partition=1),
-        make_updates(["a", "c"], [6, 7]),
+        make_updates(["b", "c", "d"], [3, 4, 5], partition=1, other_fences={0: {0: 2}}),
+        make_updates(["a", "c"], [6, 7], other_fences={1: {1: 4}}),
         make_updates(["d", "e"], [8, 9], partition=1),
     ]
     stored = {}
@@ -442,6 +470,7 @@ async def test_the_fast_commit_stores_exactly_what_the_script_stores(
     fast, script = stored[True], stored[False]
     for field in ("ltm", "stm", "step", "fence_partition", "fence_offset", "found"):
         np.testing.assert_array_equal(getattr(fast, field), getattr(script, field))
+    assert fast.other_fences == script.other_fences == {1: {0: 2}, 2: {1: 4}}
 
 
 async def test_a_stale_writer_after_a_load_is_refused_by_the_script(
@@ -510,7 +539,7 @@ async def test_idle_entities_expire(backend: StoreBackend) -> None:
     [
         (lambda good: b"hello", "shorter than the 40-byte header"),
         (lambda good: b"\0" * 200, "not a stream-lstm memory"),
-        (lambda good: good[:4] + b"\x02" + good[5:], "format version 2"),
+        (lambda good: good[:4] + b"\x03" + good[5:], "format version 3"),
     ],
 )
 async def test_foreign_values_raise_store_error(

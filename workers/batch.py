@@ -6,8 +6,12 @@
 - A crash before the commit leaves the memories as they were: the events come again and give
   the same predictions (same memory, same step), so a re-emitted prediction is identical.
 - A crash after the commit but before the acknowledgement replays events whose fence is
-  already stored: they are dropped, so no memory is applied twice.
+  already stored: they are dropped, so no memory is applied twice. An entity has a fence per
+  partition its events came from, so this holds whatever partition each event came on.
 - A stale worker (one that lost its partition) is stopped by the fence at commit time.
+- A commit that finds the entity's memory moved on without it (a reset since the batch read
+  it, or another partition's owner advanced it) writes nothing; the batch applies its events
+  again on what is stored (``BatchProcessor.commit``), so a reset holds and no event is lost.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import itertools
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Protocol, TypeVar
 
@@ -38,7 +42,7 @@ from aiokafka.errors import (
 )
 from pydantic import ValidationError
 
-from state import MemoryBatch, MemoryStore, MemoryUpdates
+from state import CommitResult, MemoryBatch, MemoryStore, MemoryUpdates
 from stream_lstm.engine import Events, Memory, StepResult, entity_rows, step
 from stream_lstm.exceptions import (
     BrokerRefusedError,
@@ -293,11 +297,7 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
     ids, rows = checked.ids, checked.rows  # (N,)
     partitions = np.fromiter((r.partition for r in checked.records), np.int64, len(rows))  # (N,)
     offsets = np.fromiter((r.offset for r in checked.records), np.int64, len(rows))  # (N,)
-    applied_before = (
-        memory.found[rows]
-        & (memory.fence_partition[rows] == partitions)
-        & (offsets <= memory.fence_offset[rows])
-    )  # (N,)
+    applied_before = _applied_before(memory, rows, partitions, offsets)  # (N,)
     fresh = np.flatnonzero(~applied_before)  # (N',) events to apply
     all_fresh = len(fresh) == len(rows)
     entity_ids = checked.entity_ids if all_fresh else [checked.entity_ids[i] for i in fresh]
@@ -329,15 +329,107 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
     last = np.full(len(ids), -1, dtype=np.int64)  # (E,) last fresh event of each entity
     np.maximum.at(last, rows, np.arange(len(rows)))
     stepped = np.flatnonzero(last >= 0)  # entities with at least one fresh event
+    fence_partition = partitions[last[stepped]]
     updates = MemoryUpdates(
         entity_ids=[ids[i] for i in stepped],
         ltm=result.memory.ltm.numpy()[stepped],
         stm=result.memory.stm.numpy()[stepped],
         step=result.memory.step.numpy()[stepped],
-        fence_partition=partitions[last[stepped]],
+        fence_partition=fence_partition,
         fence_offset=offsets[last[stepped]],
+        other_fences=_other_fences(memory, rows, partitions, offsets, stepped, fence_partition),
     )
     return Applied(predictions, updates, replayed=len(checked.records) - len(records), dead=dead)
+
+
+def _applied_before(
+    memory: MemoryBatch,
+    rows: npt.NDArray[np.int64],
+    partitions: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+) -> npt.NDArray[np.bool_]:
+    """(N,) Whether each event is already in its entity's memory: at or before the entity's
+    fence on the event's partition."""
+    before: npt.NDArray[np.bool_] = (
+        memory.found[rows]
+        & (memory.fence_partition[rows] == partitions)
+        & (offsets <= memory.fence_offset[rows])
+    )
+    if memory.other_fences:  # entities keyed on several partitions: rare
+        more = memory.other_fences
+        for i in np.flatnonzero(np.isin(rows, list(more))).tolist():
+            fence = more[int(rows[i])].get(int(partitions[i]))
+            before[i] |= fence is not None and offsets[i] <= fence
+    return before
+
+
+def _other_fences(
+    memory: MemoryBatch,
+    rows: npt.NDArray[np.int64],
+    partitions: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    stepped: npt.NDArray[np.int64],
+    fence_partition: npt.NDArray[np.int64],
+) -> dict[int, dict[int, int]]:
+    """Update row -> the entity's fences besides its last event's partition, for the entities
+    that have more than one: their memory had some, its fence was on another partition, or
+    their fresh events (``rows``, ``partitions``, ``offsets``; in partition order) came on
+    several partitions. Empty when every entity stays on one partition, as usual."""
+    e = len(memory.entity_ids)
+    several = np.zeros(e, dtype=np.bool_)  # (E,)
+    if len(partitions) and partitions.min() != partitions.max():
+        lowest = np.full(e, np.iinfo(np.int64).max, dtype=np.int64)
+        highest = np.full(e, -1, dtype=np.int64)
+        np.minimum.at(lowest, rows, partitions)
+        np.maximum.at(highest, rows, partitions)
+        several = (highest >= 0) & (lowest != highest)
+    elsewhere = np.zeros(e, dtype=np.bool_)
+    elsewhere[stepped] = memory.found[stepped] & (
+        memory.fence_partition[stepped] != fence_partition
+    )
+    had = np.zeros(e, dtype=np.bool_)
+    had[list(memory.other_fences)] = True
+    if not (several | elsewhere | had).any():
+        return {}
+    fences = {
+        int(row): dict(memory.other_fences.get(int(row), {}))
+        for row in np.flatnonzero(several | elsewhere | had)
+    }
+    for row, entity in fences.items():
+        if memory.found[row]:
+            entity[int(memory.fence_partition[row])] = int(memory.fence_offset[row])
+    for row, partition, offset in zip(
+        rows.tolist(), partitions.tolist(), offsets.tolist(), strict=True
+    ):
+        if row in fences:
+            fences[row][partition] = offset  # in partition order: the last is the highest
+    update_of = {int(row): at for at, row in enumerate(stepped.tolist())}
+    other = {}
+    for row, entity in fences.items():
+        at = update_of.get(row)
+        if at is not None:  # not stepped: not updated
+            entity.pop(int(fence_partition[at]))
+            other[at] = entity
+    return other
+
+
+def subset(checked: Checked, entity_ids: Collection[str]) -> Checked:
+    """The events of ``checked`` of these entities only (no dead letters): what a batch applies
+    again to memories that moved on while it was committing."""
+    wanted = set(entity_ids)
+    at = [i for i, entity_id in enumerate(checked.entity_ids) if entity_id in wanted]
+    kept = [checked.entity_ids[i] for i in at]
+    ids, rows = entity_rows(kept)
+    return Checked(
+        kept,
+        ids,
+        rows.numpy(),
+        checked.features[at],
+        checked.reset[at],
+        [checked.event_ids[i] for i in at],
+        [checked.records[i] for i in at],
+        [],
+    )
 
 
 def _log(letters: Sequence[DeadLetter]) -> None:
@@ -433,6 +525,12 @@ def overlay(memory: MemoryBatch, in_flight: MemoryUpdates) -> None:
     memory.fence_partition[at] = in_flight.fence_partition[src]
     memory.fence_offset[at] = in_flight.fence_offset[src]
     memory.found[at] = True
+    for n, row in pairs:
+        fences = in_flight.other_fences.get(row)
+        if fences is None:
+            memory.other_fences.pop(n, None)
+        else:
+            memory.other_fences[n] = fences
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +541,7 @@ class Prepared:
     memory: MemoryBatch
     applied: Applied
     clock: _Stages
+    number: int  # batches prepared by this processor so far, this one included
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +552,7 @@ class BatchReport:
     dead: int
     replayed: int
     stale: int
+    moved: int  # entities whose memory moved on while the batch committed: applied again
     loaded: int  # entities whose memories the batch started from
     cached: int  # of those, the ones taken from the memory cache
     seconds: dict[str, float]  # wall time of each stage: check, load, step, emit, commit
@@ -482,6 +582,8 @@ class BatchProcessor:
         self.dead_letter_topic = dead_letter_topic
         self.max_event_bytes = max_event_bytes
         self.redis_full = False  # the last commit was refused: maxmemory, until one succeeds
+        self._prepared = 0  # batches prepared so far
+        self._started_moved = 0  # the batches prepared up to here may start from moved memories
 
     async def process(self, records: Sequence[Consumed]) -> BatchReport:
         """One batch through every stage."""
@@ -511,7 +613,8 @@ class BatchProcessor:
         applied = apply(self.model, checked, memory)
         _log(applied.dead)
         clock.done("step")
-        return Prepared(checked, memory, applied, clock)
+        self._prepared += 1
+        return Prepared(checked, memory, applied, clock, self._prepared)
 
     async def finish(self, prepared: Prepared) -> BatchReport:
         """Emit a prepared batch and wait for the broker, then commit its memories."""
@@ -527,16 +630,30 @@ class BatchProcessor:
         clock.done("emit")
 
     async def commit(self, prepared: Prepared) -> BatchReport:
-        """Commit an emitted batch's memories with their fences: the batch is done."""
+        """Commit an emitted batch's memories with their fences: the batch is done.
+
+        Entities whose stored memory moved on without the batch (``CommitResult``) get the
+        batch's events applied again on what is now stored, until nothing moves: their memory
+        then holds every event once (predictions are not sent again: they were computed from
+        the memory as it was when the batch read it).
+        """
         clock, applied = prepared.clock, prepared.applied
         clock.restart()
+        # A batch prepared from the updates of one whose memories moved started from memories
+        # that were never stored: the load's proof for the fast commit does not hold for it.
+        loaded = None if prepared.number <= self._started_moved else prepared.memory
         committed = await self._retry(
             "commit memories",
-            lambda: self.store.commit_many(applied.updates, loaded=prepared.memory),
+            lambda: self.store.commit_many(applied.updates, loaded=loaded),
             commit=True,
         )
+        stale, moved = committed.stale_ids, 0
+        while committed.moved_ids:
+            self._started_moved = self._prepared
+            committed = await self._apply_again(prepared.checked, committed.moved_ids)
+            moved += len(committed.entity_ids)
+            stale += committed.stale_ids
         clock.done("commit")
-        stale = committed.stale_ids
         if stale:
             logger.warning(
                 "%d memories not written: a newer fence is stored (another worker advanced "
@@ -550,9 +667,33 @@ class BatchProcessor:
             len(checked.dead) + len(applied.dead),
             applied.replayed,
             len(stale),
+            moved,
             len(prepared.memory.entity_ids),
             prepared.memory.cached,
             clock.seconds,
+        )
+
+    async def _apply_again(self, checked: Checked, entity_ids: list[str]) -> CommitResult:
+        """Apply a batch's events of these entities again on their stored memories, and
+        commit them: their memories moved on (a reset, another partition's events) while the
+        batch was committing."""
+        logger.info(
+            "%d memories moved on while their batch committed (a reset, or events of the same "
+            "entity on another partition): applying the batch's events again on them; first: %r",
+            len(entity_ids),
+            entity_ids[:3],
+        )
+        again = subset(checked, entity_ids)
+        memory = await self._retry(
+            "load memories",
+            lambda: self.store.load_many(again.ids, self.model.num_layers, self.model.hidden_size),
+        )
+        applied = apply(self.model, again, memory)
+        _log(applied.dead)
+        letters = [(d.key, d.encode()) for d in applied.dead]
+        await self._retry("emit", lambda: self.emitter.emit(self.dead_letter_topic, letters))
+        return await self._retry(
+            "commit memories", lambda: self.store.commit_many(applied.updates), commit=True
         )
 
     async def _emit(self, applied: Applied, dead: list[DeadLetter]) -> None:

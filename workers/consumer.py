@@ -9,7 +9,10 @@ to the ``BatchProcessor``, and the batch's offsets are committed right after its
   commit, each step in batch order (``_run``); it starts from their memories even before they
   reach Redis.
 - Rebalance: a partition is handed over only between batches (the revoke callback waits for
-  the batch in hand and the ones finishing), and its offsets are committed by then.
+  the batch in hand and the ones finishing), and its offsets are committed by then. Records
+  fetched before a revoke and run after it are dropped: their partition has another owner,
+  who reads them again. Every assignment clears the memory cache: what it holds may have been
+  moved on by another owner meanwhile.
 - Shutdown: the batch in hand finishes (within a grace period), is committed, and the consumer
   leaves the group so its partitions move at once.
 - An error the processor could not retry stops the process without committing the batch: it is
@@ -231,6 +234,10 @@ class BatchConsumer(mode.Service):
         waits for.
         """
         async with self.in_hand:
+            owned = self.consumer.assignment()
+            fetched = {tp: messages for tp, messages in fetched.items() if tp in owned}
+            if not fetched:  # fetched before a revoke that took every partition of it
+                return
             records: list[Consumed] = [m for messages in fetched.values() for m in messages]
             # Once a batch's memories are committed, Redis holds them: always so after a
             # rebalance (the revoke waits for every batch), when another owner may have moved
@@ -366,6 +373,9 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.service.joined = True
+        # Even with nothing revoked: between this worker's last batch of a partition and now,
+        # another owner may have had it.
+        self.service.processor.store.forget_cached()
         logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
 

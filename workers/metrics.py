@@ -40,6 +40,12 @@ class Metrics:
             "Memory writes refused by a newer stored fence",
             registry=self.registry,
         )
+        self.moved = Counter(
+            "stream_lstm_moved_commits",
+            "Memory writes that found the memory moved on (a reset, events of the same entity "
+            "on another partition) and applied their events again on it",
+            registry=self.registry,
+        )
         self.memory_loads = Counter(
             "stream_lstm_memory_loads",
             "Entity memories the batches started from, by where they were read: the worker's "
@@ -102,6 +108,7 @@ class Metrics:
         self.dead_letters.inc(report.dead)
         self.replayed.inc(report.replayed)
         self.stale.inc(report.stale)
+        self.moved.inc(report.moved)
         self.memory_loads.labels("cache").inc(report.cached)
         self.memory_loads.labels("redis").inc(report.loaded - report.cached)
         self.batch_size.observe(report.events)
