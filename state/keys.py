@@ -35,6 +35,8 @@ FENCE = "fence"
 """The key kind of a partition's fence: the highest offset any commit carried for it."""
 RESETS = "resets"
 """The key kind of the reset counter: how many resets were made out of the stream."""
+DURABLE = "durable"
+"""The key kind of the durability marker: every wait for durability writes it first."""
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -87,6 +89,12 @@ class KeyLayout:
     def resets(self) -> str:
         """The key counting resets (one server only: it has no hash tag)."""
         return f"{self.namespace}:{RESETS}:{self.model_version}"
+
+    @property
+    def durable(self) -> str:
+        """The key a durability wait writes first, so that the wait covers every write Redis
+        acknowledged before it (one server only: it has no hash tag)."""
+        return f"{self.namespace}:{DURABLE}:{self.model_version}"
 
     def memories(self, entity_ids: Sequence[str]) -> list[str]:
         """The keys of many entities' memories, in order."""

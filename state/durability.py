@@ -1,0 +1,84 @@
+"""How durable a commit must be before the store reports it: what Redis has done with it.
+
+Redis acknowledges a write once it is in the primary's memory. The worker moves its Kafka
+offsets right after, so a write lost later (a crash before the AOF's next fsync, a failover to
+a replica that had not received it) loses memories whose events Kafka will not replay. A
+`Durability` names what else must hold first, spelled as the setting takes it:
+
+- ``none``: the primary's memory (Redis's acknowledgement alone).
+- ``replicas:N``: also N replicas acknowledged it (``WAIT N``): survives a failover that
+  promotes one of them.
+- ``aof``: also fsynced to the primary's append-only file (``WAITAOF 1 0``, Redis 7.2+ or
+  Valkey, ``appendonly yes``): survives a crash or restart of the primary.
+- ``aof+replicas:N``: fsynced to the primary's AOF and to N replicas' own AOFs (``WAITAOF 1
+  N``; each replica counted needs ``appendonly yes``): survives a crash of all of them at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TIMEOUT_MAX_S", "Durability"]
+
+TIMEOUT_MAX_S = 4.0
+"""The longest wait: below the store's reply timeout (5 s), so a wait that runs its course is
+not taken for a lost connection and sent again."""
+_SPELLING = re.compile(r"(none|aof|(?:aof\+)?replicas:([1-9][0-9]{0,2}))")
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """What Redis must have done with a commit, besides acknowledging it (the module says what
+    each promises)."""
+
+    aof: bool = False  # fsynced to the primary's AOF
+    replicas: int = 0  # acknowledged by this many replicas; with ``aof``, fsynced to their AOFs
+
+    @classmethod
+    def parse(cls, value: object) -> Durability:
+        """``none``, ``replicas:N``, ``aof`` or ``aof+replicas:N`` (N from 1 to 999);
+        ValueError otherwise."""
+        if isinstance(value, Durability):
+            return value
+        found = _SPELLING.fullmatch(value) if isinstance(value, str) else None
+        if found is None:
+            raise ValueError("must be none, replicas:N, aof or aof+replicas:N (N from 1 to 999)")
+        return cls(aof=found[1].startswith("aof"), replicas=int(found[2] or 0))
+
+    def __str__(self) -> str:
+        if self.aof:
+            return f"aof+replicas:{self.replicas}" if self.replicas else "aof"
+        return f"replicas:{self.replicas}" if self.replicas else "none"
+
+    @property
+    def waits(self) -> bool:
+        """Whether a commit waits for anything beyond Redis's acknowledgement."""
+        return self.aof or self.replicas > 0
+
+    def command(self, timeout_s: float) -> list[str | int]:
+        """The command that waits for it, for at most ``timeout_s``: WAIT or WAITAOF.
+
+        Both wait for the connection's own last write: send them after a write on the same
+        connection (a pipeline)."""
+        timeout_ms = max(1, round(timeout_s * 1000))  # 0 would wait forever
+        if self.aof:
+            return ["WAITAOF", 1, self.replicas, timeout_ms]
+        return ["WAIT", self.replicas, timeout_ms]
+
+    def shortfall(self, reply: Any) -> str | None:
+        """What ``command``'s reply says is missing, in words; None when nothing is."""
+        if not self.aof:
+            if reply < self.replicas:
+                return f"{reply} of {self.replicas} replicas acknowledged it"
+            return None
+        local, replicas = reply
+        if local < 1:
+            return "the primary's AOF was not fsynced"
+        if replicas < self.replicas:
+            return (
+                f"{replicas} of {self.replicas} replicas fsynced it to their AOF (a replica "
+                "counts only with appendonly yes)"
+            )
+        return None
