@@ -17,6 +17,7 @@ a replica that had not received it) loses memories whose events Kafka will not r
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,9 @@ __all__ = ["TIMEOUT_MAX_S", "Durability"]
 TIMEOUT_MAX_S = 4.0
 """The longest wait: below the store's reply timeout (5 s), so a wait that runs its course is
 not taken for a lost connection and sent again."""
+WAITAOF_SINCE = (7, 2)
+"""The first Redis version with WAITAOF (every Valkey has it, and reports 7.2.4)."""
+
 _SPELLING = re.compile(r"(none|aof|(?:aof\+)?replicas:([1-9][0-9]{0,2}))")
 
 
@@ -81,4 +85,27 @@ class Durability:
                 f"{replicas} of {self.replicas} replicas fsynced it to their AOF (a replica "
                 "counts only with appendonly yes)"
             )
+        return None
+
+    def unmet_by(self, info: Mapping[str, Any]) -> str | None:
+        """Why a server whose INFO (default sections, as redis-py parses it) is ``info`` cannot
+        give this durability, in words; None when it can, as far as INFO tells."""
+        if self.aof:
+            version = str(info.get("redis_version", "0"))
+            if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < WAITAOF_SINCE:
+                return (
+                    f"WAITAOF needs Redis {'.'.join(map(str, WAITAOF_SINCE))} or later (or "
+                    f"Valkey); the server is Redis {version}"
+                )
+            if not info.get("aof_enabled"):
+                return "the server has appendonly no: set appendonly yes"
+        online = sum(
+            1
+            for name, replica in info.items()
+            if re.fullmatch(r"slave\d+", name)
+            and isinstance(replica, Mapping)
+            and replica.get("state") == "online"
+        )
+        if online < self.replicas:
+            return f"{online} replicas online (INFO replication), fewer than {self.replicas}"
         return None

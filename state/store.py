@@ -676,6 +676,17 @@ class MemoryStore:
         policy = reply.get("maxmemory-policy")
         return policy.decode() if isinstance(policy, bytes) else policy
 
+    async def info(self) -> dict[str, Any] | None:
+        """Redis's INFO (its default sections), or None when it cannot be read (a managed Redis
+        may refuse it) or the store is on a cluster."""
+        if self._cluster is not None:
+            return None
+        try:
+            info: dict[str, Any] = await self._call("info", self._redis.info)
+        except StoreError:
+            return None
+        return info
+
     def forget_cached(self) -> None:
         """Drop every cached memory: another process may write them from now on."""
         if self._cache is not None:

@@ -1,8 +1,9 @@
-"""Durable commits: the store's wait for replicas and the AOF (WAIT, WAITAOF) against a real
-primary and replica."""
+"""Durable commits: the REDIS_DURABILITY setting, the store's wait for replicas and the AOF
+(WAIT, WAITAOF) against a real primary and replica, and the worker's checks at start."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -12,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from redis.asyncio import Redis
 
 from state import MemoryStore, RedisServer
 from state.durability import Durability
-from state.server import find_server_binary
+from state.server import find_server_binary, server_binaries, supports_waitaof
+from stream_lstm.cli import main
 from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
 from tests.test_store import make_updates, stored_offset
+from workers.preflight import check_durability
+from workers.settings import Settings
 
 SETTING = "STREAM_LSTM_REDIS_DURABILITY / --redis-durability"
 TIMEOUT_S = 0.3
@@ -77,7 +82,7 @@ async def calls(server: RedisServer, command: str) -> int:
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
-# --- the spelling ---------------------------------------------------------------------------
+# --- the setting ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -93,10 +98,44 @@ async def calls(server: RedisServer, command: str) -> int:
 def test_each_spelling_is_one_durability(spelling: str, durability: Durability) -> None:
     assert Durability.parse(spelling) == durability
     assert str(durability) == spelling
+    assert Settings.load(redis_durability=spelling).redis_durability == durability
+
+
+def test_the_environment_variable_sets_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAM_LSTM_REDIS_DURABILITY", "aof+replicas:1")
+    monkeypatch.setenv("STREAM_LSTM_REDIS_DURABILITY_TIMEOUT_MS", "250")
+    settings = Settings.load()
+    assert settings.redis_durability == Durability(aof=True, replicas=1)
+    assert settings.redis_durability_timeout_ms == 250
+    assert not Settings.model_fields["redis_durability"].default.waits  # none by default
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "None", "replicas", "replicas:0", "replicas:-1", "replicas:1000", "aof+replicas",
+            "replicas:1+aof", "aof:1", "wait"],
+)  # fmt: skip
+def test_a_bad_durability_is_refused_naming_the_setting(bad: str) -> None:
+    with pytest.raises(ConfigError, match=f"{SETTING}: .*none, replicas:N, aof or aof"):
+        Settings.load(redis_durability=bad)
+
+
+@pytest.mark.parametrize("timeout_ms", ["0", "4001", "soon"])
+def test_a_bad_durability_timeout_is_refused_naming_it(timeout_ms: str) -> None:
+    with pytest.raises(ConfigError, match="STREAM_LSTM_REDIS_DURABILITY_TIMEOUT_MS"):
+        Settings.load(redis_durability_timeout_ms=timeout_ms)
+
+
+def test_the_worker_stops_at_once_on_a_bad_durability() -> None:
+    result = CliRunner().invoke(main, ["worker", "--redis-durability", "replicas:0"])
+    assert result.exit_code == 2
+    assert SETTING in result.output
 
 
 def test_durability_on_a_cluster_is_refused() -> None:
     url = "redis+cluster://127.0.0.1:7000"
+    with pytest.raises(ConfigError, match=f"{SETTING} replicas:1 needs one Redis server"):
+        Settings.load(redis_url=url, redis_durability="replicas:1")
+    assert not Settings.load(redis_url=url).redis_durability.waits  # none is fine
     with pytest.raises(ConfigError, match="needs one Redis server"):
         MemoryStore(url, "ns", "v1", durability=Durability(aof=True))
     with pytest.raises(ConfigError, match="durability_timeout_s"):
@@ -183,3 +222,73 @@ async def test_a_replica_without_an_aof_never_counts_for_aof_plus_replicas(
             await store.commit_many(make_updates(["a"], 1))
     async with durable_store(primary, "replicas:1") as store:  # in its memory all the same
         assert (await store.commit_many(make_updates(["a"], 1))).stale_ids == ["a"]
+
+
+# --- the checks at start ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("durability", "info", "problem"),
+    [
+        ("aof", {"redis_version": "7.0.15", "aof_enabled": 1}, "WAITAOF needs Redis 7.2"),
+        ("aof", {"redis_version": "7.2.4", "aof_enabled": 0}, "appendonly no"),
+        ("aof", {"redis_version": "7.2.4", "aof_enabled": 1}, None),
+        ("replicas:1", {"redis_version": "6.2.0", "connected_slaves": 0}, "0 replicas online"),
+        (  # connected, but still loading the primary's data: it cannot acknowledge yet
+            "replicas:1",
+            {"redis_version": "7.0.15", "slave0": {"state": "wait_bgsave"}},
+            "0 replicas online",
+        ),
+        ("replicas:1", {"redis_version": "7.0.15", "slave0": {"state": "online"}}, None),
+    ],
+)
+def test_what_info_says_a_server_cannot_give(
+    durability: str, info: dict[str, Any], problem: str | None
+) -> None:
+    unmet = Durability.parse(durability).unmet_by(info)
+    assert unmet is None if problem is None else problem in (unmet or "")
+
+
+async def test_start_refuses_aof_on_a_server_with_appendonly_no(waitaof_binary: Path) -> None:
+    with RedisServer(binary=waitaof_binary) as server:
+        async with durable_store(server, "aof") as store:
+            with pytest.raises(ConfigError, match=f"{SETTING}: aof: .*appendonly no"):
+                await check_durability(store, Durability(aof=True))
+
+
+async def test_start_refuses_more_replicas_than_are_online(
+    primary: RedisServer, replica: RedisServer
+) -> None:
+    async with durable_store(primary, "replicas:2") as store:
+        for enough in ("none", "replicas:1", "aof", "aof+replicas:1"):
+            await check_durability(store, Durability.parse(enough))
+        with pytest.raises(ConfigError, match=f"{SETTING}: replicas:2: 1 replicas online"):
+            await check_durability(store, Durability(replicas=2))
+
+
+async def test_start_refuses_aof_on_a_server_without_waitaof() -> None:
+    older = [binary for binary in server_binaries() if not supports_waitaof(binary)]
+    if not older:
+        pytest.skip("no server binary without WAITAOF here (Redis before 7.2)")
+    with RedisServer(binary=older[0], appendonly=True) as server:
+        async with durable_store(server, "aof") as store:
+            with pytest.raises(ConfigError, match=f"{SETTING}: aof: WAITAOF needs Redis 7.2"):
+                await check_durability(store, Durability(aof=True))
+
+
+async def test_start_only_warns_when_info_is_refused(
+    primary: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Redis.from_url(primary.url) as admin:
+        await admin.acl_setuser(
+            "no-info",
+            enabled=True,
+            passwords=["+s3cret-pw"],
+            keys=["*"],
+            commands=["+@all", "-info"],
+        )
+    url = primary.url.replace("redis://", "redis://no-info:s3cret-pw@")
+    async with MemoryStore(url, "ns", "v1", durability=Durability(aof=True)) as store:
+        with caplog.at_level(logging.WARNING, logger="workers.preflight"):
+            await check_durability(store, Durability(aof=True))
+    assert "could not read Redis's INFO to check STREAM_LSTM_REDIS_DURABILITY=aof" in caplog.text
