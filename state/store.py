@@ -261,10 +261,10 @@ class MemoryStore:
       For the one process that owns their partitions: it must call ``forget_cached`` when
       partitions are revoked. One server only: a cluster store ignores it.
     - ``durability``: what Redis must have done with a commit before ``commit_many`` returns
-      (replicated, fsynced: durability.py); None, Redis's acknowledgement. It waits at most
-      ``durability_timeout_s`` (up to 4 s), then raises StoreUnavailableError. One server
-      only: WAIT covers the writes of one connection, and a cluster commit writes through one
-      connection per node.
+      (replicated, fsynced: durability.py); None, Redis's acknowledgement. Each wait (the AOF,
+      the replicas) lasts at most ``durability_timeout_s`` (up to 4 s); when it falls short
+      the commit raises StoreUnavailableError. One server only: WAIT covers the writes of one
+      connection, and a cluster commit writes through one connection per node.
 
     ``redis_url`` names one server (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
     (``redis+cluster://host:port[,host:port...]``, ``rediss+cluster://``); the API is the same.
@@ -489,12 +489,13 @@ class MemoryStore:
         if durability is None:
             return
 
-        async def wait() -> Any:
+        async def wait() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.incr(self._keys.durable)
-                pipe.execute_command(*durability.command(self._durability_timeout_s))
-                _, reply = await pipe.execute()
-            return reply
+                for command in durability.commands(self._durability_timeout_s):
+                    pipe.execute_command(*command)
+                _, *replies = await pipe.execute()
+            return replies
 
         missing = durability.shortfall(await self._call(f"{what}: {durability}", wait))
         if missing is not None:

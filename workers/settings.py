@@ -186,15 +186,16 @@ class Settings(BaseSettings):
         description=(
             "what Redis must have done with memories before offsets move: none (in the "
             "primary's memory), replicas:N (WAIT: N replicas have them), aof (WAITAOF: fsynced to "
-            "the primary's AOF), aof+replicas:N (also fsynced to N replicas' AOFs); one server only"
+            "the primary's AOF), aof+replicas:N (both); one server only"
         ),
     )
     redis_durability_timeout_ms: int = Field(
-        2000,
+        1000,
         ge=1,
         le=round(TIMEOUT_MAX_S * 1000),
         description=(
-            "how long a commit waits for REDIS_DURABILITY; then it does not count, and is retried"
+            "how long a commit waits for REDIS_DURABILITY (each of the AOF and the replicas); "
+            "then it does not count, and is retried"
         ),
     )
     data_dir: Path | None = Field(
