@@ -13,9 +13,9 @@ a replica that had not received it) loses memories whose events Kafka will not r
 - ``aof+replicas:N``: both (``WAITAOF 1 0``, then ``WAIT N``): survives either.
 
 None of them waits for the replicas' own AOFs (``WAITAOF 1 N``): a replica reports its fsyncs
-in its once-a-second acknowledgement, so that wait took about a second per commit
-(bench/RESULTS.md). What none of them survives: losing the primary and every replica that took
-the write before any of them fsynced it.
+only in its once-a-second acknowledgement, so every commit would wait about a second. What none
+of them survives: losing the primary and every replica that took the write before any of them
+fsynced it.
 """
 
 from __future__ import annotations
