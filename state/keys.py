@@ -33,9 +33,13 @@ MEMORY = "mem"
 """The key kind of an entity's memory (LTM, STM, step, fence in one value)."""
 FENCE = "fence"
 """The key kind of a partition's fence: the highest offset any commit carried for it."""
-OUTSIDE_WRITES = "outside"
+OUTSIDE_WRITES = "resets"
 """The key kind of the outside-writes counter: writes no partition's owner sees coming (resets,
-and memories with fences on several partitions), which its cache and fast commit must see."""
+and writes that give a memory fences on another partition), which its cache and fast commit
+must see. Named as earlier builds named their reset counter, which it continues: a reset made
+by an earlier build's API still clears these workers' caches."""
+DURABLE = "durable"
+"""The key kind of the durability marker: every wait for durability writes it first."""
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -88,6 +92,12 @@ class KeyLayout:
     def outside_writes(self) -> str:
         """The key counting outside writes (one server only: it has no hash tag)."""
         return f"{self.namespace}:{OUTSIDE_WRITES}:{self.model_version}"
+
+    @property
+    def durable(self) -> str:
+        """The key a durability wait writes first, so that the wait covers every write Redis
+        acknowledged before it (one server only: it has no hash tag)."""
+        return f"{self.namespace}:{DURABLE}:{self.model_version}"
 
     def memories(self, entity_ids: Sequence[str]) -> list[str]:
         """The keys of many entities' memories, in order."""

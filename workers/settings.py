@@ -12,10 +12,20 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, FilePath, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AfterValidator,
+    Field,
+    FilePath,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from state import MemoryStore, without_password
+from state.durability import TIMEOUT_MAX_S, Durability
+from state.store import CLUSTER_SCHEMES
 from stream_lstm.exceptions import (
     BrokerRefusedError,
     ConfigError,
@@ -171,6 +181,23 @@ class Settings(BaseSettings):
             "(~1 KB each at hidden 128; one Redis server only); 0: read every batch from Redis"
         ),
     )
+    redis_durability: Annotated[Durability, NoDecode, PlainValidator(Durability.parse)] = Field(
+        Durability(),
+        description=(
+            "what Redis must have done with memories before offsets move: none (in the "
+            "primary's memory), replicas:N (WAIT: N replicas have them), aof (WAITAOF: fsynced to "
+            "the primary's AOF), aof+replicas:N (both); one server only"
+        ),
+    )
+    redis_durability_timeout_ms: int = Field(
+        1000,
+        ge=1,
+        le=round(TIMEOUT_MAX_S * 1000),
+        description=(
+            "how long a commit waits for REDIS_DURABILITY (each of the AOF and the replicas); "
+            "then it does not count, and is retried"
+        ),
+    )
     data_dir: Path | None = Field(
         None,
         description=(
@@ -214,6 +241,15 @@ class Settings(BaseSettings):
             raise ValueError(f"{_names('kafka_ssl_keyfile')} needs {_names('kafka_ssl_certfile')}")
         return self
 
+    @model_validator(mode="after")
+    def _durability_on_one_server(self) -> Settings:
+        if self.redis_durability.waits and self.redis_url.partition("://")[0] in CLUSTER_SCHEMES:
+            raise ValueError(
+                f"{_names('redis_durability')} {self.redis_durability} needs one Redis server, "
+                f"but {_names('redis_url')} names a cluster (WAIT and WAITAOF cover one node)"
+            )
+        return self
+
     @property
     def bootstrap_servers(self) -> str:
         """The broker URL as Kafka clients take it: host:port,host:port."""
@@ -253,6 +289,8 @@ class Settings(BaseSettings):
                 self.memory_cache_entities if cache_entities is None else cache_entities
             ),
             retry_s=retry_s,
+            durability=self.redis_durability,
+            durability_timeout_s=self.redis_durability_timeout_ms / 1000,
         )
 
     @classmethod
