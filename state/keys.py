@@ -35,6 +35,8 @@ FENCE = "fence"
 """The key kind of a partition's fence: the highest offset any commit carried for it."""
 RESETS = "resets"
 """The key kind of the reset counter: how many resets were made out of the stream."""
+TOPIC = "topic"
+"""The key kind of the input topic's identity: the topic whose offsets the fences count."""
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -87,6 +89,13 @@ class KeyLayout:
     def resets(self) -> str:
         """The key counting resets (one server only: it has no hash tag)."""
         return f"{self.namespace}:{RESETS}:{self.model_version}"
+
+    @property
+    def topic(self) -> str:
+        """The key naming the input topic (name and Kafka topic id) whose offsets every stored
+        fence counts: another topic's offsets are not comparable with them. Read and written
+        alone, so it needs no hash tag on a cluster."""
+        return f"{self.namespace}:{TOPIC}:{self.model_version}"
 
     def memories(self, entity_ids: Sequence[str]) -> list[str]:
         """The keys of many entities' memories, in order."""
