@@ -496,7 +496,7 @@ class BatchProcessor:
         checked = check(records, self.model.input_size, self.max_event_bytes)
         _log(checked.dead)
         clock.done("check")
-        memory = await self._retry(
+        memory = await self.retry(
             "load memories",
             lambda: self.store.load_many(
                 checked.ids,
@@ -523,14 +523,14 @@ class BatchProcessor:
         clock = prepared.clock
         clock.restart()
         dead = [*prepared.checked.dead, *prepared.applied.dead]
-        await self._retry("emit", lambda: self._emit(prepared.applied, dead))
+        await self.retry("emit", lambda: self._emit(prepared.applied, dead))
         clock.done("emit")
 
     async def commit(self, prepared: Prepared) -> BatchReport:
         """Commit an emitted batch's memories with their fences: the batch is done."""
         clock, applied = prepared.clock, prepared.applied
         clock.restart()
-        committed = await self._retry(
+        committed = await self.retry(
             "commit memories",
             lambda: self.store.commit_many(applied.updates, loaded=prepared.memory),
             commit=True,
@@ -562,7 +562,7 @@ class BatchProcessor:
             self.emitter.emit(self.dead_letter_topic, letters),
         )
 
-    async def _retry(
+    async def retry(
         self, what: str, attempt: Callable[[], Awaitable[T]], *, commit: bool = False
     ) -> T:
         """Retry transient failures with growing pauses; a bad stored value, a refusal by Redis
