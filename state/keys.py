@@ -40,6 +40,8 @@ must see. Named as earlier builds named their reset counter, which it continues:
 by an earlier build's API still clears these workers' caches."""
 DURABLE = "durable"
 """The key kind of the durability marker: every wait for durability writes it first."""
+TOPIC = "topic"
+"""The key kind of the input topic's identity: the topic whose offsets the fences count."""
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -98,6 +100,13 @@ class KeyLayout:
         """The key a durability wait writes first, so that the wait covers every write Redis
         acknowledged before it (one server only: it has no hash tag)."""
         return f"{self.namespace}:{DURABLE}:{self.model_version}"
+
+    @property
+    def topic(self) -> str:
+        """The key naming the input topic (name and Kafka topic id) whose offsets every stored
+        fence counts: another topic's offsets are not comparable with them. Read and written
+        alone, so it needs no hash tag on a cluster."""
+        return f"{self.namespace}:{TOPIC}:{self.model_version}"
 
     def memories(self, entity_ids: Sequence[str]) -> list[str]:
         """The keys of many entities' memories, in order."""

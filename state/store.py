@@ -786,6 +786,21 @@ class MemoryStore:
             return None
         return info
 
+    async def claim_topic(self, identity: str) -> str | None:
+        """Record ``identity`` as the input topic whose offsets the fences count, unless one is
+        recorded already: return that one (None: this call recorded it).
+
+        A read once one is recorded, so it works on a Redis at maxmemory; the write is one
+        atomic command, so of two workers starting on two topics only one records its own.
+        """
+        key = self._keys.topic
+        recorded: Any = await self._call("claim_topic", lambda: self._redis.get(key))
+        if recorded is None:
+            recorded = await self._call(
+                "claim_topic", lambda: self._redis.set(key, identity, nx=True, get=True)
+            )
+        return None if recorded is None else cast("bytes", recorded).decode()
+
     def forget_cached(self) -> None:
         """Drop every cached memory: another process may write them from now on."""
         if self._cache is not None:

@@ -6,6 +6,7 @@
     ├── ConfigError           a setting is invalid; the message names the setting
     ├── BrokerError           a broker is missing, failed or did not answer, or refused a topic
     │   └── BrokerRefusedError      the broker refused us: credentials, TLS trust, protocol
+    ├── TopicChangedError     the stored memories count offsets of another input topic
     └── StoreError            the memory store failed or holds a value that does not decode
         ├── StoreUnavailableError   Redis did not answer within the retry budget
         │   └── StoreFullError      Redis is at maxmemory and refuses writes
@@ -47,6 +48,13 @@ class BrokerRefusedError(BrokerError):
     def __init__(self, message: str, setting: str) -> None:
         super().__init__(message)
         self.setting = setting
+
+
+class TopicChangedError(StreamLSTMError):
+    """The stored memories were made from another input topic than the one the worker reads
+    (it was deleted and recreated, or renamed): their fences count that topic's offsets, and
+    this one's events at offsets below them would be dropped as replays. The message says what
+    to do."""
 
 
 class StoreError(StreamLSTMError):

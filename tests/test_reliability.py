@@ -18,6 +18,7 @@ import contextlib
 import os
 import random
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,12 +28,14 @@ import orjson
 import pytest
 import torch
 from aiokafka.admin import NewTopic
+from aiokafka.errors import KafkaError
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from state import MemoryStore, RedisServer
 from state.keys import KeyLayout
+from stream_lstm.exceptions import BrokerError
 from stream_lstm.model import StreamModel
 from tests.offline import offline
 from tests.stack import (
@@ -51,6 +54,7 @@ from workers.apache_kafka import ApacheKafka
 from workers.batch import DEAD_KEY_MAX
 from workers.broker import Broker, KafkaBroker
 from workers.stack import WorkerProcess
+from workers.topics import topic_id
 
 ENTITIES = 100
 Message = tuple[bytes | None, bytes | None]
@@ -1066,3 +1070,102 @@ async def test_a_worker_with_another_model_never_reads_memories_of_another_versi
             h_n, c_n = finals[entity_id]
             torch.testing.assert_close(torch.tensor(snapshot.ltm), c_n, atol=1e-4, rtol=0)
             torch.testing.assert_close(torch.tensor(snapshot.stm), h_n, atol=1e-4, rtol=0)
+
+
+# --- Input topic deleted and recreated -------------------------------------------------------
+
+
+async def recreate(stack: StreamSlice, topic: str) -> None:
+    """Delete the topic and create it again (as many partitions): a new topic id, offsets from 0.
+
+    A running worker may create it first by asking for its metadata (both brokers create a topic
+    a client asks about); either way the new topic replaces the old one.
+    """
+    client = stack.connection.client()
+    admin = stack.connection.admin()
+    await client.bootstrap()
+    await admin.start()
+    try:
+        before = await topic_id(client, topic)
+        await admin.delete_topics([topic])
+
+        async def replaced() -> bool:
+            with contextlib.suppress(BrokerError, KafkaError):
+                await stack.connection.create_topics(
+                    [topic], int(stack.env["STREAM_LSTM_PARTITIONS"])
+                )
+                return await topic_id(client, topic) != before
+            return False
+
+        await eventually(replaced, f"{topic} to be deleted and created again", 30)
+    finally:
+        await admin.close()
+        await client.close()
+
+
+async def exit_status(worker: WorkerProcess, timeout_s: float) -> int | None:
+    """The worker's exit status once it exits, or None while it still runs after ``timeout_s``."""
+    assert worker.process is not None
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        return await asyncio.to_thread(worker.process.wait, timeout_s)
+    return None
+
+
+async def test_a_recreated_input_topic_stops_the_worker_instead_of_dropping_its_events(
+    stack: StreamSlice,
+) -> None:
+    """Issue 15: the input topic deleted and recreated under a running worker, memories in Redis.
+
+    Kafka forgets the group's offsets and the new topic counts from 0 again, below the fences of
+    the stored memories: its events used to be dropped as replays, silently. The worker must stop
+    (exit 2) saying what to do, apply none of them, refuse again on restart, and a new app id
+    must predict them from zero memories.
+    """
+    topic = stack.env["STREAM_LSTM_INPUT_TOPIC"]
+    entity_ids = [f"epoch-{k}" for k in range(10)]
+    old, old_history = random_stream(random.Random(85), entity_ids, 6)
+    new, new_history = random_stream(random.Random(86), [*entity_ids, "epoch-new"], 4)
+    new = [(key, orjson.dumps({**orjson.loads(value), "event_id": "new"})) for key, value in new]
+    worker = await start_worker(stack)
+    async with Tail(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"]) as tail:
+        async with Feed(stack) as feed:
+            await feed.publish(old)
+        await tail.wait_for(len(old))
+        await eventually(lambda: _lag_is(worker, 0), "the old events' offsets committed")
+
+        await recreate(stack, topic)
+        async with Feed(stack) as feed:
+            await feed.publish(new)
+        status = await exit_status(worker, 60)
+        assert status == 2, f"the worker went on ({status}):\n{worker.log_tail()}"
+        refused = [line for line in worker.log_tail().splitlines() if "recreated" in line]
+        assert len(refused) == 1, worker.log_tail()
+        assert f"input topic {topic!r} was deleted and recreated" in refused[0]
+        assert "STREAM_LSTM_APP_ID" in refused[0]
+
+        # Nothing of the new topic was applied: the memories are the old events' exactly.
+        store_version = stack.model.version
+        async with MemoryStore(stack.redis.url, stack.name, store_version) as store:
+            snapshots = {}
+            for entity_id in new_history:
+                stored = await store.get(entity_id)
+                snapshots[entity_id] = (
+                    None
+                    if stored is None
+                    else stored.snapshot(entity_id, store_version).model_dump()
+                )
+        assert_snapshots(snapshots, stack.model, old_history)
+
+        restarted = await asyncio.to_thread(stack.cli, "worker")
+        assert restarted.returncode == 2, restarted.stderr
+        assert restarted.stderr.count("\n") == 1, "one line"
+        assert f"input topic {topic!r} was deleted and recreated" in restarted.stderr
+
+        # What the message says to do: a new app id starts the entities from zero memories.
+        await start_worker(stack, app_id=f"{stack.name}-2")
+        await eventually(
+            lambda: sum(m["event_id"] == "new" for m in tail.messages) >= len(new),
+            "the new events' predictions",
+        )
+        predictions = [m for m in tail.messages if m["event_id"] == "new"]
+    check_against_offline(stack.model, new_history, predictions)

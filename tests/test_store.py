@@ -394,6 +394,14 @@ async def test_reset_of_unknown_entity_is_false(store: MemoryStore) -> None:
     assert await store.get("nobody") is None
 
 
+async def test_the_first_topic_claimed_stays_recorded(backend: StoreBackend) -> None:
+    async with backend.store() as store, backend.store(model_version="v2") as other:
+        assert await store.claim_topic("topic-a") is None
+        assert await store.claim_topic("topic-a") == "topic-a"
+        assert await store.claim_topic("topic-b") == "topic-a", "never overwritten"
+        assert await other.claim_topic("topic-b") is None, "per namespace and model version"
+
+
 async def test_count_is_per_namespace_and_model_version(backend: StoreBackend) -> None:
     async with (
         backend.store() as store,

@@ -598,7 +598,7 @@ class BatchProcessor:
         checked = check(records, self.model.input_size, self.max_event_bytes)
         _log(checked.dead)
         clock.done("check")
-        memory = await self._retry(
+        memory = await self.retry(
             "load memories",
             lambda: self.store.load_many(
                 checked.ids,
@@ -626,7 +626,7 @@ class BatchProcessor:
         clock = prepared.clock
         clock.restart()
         dead = [*prepared.checked.dead, *prepared.applied.dead]
-        await self._retry("emit", lambda: self._emit(prepared.applied, dead))
+        await self.retry("emit", lambda: self._emit(prepared.applied, dead))
         clock.done("emit")
 
     async def commit(self, prepared: Prepared) -> BatchReport:
@@ -642,7 +642,7 @@ class BatchProcessor:
         # A batch prepared from the updates of one whose memories moved started from memories
         # that were never stored: the load's proof for the fast commit does not hold for it.
         loaded = None if prepared.number <= self._started_moved else prepared.memory
-        committed = await self._retry(
+        committed = await self.retry(
             "commit memories",
             lambda: self.store.commit_many(applied.updates, loaded=loaded),
             commit=True,
@@ -684,15 +684,15 @@ class BatchProcessor:
             entity_ids[:3],
         )
         again = subset(checked, entity_ids)
-        memory = await self._retry(
+        memory = await self.retry(
             "load memories",
             lambda: self.store.load_many(again.ids, self.model.num_layers, self.model.hidden_size),
         )
         applied = apply(self.model, again, memory)
         _log(applied.dead)
         letters = [(d.key, d.encode()) for d in applied.dead]
-        await self._retry("emit", lambda: self.emitter.emit(self.dead_letter_topic, letters))
-        return await self._retry(
+        await self.retry("emit", lambda: self.emitter.emit(self.dead_letter_topic, letters))
+        return await self.retry(
             "commit memories", lambda: self.store.commit_many(applied.updates), commit=True
         )
 
@@ -703,7 +703,7 @@ class BatchProcessor:
             self.emitter.emit(self.dead_letter_topic, letters),
         )
 
-    async def _retry(
+    async def retry(
         self, what: str, attempt: Callable[[], Awaitable[T]], *, commit: bool = False
     ) -> T:
         """Retry transient failures with growing pauses; a bad stored value, a refusal by Redis

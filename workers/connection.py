@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import AIOKafkaClient
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     KafkaConnectionError,
@@ -126,6 +127,10 @@ class KafkaConnection:
     def admin(self, **options: Any) -> AIOKafkaAdminClient:
         """An admin client (not started) on these brokers."""
         return AIOKafkaAdminClient(**self.options(), **options)
+
+    def client(self) -> AIOKafkaClient:
+        """A bare client (bootstrap it, then close it) for requests the others do not make."""
+        return AIOKafkaClient(**self.options())
 
     async def check(self, wait_s: float) -> None:
         """Connect (and log in) to a bootstrap server as the clients will.

@@ -17,6 +17,9 @@ to the ``BatchProcessor``, and the batch's offsets are committed right after its
   leaves the group so its partitions move at once.
 - An error the processor could not retry stops the process without committing the batch: it is
   replayed on restart, and nothing after it was committed.
+- The input topic is checked (``check_input_topic``) before the first batch of each assignment,
+  whenever a partition's offsets go back (its log was replaced under the consumer), and every
+  ``TOPIC_CHECK_S``: memories made from another topic stop the worker (exit 2), saying what to do.
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
 from aiokafka.protocol.admin import ApiVersionRequest
 from murmurhash2 import murmurhash2
 
+from stream_lstm.exceptions import TopicChangedError
 from workers.batch import BatchProcessor, Consumed, Prepared
 from workers.connection import KafkaConnection
 from workers.metrics import Metrics
 from workers.settings import Settings
+from workers.topics import check_input_topic
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +63,11 @@ flight hold thousands alive, so at Python's 700 a 200k-event run collected ~550 
 batches allocated, so the count never got there."""
 SHUTDOWN_GRACE_S = 6.0
 """How long SIGTERM waits for the batch in hand; the whole stop must stay under 10 s."""
+TOPIC_CHECK_S = 2.0
+"""How often the input topic is checked besides (one metadata request and one Redis command)."""
 EXIT_SOFTWARE = 70
+EXIT_REFUSED = 2
+"""A worker refused to run as configured: the status of a setting refused at start, too."""
 BATCH_BYTES = 512 * 1024
 """Producer batch size: a whole micro-batch's predictions go out in a few requests."""
 KAFKA_MURMUR2_SEED = 0x9747B28C
@@ -163,6 +172,7 @@ class BatchConsumer(mode.Service):
         self.joined = False  # does the group give this worker its partitions (maybe none) now?
         self.lag = 0  # events of its partitions not yet through a finished batch
         self._done: dict[TopicPartition, int] = {}  # next offset after the last finished batch
+        self._next: dict[TopicPartition, int] = {}  # next offset fetched, since the topic check
         self._progress_at = time.monotonic()  # a batch finished, or nothing waited
         self._consumer: AIOKafkaConsumer | None = None
         self._finishing: list[_Finishing] = []  # batches emitting and committing, oldest first
@@ -247,7 +257,10 @@ class BatchConsumer(mode.Service):
                 f.prepared.applied.updates for f in self._finishing if not f.committed.is_set()
             ]
             try:
+                await self._check_topic(fetched)
                 prepared = await self.processor.prepare(records, in_flight)
+            except TopicChangedError as error:
+                refuse(error)
             except Exception as error:
                 fail_stop(records, error)
             await self._drain(keep=MAX_FINISHING - 1)
@@ -256,6 +269,22 @@ class BatchConsumer(mode.Service):
             )
             finishing.task = asyncio.ensure_future(self._finish(fetched, records, finishing))
             self._finishing.append(finishing)
+
+    async def _check_topic(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        """Check the input topic before the first batch of a partition's assignment, and when
+        its offsets go back: a topic recreated under the consumer, with as many partitions,
+        may bring no rebalance, only its reset to the new log's start."""
+        if any(
+            tp not in self._next or messages[0].offset < self._next[tp]
+            for tp, messages in fetched.items()
+        ):
+            await self.processor.retry(
+                "check the input topic",
+                lambda: check_input_topic(
+                    self.emitter.producer.client, self.processor.store, self.settings
+                ),
+            )
+        self._next |= {tp: messages[-1].offset + 1 for tp, messages in fetched.items()}
 
     async def _finish(
         self, fetched: dict[TopicPartition, list[Any]], records: list[Consumed], this: _Finishing
@@ -315,10 +344,26 @@ class BatchConsumer(mode.Service):
         if lag == 0:
             self._progress_at = time.monotonic()
 
+    @mode.Service.timer(TOPIC_CHECK_S)
+    async def _watch_topic(self) -> None:
+        """Check the input topic every few seconds as well: a topic recreated under the consumer
+        with as many partitions brings no rebalance, and a broker may answer a fetch past the new
+        log's end with nothing rather than an error (Tansu), so no offset goes back. Only a
+        changed topic fails the worker: the broker or Redis away is checked again next time."""
+        try:
+            await check_input_topic(
+                self.emitter.producer.client, self.processor.store, self.settings
+            )
+        except TopicChangedError as error:
+            refuse(error)
+        except Exception as e:
+            logger.debug("input topic not checked this time: %r", e)
+
     def forget(self, revoked: list[TopicPartition]) -> None:
         """Partitions another worker owns now: their offsets and lag are no longer ours."""
         for tp in revoked:
             self._done.pop(tp, None)
+            self._next.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(str(tp.partition))
 
@@ -391,6 +436,15 @@ async def _finish_in_hand(work: asyncio.Future[None]) -> None:
             "the batch in hand did not finish within %.0fs; it will be replayed on restart",
             SHUTDOWN_GRACE_S,
         )
+
+
+def refuse(error: TopicChangedError) -> NoReturn:
+    """Stop at once with exit status 2, committing nothing, saying what to do: every event of
+    the new topic's batch would be dropped as a replay of the old one's. A restart refuses it
+    the same way until that is done."""
+    logger.critical("stopping the worker: %s", error)
+    logging.shutdown()
+    os._exit(EXIT_REFUSED)
 
 
 def fail_stop(records: list[Consumed], error: Exception) -> NoReturn:

@@ -18,6 +18,7 @@ from state.durability import Durability
 from stream_lstm.exceptions import BrokerError, ConfigError, StoreUnavailableError
 from stream_lstm.model import StreamModel
 from workers.settings import Settings
+from workers.topics import check_input_topic
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,13 @@ TOPICS_WAIT_S = 60.0
 
 
 async def preflight(settings: Settings, model: StreamModel) -> None:
-    """Before the worker starts: the broker accepts our login and has the topics, and Redis
-    accepts us.
+    """Before the worker starts: the broker accepts our login and has the topics, Redis
+    accepts us, and the memories there were made from this input topic.
 
     A refusal (a wrong password, an untrusted certificate) raises BrokerRefusedError or
     StoreRefusedError at once: retrying cannot help, and the clients would otherwise retry it
-    as if the broker or Redis were down. A broker that does not answer is waited for (up to
+    as if the broker or Redis were down. Memories of another input topic (``check_input_topic``)
+    raise TopicChangedError. A broker that does not answer is waited for (up to
     ``TOPICS_WAIT_S``); a Redis that does not answer yet is the worker's to wait out. A Redis
     that cannot give REDIS_DURABILITY raises ConfigError (``check_durability``).
     """
@@ -43,12 +45,14 @@ async def preflight(settings: Settings, model: StreamModel) -> None:
             settings.web_port,
         )
     await settings.kafka.check(TOPICS_WAIT_S)
+    await ensure_topics(settings)
     async with settings.memory_store(model.version) as store:
         try:
             await store.ping(PING_TIMEOUT_S)
         except StoreUnavailableError as e:
             logger.warning("Redis does not answer yet; the worker will wait for it: %s", e)
         else:
+            await _check_input_topic(settings, store)
             policy = await store.eviction_policy()
             if policy is not None and policy != "noeviction":
                 logger.warning(
@@ -58,7 +62,30 @@ async def preflight(settings: Settings, model: StreamModel) -> None:
                     policy,
                 )
             await check_durability(store, settings.redis_durability)
-    await ensure_topics(settings)
+
+
+async def _check_input_topic(settings: Settings, store: MemoryStore) -> None:
+    """``check_input_topic``, waiting (up to ``TOPICS_WAIT_S``) for a topic just created to
+    reach the metadata of the broker asked."""
+    deadline = time.monotonic() + TOPICS_WAIT_S
+    client = settings.kafka.client()
+    try:
+        await client.bootstrap()
+        while True:
+            try:
+                await check_input_topic(client, store, settings)
+            except KafkaError as e:
+                if time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"the broker at {settings.broker} did not describe the input topic "
+                        f"{settings.input_topic!r} within {TOPICS_WAIT_S:.0f}s ({e!r})"
+                    ) from e
+                logger.debug("waiting for the input topic's metadata: %r", e)
+                await asyncio.sleep(0.5)
+                continue
+            return
+    finally:
+        await client.close()
 
 
 async def check_durability(store: MemoryStore, durability: Durability) -> None:
