@@ -160,7 +160,10 @@ end
 # When a stored value is not a memory of ours, nothing is written and its keys get -1. A key
 # may repeat: each occurrence is compared with the fences the previous one left. A partition
 # fence only grows, whatever was applied: an over-estimate only costs a later batch the fast
-# commit. A write of fences on several partitions counts itself as an outside write.
+# commit. A write that gives a stored memory a fence on another partition (or a new memory
+# fences on several) counts itself as an outside write: its other partitions' owners may have
+# started from the memory without it. Later writes on those partitions need not: an owner that
+# starts from the memory again reads them all.
 _COMMIT = r"""
 local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
 local stored, foreign = {}, false
@@ -206,9 +209,14 @@ for i = 1, n do
   if code == 1 then
     write(key, v, ttl)
     stored[key] = new
-    local partitions = 0
-    for p in pairs(new) do if p ~= %(resets)d then partitions = partitions + 1 end end
-    if partitions > 1 then spans = true end
+    local partitions, added = 0, false
+    for p in pairs(new) do
+      if p ~= %(resets)d then
+        partitions = partitions + 1
+        if old and not old[p] then added = true end
+      end
+    end
+    if added or (not old and partitions > 1) then spans = true end
   end
   codes[i] = code
 end
@@ -632,21 +640,24 @@ class MemoryStore:
         when each partition's stored fence is below the batch's lowest offset there, no stored
         memory has a fence as new as the batch's on its partitions. Fences on other partitions
         come only from an outside write, one that no partition's owner sees coming: a reset,
-        or a memory written with fences on several partitions. Each counts itself in the
+        or a write that gives a memory a fence on another partition. Each counts itself in the
         outside-writes counter, so a counter as the load read it means the stored fences are
-        still those the updates started from, except ``new`` entities, which the load did not
-        find: they must still be absent. WATCH makes all this hold until the write; anything
-        else leaves the batch to the script.
+        still those the updates started from (or the batches still in flight that they started
+        from wrote, which the caller vouches for), except ``new`` entities, which the load did
+        not find: they must still be absent. One MGET reads it all, and WATCH makes it hold
+        until the write; anything else leaves the batch to the script.
         """
         counter = self._keys.outside_writes
         async with self._redis.pipeline(transaction=True) as pipe:
             await pipe.watch(*fence_keys, counter, *new)
-            *stored, outside = await pipe.mget([*fence_keys, counter])
-            if outside != loaded.outside_writes or not _unreached(
-                [None if f is None else int(f) for f in stored], bounds
+            stored = await pipe.mget([*fence_keys, counter, *new])
+            m = len(fence_keys)
+            fences, outside, found = stored[:m], stored[m], stored[m + 1 :]
+            if (
+                outside != loaded.outside_writes
+                or not _unreached([None if f is None else int(f) for f in fences], bounds)
+                or any(value is not None for value in found)
             ):
-                return False
-            if new and await pipe.exists(*new):
                 return False
             pipe.multi()  # type: ignore[no-untyped-call]
             pipe.mset(

@@ -413,11 +413,19 @@ def _other_fences(
     return other
 
 
-def subset(checked: Checked, entity_ids: Collection[str]) -> Checked:
-    """The events of ``checked`` of these entities only (no dead letters): what a batch applies
-    again to memories that moved on while it was committing."""
+def subset(
+    checked: Checked, entity_ids: Collection[str], without: Collection[tuple[int, int]] = ()
+) -> Checked:
+    """The events of ``checked`` of these entities only, except those at ``without``
+    (partition, offset), and no dead letters: what a batch applies again to memories that moved
+    on while it was committing."""
     wanted = set(entity_ids)
-    at = [i for i, entity_id in enumerate(checked.entity_ids) if entity_id in wanted]
+    events = enumerate(zip(checked.entity_ids, checked.records, strict=True))
+    at = [
+        i
+        for i, (entity_id, record) in events
+        if entity_id in wanted and (record.partition, record.offset) not in without
+    ]
     kept = [checked.entity_ids[i] for i in at]
     ids, rows = entity_rows(kept)
     return Checked(
@@ -583,7 +591,8 @@ class BatchProcessor:
         self.max_event_bytes = max_event_bytes
         self.redis_full = False  # the last commit was refused: maxmemory, until one succeeds
         self._prepared = 0  # batches prepared so far
-        self._started_moved = 0  # the batches prepared up to here may start from moved memories
+        self._started_unwritten = 0  # batches prepared up to here may have started from updates
+        # that were not written as they were (stale, moved): they must commit by script
 
     async def process(self, records: Sequence[Consumed]) -> BatchReport:
         """One batch through every stage."""
@@ -639,25 +648,27 @@ class BatchProcessor:
         """
         clock, applied = prepared.clock, prepared.applied
         clock.restart()
-        # A batch prepared from the updates of one whose memories moved started from memories
-        # that were never stored: the load's proof for the fast commit does not hold for it.
-        loaded = None if prepared.number <= self._started_moved else prepared.memory
+        # The load's proof for the fast commit holds only if the batches this one started from
+        # (still in flight when it was prepared) were written as they were.
+        loaded = None if prepared.number <= self._started_unwritten else prepared.memory
         committed = await self.retry(
             "commit memories",
             lambda: self.store.commit_many(applied.updates, loaded=loaded),
             commit=True,
         )
         stale, moved = committed.stale_ids, 0
-        while committed.moved_ids:
-            self._started_moved = self._prepared
-            committed = await self._apply_again(prepared.checked, committed.moved_ids)
-            moved += len(committed.entity_ids)
-            stale += committed.stale_ids
+        if not committed.applied.all():
+            dead = {(d.record.partition, d.record.offset) for d in applied.dead}
+            while committed.moved_ids:
+                committed = await self._apply_again(prepared.checked, committed.moved_ids, dead)
+                moved += len(committed.entity_ids)
+                stale += committed.stale_ids
+            self._started_unwritten = self._prepared  # those prepared meanwhile, too
         clock.done("commit")
         if stale:
             logger.warning(
-                "%d memories not written: a newer fence is stored (another worker advanced "
-                "them); first: %r",
+                "%d memories not written: every event of theirs is stored already (a replay, "
+                "or another worker advanced them); first: %r",
                 len(stale),
                 stale[:3],
             )
@@ -673,17 +684,20 @@ class BatchProcessor:
             clock.seconds,
         )
 
-    async def _apply_again(self, checked: Checked, entity_ids: list[str]) -> CommitResult:
+    async def _apply_again(
+        self, checked: Checked, entity_ids: list[str], dead: Collection[tuple[int, int]]
+    ) -> CommitResult:
         """Apply a batch's events of these entities again on their stored memories, and
         commit them: their memories moved on (a reset, another partition's events) while the
-        batch was committing."""
+        batch was committing. Events the batch sent as dead letters (``dead``: partition,
+        offset) stay out."""
         logger.info(
             "%d memories moved on while their batch committed (a reset, or events of the same "
             "entity on another partition): applying the batch's events again on them; first: %r",
             len(entity_ids),
             entity_ids[:3],
         )
-        again = subset(checked, entity_ids)
+        again = subset(checked, entity_ids, dead)
         memory = await self.retry(
             "load memories",
             lambda: self.store.load_many(again.ids, self.model.num_layers, self.model.hidden_size),

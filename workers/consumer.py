@@ -11,8 +11,8 @@ to the ``BatchProcessor``, and the batch's offsets are committed right after its
 - Rebalance: a partition is handed over only between batches (the revoke callback waits for
   the batch in hand and the ones finishing), and its offsets are committed by then. Records
   fetched before a revoke and run after it are dropped: their partition has another owner,
-  who reads them again. Every assignment clears the memory cache: what it holds may have been
-  moved on by another owner meanwhile.
+  who reads them again (so does this worker, if it gets the partition back). Every assignment
+  clears the memory cache: what it holds may have been moved on by another owner meanwhile.
 - Shutdown: the batch in hand finishes (within a grace period), is committed, and the consumer
   leaves the group so its partitions move at once.
 - An error the processor could not retry stops the process without committing the batch: it is
@@ -172,6 +172,8 @@ class BatchConsumer(mode.Service):
         self.joined = False  # does the group give this worker its partitions (maybe none) now?
         self.lag = 0  # events of its partitions not yet through a finished batch
         self._done: dict[TopicPartition, int] = {}  # next offset after the last finished batch
+        self.revocations = 0  # revokes so far
+        self._revoked_at: dict[TopicPartition, int] = {}  # the revoke that last took each
         self._next: dict[TopicPartition, int] = {}  # next offset fetched, since the topic check
         self._progress_at = time.monotonic()  # a batch finished, or nothing waited
         self._consumer: AIOKafkaConsumer | None = None
@@ -226,14 +228,16 @@ class BatchConsumer(mode.Service):
                 timeout_ms=timeout_ms, max_records=self.settings.max_batch
             )
             if fetched:
-                work = asyncio.ensure_future(self._run(fetched, time.time()))
+                work = asyncio.ensure_future(self._run(fetched, time.time(), self.revocations))
                 try:
                     await asyncio.shield(work)
                 except asyncio.CancelledError:
                     await _finish_in_hand(work)
                     raise
 
-    async def _run(self, fetched: dict[TopicPartition, list[Any]], fetched_at: float) -> None:
+    async def _run(
+        self, fetched: dict[TopicPartition, list[Any]], fetched_at: float, revocations: int
+    ) -> None:
         """Prepare the batch while earlier ones finish, then let it finish in turn.
 
         Checking, loading and stepping a batch (CPU) overlaps the waits of up to
@@ -244,9 +248,15 @@ class BatchConsumer(mode.Service):
         waits for.
         """
         async with self.in_hand:
-            owned = self.consumer.assignment()
-            fetched = {tp: messages for tp, messages in fetched.items() if tp in owned}
-            if not fetched:  # fetched before a revoke that took every partition of it
+            # A revoke may have come between the fetch (``revocations`` counts those before it)
+            # and now: its records are another owner's, who reads them again, as this worker
+            # will, from the committed offsets, if the partition comes back to it.
+            fetched = {
+                tp: messages
+                for tp, messages in fetched.items()
+                if self._revoked_at.get(tp, 0) <= revocations
+            }
+            if not fetched:
                 return
             records: list[Consumed] = [m for messages in fetched.values() for m in messages]
             # Once a batch's memories are committed, Redis holds them: always so after a
@@ -360,7 +370,11 @@ class BatchConsumer(mode.Service):
             logger.debug("input topic not checked this time: %r", e)
 
     def forget(self, revoked: list[TopicPartition]) -> None:
-        """Partitions another worker owns now: their offsets and lag are no longer ours."""
+        """Partitions another worker owns now: their offsets and lag are no longer ours, nor
+        records of theirs fetched before (aiokafka's ``assignment()`` still lists them until the
+        group has assigned partitions again)."""
+        self.revocations += 1
+        self._revoked_at |= dict.fromkeys(revoked, self.revocations)
         for tp in revoked:
             self._done.pop(tp, None)
             self._next.pop(tp, None)
