@@ -394,6 +394,7 @@ class MemoryStore:
         self._cluster = self._redis if isinstance(self._redis, RedisCluster) else None
         self._durability = durability if durability is not None and durability.waits else None
         self._durability_timeout_s = durability_timeout_s
+        self._run_id: str | None = None  # of the server that took the last durable commit
         if self._durability is not None and self._cluster is not None:
             raise ConfigError(
                 f"durability {self._durability} needs one Redis server, not a cluster: WAIT and "
@@ -534,6 +535,8 @@ class MemoryStore:
         cluster, cache = self._cluster, self._cache
         sent = time.monotonic()  # before Redis sets any TTL: cached entries age no slower
         generation = cache.generation if cache is not None else 0
+        if self._durability is not None and self._run_id is None:
+            self._run_id = await self._call("run id", self._server_run_id)
         try:
             if cluster is None:
                 answer = await self._call(
@@ -570,21 +573,32 @@ class MemoryStore:
         hand any connection, and a retried commit whose updates are already written (stale)
         writes nothing. So the wait writes first, on its own connection (one pipeline): the
         durability marker. Replicas and the AOF take writes in order, so once the marker is
-        durable, so is every write acknowledged before it, whoever made it.
+        durable, so is every write acknowledged before it, whoever made it, by this server
+        process: one that restarted (from older data) or failed over behind the same address
+        since the last commit may never have had this one, so its run id, read in the same
+        pipeline, must still be the one read before the write.
         """
         durability = self._durability
         if durability is None:
             return
 
-        async def wait() -> list[Any]:
+        async def wait() -> tuple[str, list[Any]]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.incr(self._keys.durable)
                 for command in durability.commands(self._durability_timeout_s):
                     pipe.execute_command(*command)
-                _, *replies = await pipe.execute()
-            return replies
+                pipe.info("server")
+                _, *replies, info = await pipe.execute()
+            return str(info["run_id"]), replies
 
-        missing = durability.shortfall(await self._call(f"{what}: {durability}", wait))
+        run_id, replies = await self._call(f"{what}: {durability}", wait)
+        if run_id != self._run_id:
+            self._run_id = run_id
+            raise StoreUnavailableError(
+                f"{what}: Redis at {self._url} restarted or failed over since the commit was "
+                "written (another run id): it may not have it; not counted as committed"
+            )
+        missing = durability.shortfall(replies)
         if missing is not None:
             raise StoreUnavailableError(
                 f"{what}: Redis at {self._url} did not make it durable ({durability}) within "
@@ -785,6 +799,11 @@ class MemoryStore:
             return None
         policy = reply.get("maxmemory-policy")
         return policy.decode() if isinstance(policy, bytes) else policy
+
+    async def _server_run_id(self) -> str:
+        """The run id of the server process answering: another after a restart or failover."""
+        info = await self._redis.info("server")
+        return str(info["run_id"])
 
     async def info(self) -> dict[str, Any] | None:
         """Redis's INFO (its default sections), or None when it cannot be read (a managed Redis

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -199,6 +200,43 @@ async def test_a_retry_that_writes_nothing_still_waits_from_any_connection(
         finally:
             os.kill(replica.pid, signal.SIGCONT)
         assert (await other.commit_many(make_updates(["a"], 1))).stale_ids == ["a"]
+
+
+async def replica_online(primary: RedisServer) -> None:
+    """Until the primary has an online replica (after a restart it syncs it again)."""
+    async with Redis.from_url(primary.url) as admin:
+        for _ in range(200):
+            replica = (await admin.info("replication")).get("slave0")
+            if isinstance(replica, dict) and replica.get("state") == "online":
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("the replica never came online")
+
+
+async def test_a_primary_restarted_between_the_write_and_the_wait_does_not_count(
+    primary: RedisServer, replica: RedisServer, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The primary acknowledges the write, then dies and comes back on the same address
+    without it (a restart from older data, a failover behind one address) before the wait: the
+    wait's marker and WAIT land on the new server, with its replica online, and would pass.
+    The commit must not count; its retry writes it again."""
+    async with durable_store(primary, "replicas:1", namespace, timeout_s=2.0) as store:
+        assert (await store.commit_many(make_updates(["a"], 1))).applied.all()
+        wait = store._make_durable
+
+        async def restart_then_wait(what: str) -> None:
+            primary.stop()
+            primary.start()  # same port, a fresh data directory: without the write
+            await replica_online(primary)
+            await wait(what)
+
+        monkeypatch.setattr(store, "_make_durable", restart_then_wait)
+        with pytest.raises(StoreUnavailableError, match="restarted or failed over"):
+            await store.commit_many(make_updates(["a"], 2))
+        monkeypatch.setattr(store, "_make_durable", wait)
+        assert await store.get("a") is None  # the write is gone with the old server
+        assert (await store.commit_many(make_updates(["a"], 2))).applied_ids == ["a"]
+        assert await stored_offset(store, "a") == 2
 
 
 async def test_aof_durability_waits_for_the_fsync_and_then_the_replicas(

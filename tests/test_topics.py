@@ -19,6 +19,7 @@ from fakeredis import FakeAsyncRedis, FakeServer
 
 from state import MemoryStore
 from stream_lstm.exceptions import TopicChangedError
+from workers import topics
 from workers.batch import Record
 from workers.consumer import BatchConsumer
 from workers.metrics import Metrics
@@ -106,3 +107,39 @@ async def test_a_batch_is_checked_after_an_assignment_and_when_its_offsets_go_ba
     consumer.forget([tp])  # revoked: the next assignment may be another topic's
     await consumer._check_topic(batch(2))
     assert processor.checks == 3
+
+
+class OldBroker(Broker):
+    """A broker before Kafka 2.8: aiokafka cannot build Metadata v10 for it."""
+
+    async def send(self, node: int, request: Any) -> SimpleNamespace:
+        request.prepare({3: (0, 9)})  # raises NotImplementedError, as aiokafka's send would
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("broker", [OldBroker(), Broker()], ids=["before 2.8", "no topic ids"])
+async def test_a_broker_that_gives_no_topic_id_leaves_the_check_undone_with_a_warning(
+    memories: MemoryStore,
+    broker: Broker,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing recorded, nothing refused, one warning: an all-zero id recorded would let every
+    recreated topic pass, and stop a healthy worker once the cluster assigns real ids."""
+    monkeypatch.setattr(topics, "_unchecked", [])
+    settings = Settings(app_id="app", input_topic="events")
+    broker.ids["events"] = uuid.UUID(int=0)
+    for _ in range(3):
+        await check_input_topic(broker, memories, settings)
+    assert [r.message for r in caplog.records].count(
+        f"the broker gives no topic id for {settings.input_topic!r} (Kafka before 2.8, or a "
+        "cluster without topic ids): a topic deleted and recreated under this app id cannot be "
+        "told from the one the memories were made from"
+    ) == 1
+    if isinstance(broker, OldBroker):
+        return
+    broker.create("events")  # the cluster has topic ids now: the check starts with them
+    await check_input_topic(broker, memories, settings)
+    broker.create("events")
+    with pytest.raises(TopicChangedError, match="deleted and recreated"):
+        await check_input_topic(broker, memories, settings)

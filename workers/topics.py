@@ -10,10 +10,14 @@ batch of every assignment.
 
 aiokafka asks for metadata at version 5 at most, which has no topic ids: the request here is
 version 10 (Kafka 2.8 and later), which Tansu and Apache Kafka both answer with the topic's id.
+A broker that cannot say (an older one, or one that answers the all-zero id: no topic ids in
+its cluster yet) leaves the check undone, with a warning: recording or comparing such an answer
+would protect nothing, or stop a healthy worker once the cluster assigns real ids.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from io import BytesIO
 from typing import Any, cast
@@ -38,6 +42,10 @@ from stream_lstm.exceptions import TopicChangedError
 from workers.settings import Settings
 
 __all__ = ["check_input_topic", "topic_id"]
+
+logger = logging.getLogger(__name__)
+
+NO_TOPIC_ID = uuid.UUID(int=0)
 
 
 class _Uuid(AbstractType):  # type: ignore[misc]
@@ -126,11 +134,12 @@ class _TopicMetadata(Request[_MetadataRequestV10]):  # type: ignore[misc]
         self.topic = topic
 
     def build(self, request_struct_class: type[_MetadataRequestV10]) -> Any:
-        return request_struct_class([(uuid.UUID(int=0), self.topic, {})], False, False, False, {})
+        return request_struct_class([(NO_TOPIC_ID, self.topic, {})], False, False, False, {})
 
 
-async def topic_id(client: AIOKafkaClient, topic: str) -> uuid.UUID:
-    """The topic's Kafka topic id, as a broker knows it now.
+async def topic_id(client: AIOKafkaClient, topic: str) -> uuid.UUID | None:
+    """The topic's Kafka topic id, as a broker knows it now; None when the broker cannot say
+    (it predates Metadata v10, or has no topic ids: it answers the all-zero id).
 
     Raises the broker's error (UnknownTopicOrPartitionError while the topic does not exist, a
     KafkaError to retry) or KafkaConnectionError when no broker is known.
@@ -138,18 +147,36 @@ async def topic_id(client: AIOKafkaClient, topic: str) -> uuid.UUID:
     node = client.get_random_node()
     if node is None:
         raise KafkaConnectionError("no broker known")
-    response = await client.send(node, _TopicMetadata(topic))
+    try:
+        response = await client.send(node, _TopicMetadata(topic))
+    except NotImplementedError:  # aiokafka: the broker's Metadata versions stop below 10
+        return None
     ((error_code, _, found, *_),) = response.topics
     if error_code:
         raise for_code(error_code)(f"metadata of topic {topic!r}")
-    return cast("uuid.UUID", found)
+    return None if found == NO_TOPIC_ID else cast("uuid.UUID", found)
+
+
+_unchecked: list[str] = []
+"""Topics already warned about as unchecked in this process: one warning, not one every 2 s."""
 
 
 async def check_input_topic(client: AIOKafkaClient, store: MemoryStore, settings: Settings) -> None:
     """Record the input topic beside the memories, or raise TopicChangedError when they were
     made from another topic: one recreated since (the same name, another id) or renamed."""
     topic = settings.input_topic
-    identity = {"topic": topic, "topic_id": str(await topic_id(client, topic))}
+    found = await topic_id(client, topic)
+    if found is None:
+        if not _unchecked:
+            logger.warning(
+                "the broker gives no topic id for %r (Kafka before 2.8, or a cluster without "
+                "topic ids): a topic deleted and recreated under this app id cannot be told "
+                "from the one the memories were made from",
+                topic,
+            )
+            _unchecked.append(topic)
+        return
+    identity = {"topic": topic, "topic_id": str(found)}
     recorded = await store.claim_topic(orjson.dumps(identity).decode())
     if recorded is None or orjson.loads(recorded) == identity:
         return
@@ -160,8 +187,8 @@ async def check_input_topic(client: AIOKafkaClient, store: MemoryStore, settings
         what = f"is not the topic {was['topic']!r} they were made from"
     raise TopicChangedError(
         f"the input topic {topic!r} {what}: the stored memories of this app id and model count "
-        "that topic's offsets, so this one's events would be dropped as replays; none was "
-        "applied. Start the worker with a new STREAM_LSTM_APP_ID (a new consumer group and "
+        "that topic's offsets, so this one's events would be dropped as replays. Start the "
+        "worker with a new STREAM_LSTM_APP_ID (a new consumer group and "
         f"memory namespace), or delete the keys {settings.app_id}:* from Redis to start every "
         "entity from zero memory"
     )
