@@ -45,13 +45,16 @@ async def preflight(settings: Settings, model: StreamModel) -> None:
             settings.web_port,
         )
     await settings.kafka.check(TOPICS_WAIT_S)
-    await ensure_topics(settings)
     async with settings.memory_store(model.version) as store:
         try:
-            await store.ping(PING_TIMEOUT_S)
+            await store.ping(PING_TIMEOUT_S)  # a refusal first: one line, nothing created
         except StoreUnavailableError as e:
             logger.warning("Redis does not answer yet; the worker will wait for it: %s", e)
+            answers = False
         else:
+            answers = True
+        await ensure_topics(settings)  # the topic check needs the topic
+        if answers:
             await _check_input_topic(settings, store)
             policy = await store.eviction_policy()
             if policy is not None and policy != "noeviction":
