@@ -17,7 +17,8 @@ to the ``BatchProcessor``, and the batch's offsets are committed right after its
   leaves the group so its partitions move at once.
 - An error the processor could not retry stops the process without committing the batch: it is
   replayed on restart, and nothing after it was committed.
-- The input topic is checked (``check_input_topic``) before the first batch of each assignment,
+- The input topic is checked (``check_input_topic``) when partitions are assigned, before they are
+  fetched,
   whenever a partition's offsets go back (its log was replaced under the consumer), and every
   ``TOPIC_CHECK_S``: memories made from another topic stop the worker (exit 2), saying what to do.
 """
@@ -31,6 +32,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -50,7 +52,7 @@ from workers.batch import BatchProcessor, Consumed, Prepared
 from workers.connection import KafkaConnection
 from workers.metrics import Metrics
 from workers.settings import Settings
-from workers.topics import check_input_topic
+from workers.topics import check_input_topic, topic_id
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +177,7 @@ class BatchConsumer(mode.Service):
         self.revocations = 0  # revokes so far
         self._revoked_at: dict[TopicPartition, int] = {}  # the revoke that last took each
         self._next: dict[TopicPartition, int] = {}  # next offset fetched, since the topic check
+        self._topic_id: uuid.UUID | None = None  # the input topic's id, as last checked
         self._progress_at = time.monotonic()  # a batch finished, or nothing waited
         self._consumer: AIOKafkaConsumer | None = None
         self._finishing: list[_Finishing] = []  # batches emitting and committing, oldest first
@@ -281,20 +284,25 @@ class BatchConsumer(mode.Service):
             self._finishing.append(finishing)
 
     async def _check_topic(self, fetched: dict[TopicPartition, list[Any]]) -> None:
-        """Check the input topic before the first batch of a partition's assignment, and when
-        its offsets go back: a topic recreated under the consumer, with as many partitions,
-        may bring no rebalance, only its reset to the new log's start."""
+        """Check the input topic when a partition's offsets go back: a topic recreated under
+        the consumer, with as many partitions, may bring no rebalance, only its reset to the
+        new log's start. (Each assignment is checked before its first fetch: ``check_topic``.)"""
         if any(
-            tp not in self._next or messages[0].offset < self._next[tp]
+            tp in self._next and messages[0].offset < self._next[tp]
             for tp, messages in fetched.items()
         ):
-            await self.processor.retry(
-                "check the input topic",
-                lambda: check_input_topic(
-                    self.emitter.producer.client, self.processor.store, self.settings
-                ),
-            )
+            await self.check_topic()
         self._next |= {tp: messages[-1].offset + 1 for tp, messages in fetched.items()}
+
+    async def check_topic(self) -> None:
+        """``check_input_topic`` until the broker and Redis answer it; TopicChangedError when
+        the memories were made from another topic."""
+        self._topic_id = await self.processor.retry(
+            "check the input topic",
+            lambda: check_input_topic(
+                self.emitter.producer.client, self.processor.store, self.settings
+            ),
+        )
 
     async def _finish(
         self, fetched: dict[TopicPartition, list[Any]], records: list[Consumed], this: _Finishing
@@ -358,12 +366,15 @@ class BatchConsumer(mode.Service):
     async def _watch_topic(self) -> None:
         """Check the input topic every few seconds as well: a topic recreated under the consumer
         with as many partitions brings no rebalance, and a broker may answer a fetch past the new
-        log's end with nothing rather than an error (Tansu), so no offset goes back. Only a
+        log's end with nothing rather than an error (Tansu), so no offset goes back. Only the
+        broker is asked: an id other than the one last checked is checked against Redis. Only a
         changed topic fails the worker: the broker or Redis away is checked again next time."""
         try:
-            await check_input_topic(
-                self.emitter.producer.client, self.processor.store, self.settings
-            )
+            found = await topic_id(self.emitter.producer.client, self.settings.input_topic)
+            if found is not None and found != self._topic_id:
+                self._topic_id = await check_input_topic(
+                    self.emitter.producer.client, self.processor.store, self.settings
+                )
         except TopicChangedError as error:
             refuse(error)
         except Exception as e:
@@ -436,6 +447,11 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
         # another owner may have had it.
         self.service.processor.store.forget_cached()
         logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+        if assigned:  # before anything of them is fetched (the batch path needs no broker call)
+            try:
+                await self.service.check_topic()
+            except TopicChangedError as error:
+                refuse(error)
 
 
 async def _finish_in_hand(work: asyncio.Future[None]) -> None:

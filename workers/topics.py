@@ -161,9 +161,12 @@ _unchecked: list[str] = []
 """Topics already warned about as unchecked in this process: one warning, not one every 2 s."""
 
 
-async def check_input_topic(client: AIOKafkaClient, store: MemoryStore, settings: Settings) -> None:
+async def check_input_topic(
+    client: AIOKafkaClient, store: MemoryStore, settings: Settings
+) -> uuid.UUID | None:
     """Record the input topic beside the memories, or raise TopicChangedError when they were
-    made from another topic: one recreated since (the same name, another id) or renamed."""
+    made from another topic: one recreated since (the same name, another id) or renamed.
+    Returns the topic id checked (None: the broker gives none, and nothing was checked)."""
     topic = settings.input_topic
     found = await topic_id(client, topic)
     if found is None:
@@ -175,11 +178,11 @@ async def check_input_topic(client: AIOKafkaClient, store: MemoryStore, settings
                 topic,
             )
             _unchecked.append(topic)
-        return
+        return None
     identity = {"topic": topic, "topic_id": str(found)}
     recorded = await store.claim_topic(orjson.dumps(identity).decode())
     if recorded is None or orjson.loads(recorded) == identity:
-        return
+        return found
     was = orjson.loads(recorded)
     if was["topic"] == topic:
         what = f"was deleted and recreated (topic id {was['topic_id']}, now {identity['topic_id']})"
