@@ -5,8 +5,9 @@ it is dropped as a replay. Offsets count within one topic: a topic deleted and r
 again at 0 (and Kafka forgets the group's offsets), as does another topic the worker is pointed at
 under the same app id, so their events would be dropped as replays, silently. The store records
 the input topic's name and Kafka topic id (a UUID no recreated topic shares) beside the memories,
-and a worker refuses any other topic (``check_input_topic``): at start, and before the first
-batch of every assignment.
+and a worker refuses any other topic (``check_input_topic``): at start, whenever partitions are
+assigned to it, when a partition's offsets go back, and when the broker names another topic id
+(asked every 2 s).
 
 aiokafka asks for metadata at version 5 at most, which has no topic ids: the request here is
 version 10 (Kafka 2.8 and later), which Tansu and Apache Kafka both answer with the topic's id.
