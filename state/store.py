@@ -627,15 +627,24 @@ class MemoryStore:
             and _unreached([loaded.partition_fences.get(p) for p in bounds], bounds)
         ):
             absent = {loaded.entity_ids[i] for i in np.flatnonzero(~loaded.found).tolist()}
-            new = [key for key, e in zip(keys, updates.entity_ids, strict=True) if e in absent]
-            if await self._commit_fast(keys, values, fence_keys, bounds, loaded, new):
-                return [APPLIED] * len(keys)
+            new = [row for row, e in enumerate(updates.entity_ids) if e in absent]
+            written = await self._commit_fast(keys, values, fence_keys, bounds, loaded, new)
+            if written is not None:
+                codes = [APPLIED] * len(keys)
+                if not written:  # another writer created some new entity: the script decides
+                    answer: list[int] = await self._commit(
+                        keys=[*(keys[row] for row in new), counter],
+                        args=[self._ttl_ms, len(new), 0, *(values[row] for row in new)],
+                    )
+                    for row, code in zip(new, answer, strict=True):
+                        codes[row] = code
+                return codes
         highest = [str(high) for _, high in bounds.values()]
-        codes: list[int] = await self._commit(
+        script: list[int] = await self._commit(
             keys=[*keys, *fence_keys, counter],
             args=[self._ttl_ms, len(keys), len(fence_keys), *values, *highest],
         )
-        return codes
+        return script
 
     async def _commit_fast(
         self,
@@ -644,9 +653,10 @@ class MemoryStore:
         fence_keys: list[str],
         bounds: dict[int, tuple[int, int]],
         loaded: MemoryBatch,
-        new: list[str],
-    ) -> bool:
-        """MSET the whole batch when the script would write every update; False otherwise.
+        new: list[int],
+    ) -> bool | None:
+        """MSET the batch when the script would write every update: True when all of it was
+        written, False when the ``new`` rows were not (the rest was), None when nothing was.
 
         The script costs Redis ~8 us per entity (each value goes through Lua), a plain MSET
         ~0.3. It writes an update whose fences cover the stored ones and pass one. Every commit
@@ -657,37 +667,41 @@ class MemoryStore:
         or a write that gives a memory a fence on another partition. Each counts itself in the
         outside-writes counter, so a counter as the load read it means the stored fences are
         still those the updates started from (or the batches still in flight that they started
-        from wrote, which the caller vouches for), except ``new`` entities, which the load did
-        not find: they must still be absent. One MGET reads it all, and WATCH makes it hold
-        until the write; anything else leaves the batch to the script.
+        from wrote, which the caller vouches for). WATCH on the fences and the counter makes
+        that hold until the write. Except ``new`` entities, which the load did not find (another
+        partition's owner may have created one since): they go in one MSETNX in the same
+        transaction, which writes them only if none exists (WATCH on each would cost Redis more
+        than the MSET itself).
         """
         counter = self._keys.outside_writes
         async with self._redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(*fence_keys, counter, *new)
-            stored = await pipe.mget([*fence_keys, counter, *new])
-            m = len(fence_keys)
-            fences, outside, found = stored[:m], stored[m], stored[m + 1 :]
-            if (
-                outside != loaded.outside_writes
-                or not _unreached([None if f is None else int(f) for f in fences], bounds)
-                or any(value is not None for value in found)
+            await pipe.watch(*fence_keys, counter)
+            *fences, outside = await pipe.mget([*fence_keys, counter])
+            if outside != loaded.outside_writes or not _unreached(
+                [None if f is None else int(f) for f in fences], bounds
             ):
-                return False
+                return None
+            fresh = set(new)
+            known = (
+                pair for row, pair in enumerate(zip(keys, values, strict=True)) if row not in fresh
+            )
             pipe.multi()  # type: ignore[no-untyped-call]
             pipe.mset(
                 {
-                    **dict(zip(keys, values, strict=True)),
+                    **dict(known),
                     **{
                         key: high
                         for key, (_, high) in zip(fence_keys, bounds.values(), strict=True)
                     },
                 }
             )
+            if new:
+                pipe.msetnx({keys[row]: values[row] for row in new})
             try:
-                await pipe.execute()
+                replies = await pipe.execute()
             except WatchError:
-                return False
-        return True
+                return None
+        return not new or bool(replies[-1])
 
     async def _commit_slots(self, commit: _SlotCommit) -> list[int]:
         """The fenced script once per slot, one pipeline per node; codes in the batch's order.
