@@ -4,6 +4,7 @@ a worker that leaves nothing in the working directory."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -15,8 +16,11 @@ import torch
 from click.testing import CliRunner
 
 from stream_lstm.cli import main
+from stream_lstm.exceptions import BrokerError
 from stream_lstm.model import StreamModel
+from tests.stack import save_model
 from workers.app import StreamWorker
+from workers.preflight import preflight
 from workers.settings import Settings
 
 COMMANDS = [
@@ -94,6 +98,28 @@ def test_bad_worker_configuration_fails_at_start(
     result = CliRunner().invoke(main, ["worker", *flags])
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_a_worker_without_a_model_setting_warns_that_it_serves_the_demo_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 16: a worker whose STREAM_LSTM_MODEL is unset serves the bundled TV-show model;
+    it starts (the demo and the dev stack rely on it) but says so loudly, and only then."""
+    monkeypatch.delenv("STREAM_LSTM_MODEL", raising=False)
+
+    async def broker_away(wait_s: float) -> None:
+        raise BrokerError("the test stops here, after the model check")
+
+    for settings, warns in [
+        (Settings.load(), True),
+        (Settings.load(model=save_model(tmp_path / "mine.pt", seed=1)), False),
+    ]:
+        caplog.clear()
+        monkeypatch.setattr(type(settings.kafka), "check", lambda self, wait_s: broker_away(wait_s))
+        with pytest.raises(BrokerError):
+            asyncio.run(preflight(settings, StreamModel.load(settings.model)))
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("serving the bundled TV-show demo model" in m for m in said) == warns, said
 
 
 def test_a_corrupt_model_file_fails_at_start(tmp_path: Path) -> None:

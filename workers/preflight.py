@@ -37,6 +37,12 @@ async def preflight(settings: Settings, model: StreamModel) -> None:
     ``TOPICS_WAIT_S``); a Redis that does not answer yet is the worker's to wait out. A Redis
     that cannot give REDIS_DURABILITY raises ConfigError (``check_durability``).
     """
+    if settings.serves_demo_model:
+        logger.warning(
+            "serving the bundled TV-show demo model (%s), as STREAM_LSTM_MODEL is unset: its "
+            "predictions mean nothing for your events; set STREAM_LSTM_MODEL to your model file",
+            settings.model,
+        )
     if settings.api_token is None and not ipaddress.ip_address(settings.web_bind).is_loopback:
         logger.warning(
             "the memory API listens on %s:%d without STREAM_LSTM_API_TOKEN: anyone who can "

@@ -251,6 +251,12 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def serves_demo_model(self) -> bool:
+        """Whether the model is the bundled TV-show demo: what a worker serves when
+        STREAM_LSTM_MODEL is unset, which in production is a mistake worth saying loudly."""
+        return self.model.resolve() == DEFAULT_MODEL.resolve()
+
+    @property
     def bootstrap_servers(self) -> str:
         """The broker URL as Kafka clients take it: host:port,host:port."""
         return ",".join(
