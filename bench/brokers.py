@@ -1,7 +1,7 @@
 """The broker a Kafka benchmark runs on: ``--broker tansu`` or ``--broker apache``.
 
-Tansu (``workers.broker.KafkaBroker``, in memory) is the default and what the figures in
-bench/RESULTS.md were first measured on. Apache Kafka (``workers.apache_kafka.ApacheKafka``, one
+Tansu (``workers.dev.tansu.TansuBroker``, in memory) is the default and what the figures in
+bench/RESULTS.md were first measured on. Apache Kafka (``workers.dev.apache_kafka.ApacheKafka``, one
 KRaft node on this machine) is the broker our users run: its figures go to a section of their
 own, ``<title> (Apache Kafka <version>)`` right after Tansu's ``<title>``, so a run on one
 broker never overwrites the other's.
@@ -27,9 +27,10 @@ from aiokafka.errors import CoordinatorNotAvailableError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as the scripts that import it
 
 from bench.results import write_section
-from workers.apache_kafka import KAFKA_VERSION, ApacheKafka
-from workers.broker import Broker, KafkaBroker, find_tansu
 from workers.connection import KafkaConnection
+from workers.dev.apache_kafka import KAFKA_VERSION, ApacheKafka
+from workers.dev.services import Broker
+from workers.dev.tansu import TansuBroker, find_tansu
 
 __all__ = ["APACHE_HEAP_MB", "BenchBroker", "add_broker_argument", "bench_broker", "served"]
 
@@ -144,7 +145,7 @@ async def served(
 
 
 def _start_tansu(workdir: Path) -> Broker:
-    return KafkaBroker(log_path=workdir / "broker.log").start()
+    return TansuBroker(log_path=workdir / "broker.log").start()
 
 
 def _start_apache(workdir: Path) -> Broker:

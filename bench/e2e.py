@@ -60,12 +60,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.brokers import BenchBroker, add_broker_argument, bench_broker, served
 from bench.results import cpu_seconds, machine
-from state import RedisServer
 from stream_lstm.model import StreamModel
-from workers.broker import Broker
 from workers.connection import KafkaConnection
 from workers.consumer import KafkaEmitter
-from workers.stack import WorkerProcess
+from workers.dev.redis_server import RedisServer
+from workers.dev.services import Broker
+from workers.dev.stack import WorkerProcess
 
 INPUT, HIDDEN, LABELS = 32, 128, [f"label-{k}" for k in range(8)]
 PARTITIONS = 8

@@ -29,11 +29,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import machine, write_section
-from state import MemoryStore, MemoryUpdates, RedisServer
+from state import MemoryStore, MemoryUpdates
 from state.keys import KeyLayout
-from state.server import server_binaries
 from stream_lstm.engine import Events, Memory, step
 from stream_lstm.model import StreamModel
+from workers.dev.redis_server import RedisServer, server_binaries
 
 ENTITIES = 1000
 SHAPES = [(1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (1, 512)]

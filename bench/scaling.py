@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.brokers import add_broker_argument, bench_broker, served
 from bench.e2e import Services, build_model, events, prefill, reader, start_worker
 from bench.results import cpu_seconds, machine
-from state import RedisServer
+from workers.dev.redis_server import RedisServer
 
 PARTITIONS = 16
 FIRST_PREDICTION_S = 90.0

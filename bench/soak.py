@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.brokers import add_broker_argument, bench_broker
 from bench.results import cpu_seconds, machine
-from stream_lstm import tvshows
-from workers.stack import Stack, WorkerProcess
+from workers.dev import tvshows
+from workers.dev.stack import Stack, WorkerProcess
 
 SAMPLE_S = 10.0
 

@@ -4,8 +4,8 @@
 
 A default run takes about half a minute.
 
-Starts its own server (`state.server.RedisServer`). For each batch size E, E entities are
-loaded and committed:
+Starts its own server (`workers.dev.redis_server.RedisServer`). For each batch size E, E entities
+are loaded and committed:
 
 - batched: ``MemoryStore.load_many`` (one MGET, decoded into arrays) and ``commit_many`` (one
   fenced Lua script call, every update applying);
@@ -36,8 +36,9 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import machine, write_section
-from state import MemoryStore, MemoryUpdates, RedisServer, codec
+from state import MemoryStore, MemoryUpdates, codec
 from state.keys import KeyLayout
+from workers.dev.redis_server import RedisServer
 
 SIZES = (1, 256, 1024, 4096)
 NAMESPACE, MODEL_VERSION = "bench", "v1"

@@ -1,7 +1,6 @@
 """The memory store: each entity's LSTM memories in Redis, fenced against stale writers."""
 
 from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
-from state.server import RedisServer
 from state.store import CommitResult, MemoryStore, without_password
 
 __all__ = [
@@ -9,7 +8,6 @@ __all__ = [
     "MemoryBatch",
     "MemoryStore",
     "MemoryUpdates",
-    "RedisServer",
     "StoredMemory",
     "without_password",
 ]

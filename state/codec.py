@@ -43,7 +43,6 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_lstm.exceptions import StoreError
-from stream_lstm.schema import MemorySnapshot
 
 __all__ = ["MemoryBatch", "MemoryUpdates", "StoredMemory"]
 
@@ -94,17 +93,6 @@ class StoredMemory:
     updated_at: float
     other_fences: Fences = field(default_factory=dict)
     """The fences besides the header's (format 2), and the resets count under ``RESETS``."""
-
-    def snapshot(self, entity_id: str, model_version: str) -> MemorySnapshot:
-        """The memory as the memory API and the CLI show it."""
-        return MemorySnapshot(
-            entity_id=entity_id,
-            ltm=self.ltm.tolist(),
-            stm=self.stm.tolist(),
-            step=self.step,
-            model_version=model_version,
-            updated_at=self.updated_at,
-        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)

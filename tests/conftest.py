@@ -22,10 +22,11 @@ from fakeredis import FakeAsyncRedis, FakeServer
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from state import MemoryStore, RedisServer
-from state.server import RedisClusterServer
-from workers.apache_kafka import ApacheKafka, apache_kafka_missing
-from workers.broker import Broker, KafkaBroker
+from state import MemoryStore
+from workers.dev.apache_kafka import ApacheKafka, apache_kafka_missing
+from workers.dev.redis_server import RedisClusterServer, RedisServer
+from workers.dev.services import Broker
+from workers.dev.tansu import TansuBroker
 
 # The offline reference steps entities one at a time: with 2 threads on 2 busy cores each tiny
 # step waits on a thread handoff (~40x slower under load). Workers run on 1 thread too.
@@ -47,9 +48,9 @@ def redis_cluster() -> Iterator[RedisClusterServer]:
 
 
 @pytest.fixture(scope="session")
-def tansu_broker() -> Iterator[KafkaBroker]:
+def tansu_broker() -> Iterator[TansuBroker]:
     """A real Tansu broker (in memory, never frees data: one per session), stopped at the end."""
-    with KafkaBroker() as broker:
+    with TansuBroker() as broker:
         yield broker
 
 

@@ -21,13 +21,12 @@ import torch
 from pydantic import SecretStr
 from torch import nn
 
-from state import RedisServer
-from state.server import RedisClusterServer
 from stream_lstm.model import StreamModel
 from tests.offline import offline
-from workers.broker import Broker
 from workers.connection import SECURITY_FIELDS, KafkaConnection
-from workers.stack import WorkerProcess
+from workers.dev.redis_server import RedisClusterServer, RedisServer
+from workers.dev.services import Broker
+from workers.dev.stack import WorkerProcess
 
 INPUT = 4
 """Features per event of the e2e tests' models."""
@@ -84,7 +83,7 @@ class StreamSlice:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """The stream-lstm command, configured by this slice's environment, as a user runs it."""
         return subprocess.run(
-            [sys.executable, "-m", "stream_lstm", *args],
+            [sys.executable, "-m", "workers.cli", *args],
             env={**os.environ, **self.env},
             capture_output=True,
             text=True,

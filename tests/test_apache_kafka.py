@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import require_apache_kafka
 from tests.stack import partitions
-from workers.apache_kafka import KAFKA_VERSION, ApacheKafka, apache_kafka_missing, kafka_jars
+from workers.dev.apache_kafka import KAFKA_VERSION, ApacheKafka, apache_kafka_missing, kafka_jars
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

@@ -12,21 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from state import RedisServer
 from stream_lstm.model import StreamModel
-from stream_lstm.tvshows import DEFAULT_MODEL
 from tests.stack import StreamSlice, event, save_model, settled_memory
 from workers.app import StreamWorker
-from workers.broker import KafkaBroker
+from workers.dev.redis_server import RedisServer
+from workers.dev.stack import WorkerProcess
+from workers.dev.tansu import TansuBroker
+from workers.dev.tvshows import DEMO_MODEL
 from workers.settings import Settings
-from workers.stack import WorkerProcess
 
 TOKEN = "api-token-5b0d6c2e9f1a4b7c"
 
 
 @pytest.fixture(scope="module")
 def stack(
-    tansu_broker: KafkaBroker, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    tansu_broker: TansuBroker, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[StreamSlice]:
     tmp = tmp_path_factory.mktemp("api")
     stack = StreamSlice(tansu_broker, redis_server, save_model(tmp / "model.pt", seed=3), tmp)
@@ -100,6 +100,6 @@ def test_the_memory_api_has_redis_connections_of_its_own(tmp_path: Path) -> None
     """A flood of API requests waits on the API's own connection pool, never on the one the
     stream loads and commits with."""
     settings = Settings.load(redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path)
-    worker = StreamWorker(settings, StreamModel.load(DEFAULT_MODEL, device="cpu"))
+    worker = StreamWorker(settings, StreamModel.load(DEMO_MODEL, device="cpu"))
     assert worker.api_store is not worker.store
     assert worker.api_store._redis.connection_pool is not worker.store._redis.connection_pool

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream_lstm.exceptions import BrokerError
 from tests.stack import partitions
-from workers.broker import KafkaBroker
+from workers.dev.tansu import TansuBroker
 
 # Tansu makes a join wait ~half the session timeout (1 s at least), and a rejoin of a group
 # that a member just left waits longer (4 s at 1.5-2 s, 7 s at 3 s); at 1 s both take ~1 s.
@@ -24,7 +24,7 @@ GROUP_SETTINGS = {
 
 
 @pytest.fixture
-def broker(tansu_broker: KafkaBroker) -> KafkaBroker:
+def broker(tansu_broker: TansuBroker) -> TansuBroker:
     return tansu_broker
 
 
@@ -32,13 +32,13 @@ def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def test_urls_name_the_chosen_port(broker: KafkaBroker) -> None:
+def test_urls_name_the_chosen_port(broker: TansuBroker) -> None:
     assert broker.bootstrap == f"127.0.0.1:{broker.port}"
     assert broker.url == f"kafka://127.0.0.1:{broker.port}"
 
 
 async def test_create_topics_makes_eight_partitions_and_is_idempotent(
-    broker: KafkaBroker,
+    broker: TansuBroker,
 ) -> None:
     topic = _name("eight")
 
@@ -48,7 +48,7 @@ async def test_create_topics_makes_eight_partitions_and_is_idempotent(
     assert len(await partitions(broker.connection, topic)) == 8
 
 
-async def test_metadata_auto_creates_topics_with_four_partitions(broker: KafkaBroker) -> None:
+async def test_metadata_auto_creates_topics_with_four_partitions(broker: TansuBroker) -> None:
     """Why topics are created first: clients auto-create missing ones with Tansu's default."""
     topic = _name("auto")
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
@@ -59,7 +59,7 @@ async def test_metadata_auto_creates_topics_with_four_partitions(broker: KafkaBr
         await producer.stop()
 
 
-async def test_group_resumes_from_committed_offsets(broker: KafkaBroker) -> None:
+async def test_group_resumes_from_committed_offsets(broker: TansuBroker) -> None:
     topic, group = _name("events"), _name("group")
     await broker.connection.create_topics([topic], partitions=8)
     first = {f"k{i}".encode(): f"v{i}".encode() for i in range(200)}
@@ -121,7 +121,7 @@ async def _consume(
 
 
 def test_stop_ends_the_process() -> None:
-    broker = KafkaBroker().start()
+    broker = TansuBroker().start()
     pid = broker.pid
 
     broker.stop()
@@ -140,4 +140,4 @@ def test_missing_binary_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(importlib.resources, "files", no_package)
 
     with pytest.raises(BrokerError, match=r"pip install \"stream-lstm\[dev\]\""):
-        KafkaBroker().start()
+        TansuBroker().start()

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from state import RedisServer
 from tests.conftest import require_apache_kafka
 from tests.stack import StreamSlice, check_against_offline, partitions, random_stream, save_model
 from tests.test_reliability import ENTITIES, Feed, Tail, assert_memories, eventually, start_worker
-from workers.apache_kafka import ApacheKafka
+from workers.dev.apache_kafka import ApacheKafka
+from workers.dev.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,16 @@ from aiokafka import TopicPartition
 from redis.asyncio import Redis
 from torch import nn
 
-from state import MemoryStore, MemoryUpdates, RedisServer
+from state import MemoryStore, MemoryUpdates
 from state.cache import MemoryCache
 from state.keys import KeyLayout
-from state.server import RedisClusterServer
 from stream_lstm.exceptions import ConfigError
 from stream_lstm.model import StreamModel
 from tests.test_store import make_updates
 from workers.batch import BatchProcessor
 from workers.connection import KafkaConnection
 from workers.consumer import BatchConsumer, KafkaEmitter, _WaitForBatch
+from workers.dev.redis_server import RedisClusterServer, RedisServer
 from workers.metrics import Metrics
 from workers.settings import Settings
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stream_lstm.cli import main
 from stream_lstm.exceptions import BrokerError
 from stream_lstm.model import StreamModel
 from tests.stack import save_model
 from workers.app import StreamWorker
+from workers.cli import main
 from workers.preflight import preflight
 from workers.settings import Settings
 
@@ -70,7 +70,7 @@ def test_worker_help_names_each_environment_variable() -> None:
 def test_a_bad_setting_stops_the_worker_naming_it() -> None:
     env = {**os.environ, "STREAM_LSTM_MAX_BATCH": "0"}
     result = subprocess.run(
-        [sys.executable, "-m", "stream_lstm", "worker"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "workers.cli", "worker"], env=env, capture_output=True, text=True
     )
     assert result.returncode == 2
     assert "STREAM_LSTM_MAX_BATCH / --max-batch" in result.stderr

@@ -15,7 +15,6 @@ import redis
 import torch
 
 from state.keys import KeyLayout
-from state.server import RedisClusterServer
 from tests.stack import (
     INPUT,
     StreamSlice,
@@ -24,7 +23,8 @@ from tests.stack import (
     save_model,
     settled_memory,
 )
-from workers.broker import Broker
+from workers.dev.redis_server import RedisClusterServer
+from workers.dev.services import Broker
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from stream_lstm.exceptions import ConfigError
-from workers.apache_kafka import KAFKA_VERSION
+from workers.dev.apache_kafka import KAFKA_VERSION
 from workers.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -397,6 +397,6 @@ def test_dockerignore_keeps_the_sources_and_drops_the_rest() -> None:
 
     for kept in ("pyproject.toml", "README.md", "stream_lstm", "state", "workers"):
         assert not ignored(kept), f".dockerignore drops {kept}"
-    assert not ignored("stream_lstm/models/tv-shows.pt"), "bundled models must reach the image"
+    assert not ignored("workers/dev/models/tv-shows.pt"), "bundled models must reach the image"
     for dropped in (".venv", ".git", ".pytest_cache", "tests"):
         assert ignored(dropped), f".dockerignore keeps {dropped}"

@@ -18,7 +18,7 @@ from tests.conftest import require_apache_kafka
 @pytest.mark.slow
 def test_demo_prints_a_summary_where_memory_resolves_the_ambiguous_frames() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "stream_lstm", "demo", "--channels", "30", "--frames", "30"],
+        [sys.executable, "-m", "workers.cli", "demo", "--channels", "30", "--frames", "30"],
         capture_output=True,
         text=True,
         timeout=110,
@@ -41,7 +41,7 @@ def test_dev_keeps_a_stack_up_and_stops_all_of_it_on_sigterm(kafka: str) -> None
     if kafka == "apache":
         require_apache_kafka()
     with subprocess.Popen(
-        [sys.executable, "-m", "stream_lstm", "dev", "--kafka", kafka],
+        [sys.executable, "-m", "workers.cli", "dev", "--kafka", kafka],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

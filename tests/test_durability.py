@@ -17,12 +17,17 @@ import pytest
 from click.testing import CliRunner
 from redis.asyncio import Redis
 
-from state import MemoryStore, RedisServer
+from state import MemoryStore
 from state.durability import Durability
-from state.server import find_server_binary, server_binaries, supports_waitaof
-from stream_lstm.cli import main
 from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
 from tests.test_store import make_updates, stored_offset
+from workers.cli import main
+from workers.dev.redis_server import (
+    RedisServer,
+    find_server_binary,
+    server_binaries,
+    supports_waitaof,
+)
 from workers.preflight import check_durability
 from workers.settings import Settings
 

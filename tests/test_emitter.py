@@ -9,8 +9,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.broker import Broker
 from workers.consumer import KafkaEmitter, keyed
+from workers.dev.services import Broker
 
 
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=5000))

@@ -20,7 +20,7 @@ import torch
 from aiokafka import ConsumerRecord, TopicPartition
 from torch import nn
 
-from state import MemoryBatch, MemoryStore, RedisServer
+from state import MemoryBatch, MemoryStore
 from state.keys import KeyLayout
 from stream_lstm.model import StreamModel
 from tests.conftest import StoreBackend
@@ -29,6 +29,7 @@ from tests.test_store import make_updates
 from workers.batch import BatchProcessor, Record
 from workers.connection import KafkaConnection
 from workers.consumer import BatchConsumer, KafkaEmitter, _WaitForBatch
+from workers.dev.redis_server import RedisServer
 from workers.metrics import Metrics
 from workers.settings import Settings
 

@@ -5,6 +5,7 @@ library stops needing it."""
 from __future__ import annotations
 
 import ast
+import importlib
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
@@ -54,3 +55,20 @@ def test_torch_is_a_release_with_the_weights_only_fixes() -> None:
     ]
     assert not torch.specifier.contains("2.9.1"), "torch before 2.10 lacks weights_only fixes"
     assert torch.specifier.contains("2.13.0")
+
+
+def test_the_command_and_the_demo_model_are_where_the_package_says() -> None:
+    """The ``stream-lstm`` script names a function that exists, and the model a worker serves
+    when none is set is package data (a plain ``pip install``, as the image does, carries it)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    module, _, function = pyproject["project"]["scripts"]["stream-lstm"].partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
+
+    from workers.settings import DEMO_MODEL
+
+    package_data = pyproject["tool"]["setuptools"]["package-data"]
+    owner = next(
+        p for p in package_data if DEMO_MODEL.parent.parent == ROOT.joinpath(*p.split("."))
+    )
+    assert DEMO_MODEL.relative_to(ROOT.joinpath(*owner.split("."))).match(package_data[owner][0])
+    assert DEMO_MODEL.is_file()

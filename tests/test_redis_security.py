@@ -21,8 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from state import MemoryStore, RedisServer
-from state.server import TLSFiles, server_binaries, supports_tls
+from state import MemoryStore
 from state.store import without_password
 from stream_lstm.exceptions import (
     ConfigError,
@@ -32,6 +31,7 @@ from stream_lstm.exceptions import (
 )
 from tests.test_store import make_updates
 from tests.tls import Certificates, make_certificates
+from workers.dev.redis_server import RedisServer, TLSFiles, server_binaries, supports_tls
 
 USER = "alice"
 PASSWORD = "s3cr/t@pw d"
@@ -296,7 +296,7 @@ def memory_command(command: str, redis_url: str) -> tuple[subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_LSTM_")}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "stream_lstm", "memory", command, "X"],
+        [sys.executable, "-m", "workers.cli", "memory", command, "X"],
         env={**env, "STREAM_LSTM_REDIS_URL": redis_url},
         capture_output=True,
         text=True,

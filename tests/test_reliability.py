@@ -1,7 +1,7 @@
 """Issue 7: the delivery guarantees hold whatever fails, shown by breaking real processes.
 
 The promise: memory is updated exactly once per event, no event is lost, and bad input never
-stops the stream. Each test runs worker processes (``python -m stream_lstm worker``) against a
+stops the stream. Each test runs worker processes (``python -m workers.cli worker``) against a
 real Kafka-protocol broker (Tansu) and a real Redis-protocol server, breaks something while
 predictions are still arriving (kill -9, SIGSTOP, SIGTERM, a Redis outage, a stalled broker,
 hostile bytes, another model), and then checks every entity's predictions (a prediction seen
@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from state import MemoryStore, RedisServer
+from state import MemoryStore
 from state.keys import KeyLayout
 from stream_lstm.exceptions import BrokerError
 from stream_lstm.model import StreamModel
@@ -50,10 +50,13 @@ from tests.stack import (
     settled_memory,
 )
 from tests.test_worker import BAD_INPUTS
-from workers.apache_kafka import ApacheKafka
+from workers.app import memory_snapshot
 from workers.batch import DEAD_KEY_MAX
-from workers.broker import Broker, KafkaBroker
-from workers.stack import WorkerProcess
+from workers.dev.apache_kafka import ApacheKafka
+from workers.dev.redis_server import RedisServer
+from workers.dev.services import Broker
+from workers.dev.stack import WorkerProcess
+from workers.dev.tansu import TansuBroker
 from workers.topics import topic_id
 
 ENTITIES = 100
@@ -477,7 +480,7 @@ async def test_rebalance_and_a_frozen_worker_cannot_overwrite_newer_memories(
 
 @pytest.mark.slow
 async def test_redis_full_is_waited_out_like_an_outage_and_loses_nothing(
-    tansu_broker: KafkaBroker, model_path: Path, tmp_path: Path
+    tansu_broker: TansuBroker, model_path: Path, tmp_path: Path
 ) -> None:
     """Redis at its maxmemory refuses writes (OOM). The worker used to stop (exit 70) on every
     restart; it must wait, say why on /health and in a metric, and go on once memory is freed."""
@@ -539,7 +542,7 @@ async def lag_of(worker: WorkerProcess) -> float:
 
 @pytest.mark.slow
 async def test_a_stall_with_events_waiting_turns_health_503_and_the_lag_keeps_counting(
-    tansu_broker: KafkaBroker, model_path: Path, tmp_path: Path
+    tansu_broker: TansuBroker, model_path: Path, tmp_path: Path
 ) -> None:
     """No batch finishes (Redis frozen mid-call) while events wait: after STALL_S /health says
     not ready (checks.progress) and the lag gauge counts the waiting events, though no batch
@@ -1065,7 +1068,7 @@ async def test_a_worker_with_another_model_never_reads_memories_of_another_versi
         for entity_id, events in history.items():
             stored = await store.get(entity_id)
             assert stored is not None, entity_id
-            snapshot = stored.snapshot(entity_id, model.version)
+            snapshot = memory_snapshot(entity_id, stored, model.version)
             assert snapshot.step == steps_since_reset(events)
             h_n, c_n = finals[entity_id]
             torch.testing.assert_close(torch.tensor(snapshot.ltm), c_n, atol=1e-4, rtol=0)
@@ -1152,7 +1155,7 @@ async def test_a_recreated_input_topic_stops_the_worker_instead_of_dropping_its_
                 snapshots[entity_id] = (
                     None
                     if stored is None
-                    else stored.snapshot(entity_id, store_version).model_dump()
+                    else memory_snapshot(entity_id, stored, store_version).model_dump()
                 )
         assert_snapshots(snapshots, stack.model, old_history)
 

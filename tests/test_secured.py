@@ -22,15 +22,14 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from state import RedisServer
-from state.server import server_binaries, supports_tls
 from stream_lstm.exceptions import ConfigError
 from tests.conftest import require_apache_kafka
 from tests.stack import StreamSlice, check_against_offline, random_stream, save_model
 from tests.tls import KEY_PASSWORD, Certificates, make_certificates
-from workers.apache_kafka import ApacheKafka, KafkaTls
-from workers.broker import free_port
 from workers.connection import KafkaConnection
+from workers.dev.apache_kafka import ApacheKafka, KafkaTls
+from workers.dev.redis_server import RedisServer, server_binaries, supports_tls
+from workers.dev.services import free_port
 from workers.settings import Settings
 
 USER = "alice"
@@ -168,7 +167,7 @@ def start_fails(stack: StreamSlice, **env: str) -> tuple[str, float]:
     """Run a worker that must refuse to start: its whole output, and how long it took."""
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "stream_lstm", "worker"],
+        [sys.executable, "-m", "workers.cli", "worker"],
         env={**os.environ, **stack.env, "STREAM_LSTM_WEB_PORT": str(free_port()), **env},
         capture_output=True,
         text=True,
@@ -246,7 +245,7 @@ def test_publish_and_tail_fail_fast_in_one_line_when_no_broker_answers(
     for args in (["publish", str(events)], ["tail", "--limit", "1"]):
         started = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "stream_lstm", *args],
+            [sys.executable, "-m", "workers.cli", *args],
             env=env,
             capture_output=True,
             text=True,
@@ -282,7 +281,7 @@ def test_settings_show_no_password_in_repr_errors_or_help(monkeypatch: pytest.Mo
 
     for command in (["worker"], ["publish"], ["tail"], ["memory", "get"]):
         shown = subprocess.run(
-            [sys.executable, "-m", "stream_lstm", *command, "--help"],
+            [sys.executable, "-m", "workers.cli", *command, "--help"],
             env={**os.environ},  # the passwords set above
             capture_output=True,
             text=True,

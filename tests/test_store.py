@@ -26,10 +26,10 @@ from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 
 import state
-from state import CommitResult, MemoryStore, MemoryUpdates, RedisServer, codec
+from state import CommitResult, MemoryStore, MemoryUpdates, codec
 from state.keys import KeyLayout
-from state.server import RedisClusterServer
 from stream_lstm.exceptions import ConfigError, StoreError, StoreFullError, StoreUnavailableError
+from workers.dev.redis_server import RedisClusterServer, RedisServer
 
 if TYPE_CHECKING:
     from tests.conftest import StoreBackend

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stream_lstm import tvshows
 from stream_lstm.model import StreamModel
-from stream_lstm.tvshows import (
+from workers.dev import tvshows
+from workers.dev.tvshows import (
     AMBIGUOUS,
-    DEFAULT_MODEL,
+    DEMO_MODEL,
     FOREST,
     INPUT_SIZE,
     LABELS,
@@ -25,7 +25,7 @@ UNSEEN_SEED = 12345  # training draws from seed 0's generator; the demo scores s
 
 @pytest.fixture(scope="module")
 def model() -> StreamModel:
-    return StreamModel.load(DEFAULT_MODEL, device="cpu")
+    return StreamModel.load(DEMO_MODEL, device="cpu")
 
 
 def test_workload_is_deterministic_per_seed() -> None:
@@ -77,8 +77,8 @@ def test_a_lone_frame_cannot_tell_wolf_from_dog() -> None:
 
 
 def test_default_model_is_bundled_and_fits_the_workload(model: StreamModel) -> None:
-    assert Path(tvshows.__file__).parent / "models" / "tv-shows.pt" == DEFAULT_MODEL
-    assert DEFAULT_MODEL.stat().st_size < 64 * 1024
+    assert Path(tvshows.__file__).parent / "models" / "tv-shows.pt" == DEMO_MODEL
+    assert DEMO_MODEL.stat().st_size < 64 * 1024
     assert model.labels == LABELS
     assert model.input_size == INPUT_SIZE
     assert model.config.activation == "softmax"

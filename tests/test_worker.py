@@ -12,7 +12,6 @@ import orjson
 import pytest
 import torch
 
-from state import RedisServer
 from tests.stack import (
     INPUT,
     StreamSlice,
@@ -22,8 +21,9 @@ from tests.stack import (
     save_model,
     settled_memory,
 )
-from workers.broker import Broker
-from workers.stack import WorkerProcess
+from workers.dev.redis_server import RedisServer
+from workers.dev.services import Broker
+from workers.dev.stack import WorkerProcess
 
 AWKWARD_IDS = [
     "tv/1",

@@ -9,7 +9,7 @@ from pathlib import Path
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from state.server import TLSFiles
+from workers.dev.redis_server import TLSFiles
 
 KEY_PASSWORD = "client-key-secret"
 

@@ -17,7 +17,9 @@ from faust.app.base import BootStrategy
 from faust.web import Request, Response, View
 from mode import BaseSignalT
 
+from state import StoredMemory
 from stream_lstm.model import StreamModel
+from stream_lstm.schema import MemorySnapshot
 from workers.batch import BatchProcessor
 from workers.consumer import BatchConsumer, KafkaEmitter
 from workers.metrics import CONTENT_TYPE, Metrics
@@ -26,6 +28,18 @@ from workers.settings import Settings
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 2.0
+
+
+def memory_snapshot(entity_id: str, stored: StoredMemory, model_version: str) -> MemorySnapshot:
+    """An entity's stored memory as the memory API and ``stream-lstm memory get`` show it."""
+    return MemorySnapshot(
+        entity_id=entity_id,
+        ltm=stored.ltm.tolist(),
+        stm=stored.stm.tolist(),
+        step=stored.step,
+        model_version=model_version,
+        updated_at=stored.updated_at,
+    )
 
 
 class _HostOnly(BootStrategy):
@@ -119,7 +133,7 @@ class StreamWorker:
                 stored = await worker.api_store.get(entity_id)
                 if stored is None:
                     return self.json({"error": f"no memory stored for {entity_id!r}"}, status=404)
-                snapshot = stored.snapshot(entity_id, worker.model.version)
+                snapshot = memory_snapshot(entity_id, stored, worker.model.version)
                 return self.bytes(
                     snapshot.model_dump_json().encode(), content_type="application/json"
                 )

@@ -32,7 +32,6 @@ from stream_lstm.exceptions import (
     StoreRefusedError,
     StreamLSTMError,
 )
-from stream_lstm.tvshows import DEFAULT_MODEL
 from workers.connection import (
     SECURITY_FIELDS,
     KafkaConnection,
@@ -41,6 +40,9 @@ from workers.connection import (
 )
 
 ENV_PREFIX = "STREAM_LSTM_"
+
+DEMO_MODEL = Path(__file__).parent / "dev" / "models" / "tv-shows.pt"
+"""The TV-show demo model (``workers.dev.tvshows``), served when no model is set, loudly."""
 
 
 def _url(*schemes: str) -> AfterValidator:
@@ -82,7 +84,7 @@ class Settings(BaseSettings):
         ),
     )
     model: Path = Field(
-        DEFAULT_MODEL,
+        DEMO_MODEL,
         description="model file written by StreamModel.save; default: the TV-show demo",
     )
     app_id: str = Field(
@@ -254,7 +256,7 @@ class Settings(BaseSettings):
     def serves_demo_model(self) -> bool:
         """Whether the model is the bundled TV-show demo: what a worker serves when
         STREAM_LSTM_MODEL is unset, which in production is a mistake worth saying loudly."""
-        return self.model.resolve() == DEFAULT_MODEL.resolve()
+        return self.model.resolve() == DEMO_MODEL.resolve()
 
     @property
     def bootstrap_servers(self) -> str:

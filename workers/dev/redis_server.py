@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -45,6 +44,7 @@ from urllib.parse import quote, urlencode
 import redis
 
 from stream_lstm.exceptions import StoreError
+from workers.dev.services import free_port
 
 __all__ = ["RedisClusterServer", "RedisServer", "TLSFiles"]
 
@@ -98,7 +98,7 @@ def find_server_binary(*, tls: bool = False, waitaof: bool = False) -> Path:
 def supports_tls(binary: Path) -> bool:
     """Whether ``binary`` was built with TLS: asked for a TLS port and no certificate, a build
     with TLS complains about the certificate, one without about TLS itself."""
-    args = [str(binary), "--port", "0", "--tls-port", str(_free_port()), "--bind", "127.0.0.1"]
+    args = [str(binary), "--port", "0", "--tls-port", str(free_port()), "--bind", "127.0.0.1"]
     args += ["--save", "", "--logfile", ""]
     try:
         run = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
@@ -140,13 +140,6 @@ class TLSFiles:
     def client_cert(self) -> bool:
         """Whether the server requires clients to present a certificate."""
         return self.client_cert_file is not None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisServer:
@@ -249,8 +242,8 @@ class RedisServer:
             raise StoreError(f"the server is already running (pid {self._process.pid})")
         self._run_dir = Path(tempfile.mkdtemp(prefix="stream-lstm-redis-"))
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = self._port or _free_port()
-            bus_port = (self._bus_port or _free_port()) if self.cluster else None
+            port = self._port or free_port()
+            bus_port = (self._bus_port or free_port()) if self.cluster else None
             if self._launch(port, bus_port):
                 self._port, self._bus_port = port, bus_port
                 shown = self._url(None if self.password is None else "***")

@@ -1,8 +1,9 @@
 """The ``stream-lstm`` command: run a worker, publish events, tail predictions, query memories.
 
 Every worker setting is an environment variable (``STREAM_LSTM_*``) and a flag of the same name;
-a flag wins. The layers below are imported inside the commands, so ``--help`` stays fast and the
-compute package does not depend on the ones that do I/O.
+a flag wins. The command line is the top of the three layers (``stream_lstm`` <- ``state`` <-
+``workers``); what it runs is imported inside each command, so ``--help`` answers without
+importing torch, Redis or Kafka clients.
 """
 
 from __future__ import annotations
@@ -256,8 +257,8 @@ def demo(channels: int, frames: int, rate: float, seed: int) -> None:
     memory, and with memory reset at every event); prints accuracy on the ambiguous dog-or-wolf
     frames, events/s, latency percentiles and one channel's stored memory. Ctrl-C stops it all.
     """
-    from workers import demo as run_demo
-    from workers.stack import Stack
+    from workers.dev import demo as run_demo
+    from workers.dev.stack import Stack
 
     with _stopped_by_sigterm(), tempfile.TemporaryDirectory(prefix="stream-lstm-demo-") as tmp:
         click.echo("starting the broker, Redis and a worker ...", err=True)
@@ -287,7 +288,7 @@ def dev(kafka: str, **flags: Any) -> None:
 
     Prints the addresses to export in another terminal, to publish, tail and query there.
     """
-    from workers.stack import Stack
+    from workers.dev.stack import Stack
 
     settings = {k: str(v) for k, v in flags.items() if v is not None}
     click.echo(f"starting {kafka}, Redis and a worker ...", err=True)
@@ -338,6 +339,7 @@ def memory() -> None:
 def memory_get(entity_id: str, **flags: Any) -> None:
     """Print ENTITY_ID's memory (MemorySnapshot JSON); exit 1 when none is stored."""
     from stream_lstm.schema import MemorySnapshot
+    from workers.app import memory_snapshot
     from workers.settings import Settings
 
     settings = Settings.load(**flags)
@@ -346,7 +348,7 @@ def memory_get(entity_id: str, **flags: Any) -> None:
     async def get() -> MemorySnapshot | None:
         async with settings.memory_store(model.version, retry_s=CLI_WAIT_S) as store:
             stored = await store.get(entity_id)
-        return stored.snapshot(entity_id, model.version) if stored is not None else None
+        return memory_snapshot(entity_id, stored, model.version) if stored is not None else None
 
     snapshot = asyncio.run(get())
     if snapshot is None:
@@ -388,3 +390,7 @@ def load_model(settings: Settings) -> StreamModel:
         return StreamModel.load(path, device=settings.device)
     except ModelError as e:
         raise ConfigError(f"{env_name('model')} / --model: {e}") from e
+
+
+if __name__ == "__main__":  # python -m workers.cli, what the dev stack and tests start
+    main(prog_name="stream-lstm")

@@ -22,8 +22,8 @@ import click
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from stream_lstm import tvshows
-from workers.stack import Stack
+from workers.dev import tvshows
+from workers.dev.stack import Stack
 
 NO_MEMORY = "no-memory/"
 """Prefix of the twin channels whose every frame carries ``reset``."""

@@ -22,10 +22,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
-from state import RedisServer
 from stream_lstm.exceptions import StreamLSTMError
-from workers.apache_kafka import ApacheKafka
-from workers.broker import Broker, KafkaBroker, free_port
+from workers.dev.apache_kafka import ApacheKafka
+from workers.dev.redis_server import RedisServer
+from workers.dev.services import Broker, free_port
+from workers.dev.tansu import TansuBroker
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class WorkerStartError(StreamLSTMError):
 
 @dataclass
 class WorkerProcess:
-    """``python -m stream_lstm worker`` as a child process, configured by environment variables."""
+    """``python -m workers.cli worker`` as a child process, configured by environment variables."""
 
     env: Mapping[str, str]
     log_path: Path
@@ -55,7 +56,7 @@ class WorkerProcess:
         env.setdefault("STREAM_LSTM_DATA_DIR", str(self.log_path.with_suffix(".faust-data")))
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "stream_lstm", "worker"],
+                [sys.executable, "-m", "workers.cli", "worker"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -148,7 +149,7 @@ class Stack:
             self.broker = (
                 ApacheKafka(workdir=self.workdir / "kafka", heap_mb=512).start()
                 if self.kafka == "apache"
-                else KafkaBroker(log_path=self.workdir / "broker.log").start()
+                else TansuBroker(log_path=self.workdir / "broker.log").start()
             )
             self.redis = RedisServer(data_dir=self.workdir / "redis")
             self.redis.start()

@@ -1,6 +1,6 @@
 """Apache Kafka on this machine (KRaft, one broker or a cluster), for tests, benchmarks and dev.
 
-The broker our users run, beside the embedded Tansu of ``workers.broker``: it enforces message
+The broker our users run, beside the embedded Tansu of ``workers.dev.tansu``: it enforces message
 sizes, frees what retention drops and finds an offset through its index, so sizes and latency
 measured on it mean something. Needs Java 17+ and Maven (no Docker):
 
@@ -39,8 +39,8 @@ from types import TracebackType
 from typing import IO, Any, Self, TypeVar
 
 from stream_lstm.exceptions import BrokerError
-from workers.broker import free_port, kafka_answers
 from workers.connection import KafkaConnection
+from workers.dev.services import free_port, kafka_answers
 
 __all__ = ["KAFKA_VERSION", "ApacheKafka", "KafkaTls", "apache_kafka_missing", "kafka_jars"]
 

@@ -8,7 +8,7 @@ animals it has shown so far) resolves it: on a nature channel it is a wolf, on a
 dog.
 
 ``train`` fits a small ``nn.LSTM`` + ``nn.Linear`` on short channel sequences in seconds on a CPU;
-``python -m stream_lstm.tvshows`` retrains it and writes ``DEFAULT_MODEL``, the checkpoint that
+``python -m workers.dev.tvshows`` retrains it and writes ``DEMO_MODEL``, the checkpoint that
 ships with the package. This module computes; the only I/O is in ``train_and_save`` and
 ``__main__``.
 """
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from stream_lstm.engine import Events, Memory, entity_rows, step
 from stream_lstm.model import StreamModel
+from workers.settings import DEMO_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ AMBIGUOUS: tuple[str, ...] = ("wolf", "dog")  # the pair a single frame cannot t
 KINDS: tuple[Kind, ...] = ("nature", "pets")
 INPUT_SIZE = 16
 HIDDEN_SIZE = 24
-
-DEFAULT_MODEL = Path(__file__).parent / "models" / "tv-shows.pt"
 
 AMBIGUOUS_SHARE = 0.3  # of a channel's frames show its ambiguous animal (wolf or dog)
 NOISE = 0.5  # std of the per-feature Gaussian noise on a frame
@@ -215,7 +214,7 @@ def accuracy(model: StreamModel, frames: Sequence[Frame], *, memory: bool) -> Ac
     )
 
 
-def train_and_save(path: Path = DEFAULT_MODEL, seed: int = 0) -> StreamModel:
+def train_and_save(path: Path = DEMO_MODEL, seed: int = 0) -> StreamModel:
     """Train and write the model atomically (``StreamModel.save``)."""
     model = train(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,11 +226,11 @@ def train_and_save(path: Path = DEFAULT_MODEL, seed: int = 0) -> StreamModel:
 def main(argv: Sequence[str] | None = None) -> None:
     """Retrain the demo model, write it, and print how much its memory matters."""
     parser = argparse.ArgumentParser(
-        prog="python -m stream_lstm.tvshows",
+        prog="python -m workers.dev.tvshows",
         description="Retrain the demo model on the TV-shows workload and write it.",
     )
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL, help="where to write it")
+    parser.add_argument("--out", type=Path, default=DEMO_MODEL, help="where to write it")
     parser.add_argument("--eval-seed", type=int, default=1, help="seed of the scoring workload")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
