@@ -13,8 +13,8 @@ and talks to it with aiokafka, as the worker does. For each batch size B:
   - send + gather: B ``send()`` calls, then wait for all B deliveries;
   - send_batch: B messages appended to one ``create_batch()`` builder per partition, each
     builder sent with ``send_batch``, then wait for all, as the worker's emitter does:
-    partitions picked by its ``keyed()`` (the murmur2 of ``send()``, in C), so the keys land
-    where a plain producer would put them, and again with the partitions known beforehand;
+    partitions picked by its ``partition_for_key()`` (the murmur2 of ``send()``, in C), so the
+    keys land where a plain producer would put them, and again with the partitions known beforehand;
 - consume events (~400 B) from a pre-filled topic: ``getone()`` per message (the baseline)
   against ``getmany(max_records=B)``; raw records, no decoding.
 
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.brokers import add_broker_argument, bench_broker, served
 from bench.results import machine
 from workers.connection import KafkaConnection
-from workers.consumer import keyed
+from workers.consumer import partition_for_key
 
 SIZES = (1, 16, 256, 1024, 4096)
 CONSUME_MESSAGES = 100_000
@@ -133,9 +133,9 @@ async def produce(connection: KafkaConnection, topic: str, size: int, min_s: flo
             return size
 
         async def send_batch_hashed(round_: int) -> int:
-            return await send_batch(lambda n, key: keyed(key, partitions))
+            return await send_batch(lambda n, key: partition_for_key(key, partitions))
 
-        known = [keyed(key, partitions) for key, _ in messages]
+        known = [partition_for_key(key, partitions) for key, _ in messages]
 
         async def send_batch_known(round_: int) -> int:
             return await send_batch(lambda n, key: known[n])
@@ -198,11 +198,11 @@ async def prepare(connection: KafkaConnection, topics: list[str], partitions: in
 
 def partitioner_us() -> tuple[float, float]:
     """What partitioning costs per key: aiokafka's murmur2 (pure Python, inside ``send()``), and
-    the worker's ``keyed()`` (the same hash in C)."""
+    the worker's ``partition_for_key()`` (the same hash in C)."""
     keys = [f"entity-{n:06d}".encode() for n in range(10_000)]
     partitions = list(range(8))
     costs = []
-    for hash_ in (murmur2, lambda key: keyed(key, partitions)):
+    for hash_ in (murmur2, lambda key: partition_for_key(key, partitions)):
         start = time.perf_counter()
         for key in keys:
             hash_(key)
@@ -266,8 +266,8 @@ def main() -> None:
         "for all (aiokafka partitions each key with murmur2 in pure Python: "
         f"{python_us:.1f} us a key, inside both figures); send_batch = one `create_batch()` "
         "builder per partition, `send_batch` each, one wait for all, as the worker's emitter "
-        f"does (the same murmur2 in C, `keyed()`: {c_us:.2f} us a key), and send_batch again "
-        "with each message's partition known beforehand. Consume: events of "
+        f"does (the same murmur2 in C, `partition_for_key()`: {c_us:.2f} us a key), and "
+        "send_batch again with each message's partition known beforehand. Consume: events of "
         f"{event_bytes} B from a pre-filled topic, raw records (no decoding), `getone()` per "
         "message (the baseline) against `getmany(max_records=B)`. Figures are microseconds per "
         'message; "x" is against the baseline in the same row; the last column is what the '
@@ -275,7 +275,7 @@ def main() -> None:
     )
     kind.write("Kafka stage", body)
     print(
-        f"\npartitioner: {python_us:.1f} us a key in aiokafka, {c_us:.2f} in keyed(); "
+        f"\npartitioner: {python_us:.1f} us a key in aiokafka, {c_us:.2f} in partition_for_key(); "
         f"written to bench/RESULTS.md, section {kind.title('Kafka stage')!r}"
     )
 

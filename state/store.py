@@ -624,7 +624,7 @@ class MemoryStore:
             loaded is not None
             and not self._ttl_ms
             and not updates.spans_partitions()
-            and _unreached([loaded.partition_fences.get(p) for p in bounds], bounds)
+            and _no_commit_reached([loaded.partition_fences.get(p) for p in bounds], bounds)
         ):
             absent = {loaded.entity_ids[i] for i in np.flatnonzero(~loaded.found).tolist()}
             new = [row for row, e in enumerate(updates.entity_ids) if e in absent]
@@ -677,7 +677,7 @@ class MemoryStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             await pipe.watch(*fence_keys, counter)
             *fences, outside = await pipe.mget([*fence_keys, counter])
-            if outside != loaded.outside_writes or not _unreached(
+            if outside != loaded.outside_writes or not _no_commit_reached(
                 [None if f is None else int(f) for f in fences], bounds
             ):
                 return None
@@ -934,7 +934,7 @@ class MemoryStore:
             ) from error
 
 
-def _unreached(fences: Sequence[int | None], bounds: dict[int, tuple[int, int]]) -> bool:
+def _no_commit_reached(fences: Sequence[int | None], bounds: dict[int, tuple[int, int]]) -> bool:
     """Whether the fences of ``bounds``' partitions (in its order) prove that no commit reached
     the batch's lowest offset in any of them (None: no commit yet, so no proof: the script sets
     it)."""

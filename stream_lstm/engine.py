@@ -132,13 +132,15 @@ def step(model: StreamModel, events: Events, memory: Memory) -> StepResult:
         # An entity's new memory is the final state of its last segment.
         done_entity = ent[last_of_entity]  # (E',)
         done_rank = rank[seg[last_of_entity]]  # (E',)
-        home = memory.ltm.device
-        done = done_entity.to(home)
+        memory_device = memory.ltm.device
+        done = done_entity.to(memory_device)
         ltm, stm, steps = memory.ltm.clone(), memory.stm.clone(), memory.step.clone()
-        ltm[done] = c_n[:, done_rank].transpose(0, 1).to(home)  # (E', L, H)
-        stm[done] = h_n[:, done_rank].transpose(0, 1).to(home)
-        steps[done] = grouped_step[last_of_entity].to(home)
-        return StepResult(output.to(home), event_step.to(home), Memory(ltm, stm, steps))
+        ltm[done] = c_n[:, done_rank].transpose(0, 1).to(memory_device)  # (E', L, H)
+        stm[done] = h_n[:, done_rank].transpose(0, 1).to(memory_device)
+        steps[done] = grouped_step[last_of_entity].to(memory_device)
+        return StepResult(
+            output.to(memory_device), event_step.to(memory_device), Memory(ltm, stm, steps)
+        )
 
 
 def _one_event_each(
@@ -150,16 +152,20 @@ def _one_event_each(
     step of 64k entities on an H200); on a CPU ``nn.LSTM``'s single step is ~15% cheaper than
     the cells. Both are the same arithmetic (a test holds them to it).
     """
-    device, home = model.device, memory.ltm.device
+    device, memory_device = model.device, memory.ltm.device
     fresh = reset.to(device)[:, None, None]  # (N, 1, 1): from zeros (masked: inf * 0 is NaN)
     stm = memory.stm.to(device).masked_fill(fresh, 0.0)  # (N, L, H)
     ltm = memory.ltm.to(device).masked_fill(fresh, 0.0)  # (N, L, H)
-    by = _by_cells if device.type == "cuda" else _by_sequence
-    top, stm, ltm = by(model.lstm, features, stm, ltm)
+    run_layers = _by_cells if device.type == "cuda" else _by_sequence
+    top, stm, ltm = run_layers(model.lstm, features, stm, ltm)
     output = model.readout(top)  # (N, O)
     steps = torch.where(reset, 0, memory.step.to(device)) + 1  # (N,)
-    new = Memory(ltm.contiguous().to(home), stm.contiguous().to(home), steps.to(home))
-    return StepResult(output.to(home), new.step, new)
+    new = Memory(
+        ltm.contiguous().to(memory_device),
+        stm.contiguous().to(memory_device),
+        steps.to(memory_device),
+    )
+    return StepResult(output.to(memory_device), new.step, new)
 
 
 def _by_cells(lstm: nn.LSTM, x: Tensor, stm: Tensor, ltm: Tensor) -> tuple[Tensor, Tensor, Tensor]:

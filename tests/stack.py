@@ -30,7 +30,7 @@ from workers.dev.stack import WorkerProcess
 
 INPUT = 4
 """Features per event of the e2e tests' models."""
-SESSION_TIMEOUT_S = 2.0  # joins take ~1 s on Tansu at this setting (FIELD-NOTES)
+SESSION_TIMEOUT_S = 2.0  # short, so a group rebalances quickly after a worker is killed
 WORKER_DEVICE = os.environ.get("STREAM_LSTM_TEST_DEVICE", "cpu")
 """Where the tests' workers step: cpu, or cuda to run the end-to-end tests on a GPU machine."""
 

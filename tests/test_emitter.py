@@ -9,14 +9,14 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.consumer import KafkaEmitter, keyed
+from workers.consumer import KafkaEmitter, partition_for_key
 from workers.dev.services import Broker
 
 
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=5000))
 def test_keys_land_where_kafkas_default_partitioner_puts_them(key: bytes, count: int) -> None:
     partitions = list(range(count))
-    assert keyed(key, partitions) == DefaultPartitioner()(key, partitions, partitions)
+    assert partition_for_key(key, partitions) == DefaultPartitioner()(key, partitions, partitions)
 
 
 async def test_a_health_ping_is_one_small_request_not_the_cluster_metadata(

@@ -1,9 +1,10 @@
 """The hot path: whole fetched batches from Kafka, one processor call each, one commit each.
 
-Faust's per-event stream machinery costs ~70 us an event before any work (FIELD-NOTES), more
-than the whole budget of a fast worker. So the worker's Faust app hosts this service instead of
-an agent: an aiokafka consumer in the worker's consumer group hands ``getmany`` batches straight
-to the ``BatchProcessor``, and the batch's offsets are committed right after its memories are.
+Faust's per-event stream machinery (an agent iterating a stream, acking each event) costs more
+per event than the whole budget of a fast worker. So the worker's Faust app hosts this service
+instead of an agent: an aiokafka consumer in the worker's consumer group hands ``getmany``
+batches straight to the ``BatchProcessor``, and the batch's offsets are committed right after its
+memories are.
 
 - Pipelining: a batch is checked, loaded and stepped while up to two earlier ones emit and
   commit, each step in batch order (``_run``); it starts from their memories even before they
@@ -17,10 +18,10 @@ to the ``BatchProcessor``, and the batch's offsets are committed right after its
   leaves the group so its partitions move at once.
 - An error the processor could not retry stops the process without committing the batch: it is
   replayed on restart, and nothing after it was committed.
-- The input topic is checked (``check_input_topic``) when partitions are assigned, before they are
-  fetched,
-  whenever a partition's offsets go back (its log was replaced under the consumer), and every
-  ``TOPIC_CHECK_S``: memories made from another topic stop the worker (exit 2), saying what to do.
+- The input topic is checked (``check_input_topic``) when partitions are assigned, before they
+  are fetched, whenever a partition's offsets go back (its log was replaced under the consumer),
+  and every ``TOPIC_CHECK_S``: memories made from another topic stop the worker (exit 2), saying
+  what to do.
 """
 
 from __future__ import annotations
@@ -59,10 +60,9 @@ logger = logging.getLogger(__name__)
 MAX_FINISHING = 2
 """Batches emitting and committing at once while the next one is prepared."""
 GC_YOUNG_OBJECTS = 20_000
-"""Objects allocated (net of those freed) between two of Python's young collections: batches in
-flight hold thousands alive, so at Python's 700 a 200k-event run collected ~550 times (0.19 s,
-~4% of the worker's CPU). At 20k none ran in that run: reference counting freed what the
-batches allocated, so the count never got there."""
+"""Objects allocated (net of those freed) between two of Python's young collections. Batches in
+flight hold thousands of objects alive, so at Python's default of 700 a young collection runs
+every few batches for nothing: reference counting frees what a batch allocated."""
 SHUTDOWN_GRACE_S = 6.0
 """How long SIGTERM waits for the batch in hand; the whole stop must stay under 10 s."""
 TOPIC_CHECK_S = 2.0
@@ -122,8 +122,8 @@ class KafkaEmitter:
         the broker acknowledged them.
 
         Grouped by partition with the producer's own key hash, keeping their order within a
-        partition: ``send`` per message costs a future and a lookup each (FIELD-NOTES: ~80k/s
-        against ~330k/s for batches).
+        partition: ``send`` per message costs a future and a lookup each (bench/kafka.py measures
+        both: bench/RESULTS.md, "Kafka stage").
         """
         if not messages:
             return []
@@ -132,7 +132,9 @@ class KafkaEmitter:
         by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
         for message in messages:
             key = message[0]
-            partition = random.choice(partitions) if key is None else keyed(key, partitions)
+            partition = (
+                random.choice(partitions) if key is None else partition_for_key(key, partitions)
+            )
             by_partition.setdefault(partition, []).append(message)
         pending: list[asyncio.Future[object]] = []
         for partition, items in by_partition.items():
@@ -146,7 +148,7 @@ class KafkaEmitter:
         return pending
 
 
-def keyed(key: bytes, partitions: Sequence[int]) -> int:
+def partition_for_key(key: bytes, partitions: Sequence[int]) -> int:
     """The partition Kafka's default partitioner puts a keyed message in, as ``send`` would.
 
     aiokafka's murmur2 is pure Python, ~3.7 us a key: with millions of entities no key cache
