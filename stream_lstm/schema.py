@@ -3,14 +3,32 @@
 Validation is strict (no "1" for 1.0, no "yes" for true) and unknown fields are refused, so a
 typo such as ``"rest": true`` is a dead letter with a reason rather than a silently ignored flag.
 Pass ``context={"input_size": I}`` to check the feature count against the model.
+
+The hot path reads and writes the same formats with msgspec (decoding and checking in C), through
+structs derived here from the models (``fast_struct``), so each format is defined once.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import operator
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, get_args, get_origin
 
+import annotated_types
+import msgspec
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
 
 ENTITY_ID_MAX = 256
 EntityId = Annotated[str, Field(min_length=1, max_length=ENTITY_ID_MAX)]
@@ -72,3 +90,83 @@ class MemorySnapshot(_Wire):
     step: int = Field(ge=0)
     model_version: str
     updated_at: float = Field(description="unix seconds of the last write")
+
+
+def fast_struct(
+    model: type[BaseModel], lengths: Mapping[str, int] | None = None
+) -> type[msgspec.Struct]:
+    """``model`` as a msgspec Struct: the same fields in the same order, its constraints as
+    ``msgspec.Meta``, nested models as structs, unknown fields refused. ``lengths`` fixes the
+    length of list fields (the model's feature count, which the schema checks by context).
+
+    A constraint with no msgspec form raises TypeError: a decoder may refuse more than the
+    model, never less.
+    """
+    return _struct(model, lengths or {}) if lengths else _nested_struct(model)
+
+
+def _struct(model: type[BaseModel], lengths: Mapping[str, int]) -> type[msgspec.Struct]:
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for name, field in model.model_fields.items():
+        metadata = list(field.metadata)
+        if name in lengths:
+            metadata += [
+                annotated_types.MinLen(lengths[name]),
+                annotated_types.MaxLen(lengths[name]),
+            ]
+        kind = _fast_type(field.annotation, metadata)
+        fields.append((name, kind) if field.is_required() else (name, kind, field.default))
+    return msgspec.defstruct(model.__name__, fields, forbid_unknown_fields=True, gc=False)
+
+
+@functools.cache
+def _nested_struct(model: type[BaseModel]) -> type[msgspec.Struct]:
+    """One struct per model, so ``fast_struct(Source)`` is the type a Prediction holds."""
+    return _struct(model, {})
+
+
+def _fast_type(annotation: Any, metadata: Sequence[Any] = ()) -> Any:
+    if get_origin(annotation) is Annotated:
+        inner, *more = get_args(annotation)
+        return _fast_type(inner, [*more, *metadata])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        annotation = _nested_struct(annotation)
+    elif get_origin(annotation) is list:
+        (item,) = get_args(annotation)
+        annotation = list[_fast_type(item)]  # type: ignore[misc]
+    elif get_args(annotation):  # a union: X | None
+        annotation = functools.reduce(operator.or_, map(_fast_type, get_args(annotation)))
+    meta = _fast_meta(metadata)
+    return Annotated[annotation, msgspec.Meta(**meta)] if meta else annotation
+
+
+def _fast_meta(metadata: Sequence[Any]) -> dict[str, Any]:
+    """The tightest bounds of pydantic's constraints, as ``msgspec.Meta`` arguments."""
+    tightest: dict[str, tuple[Callable[..., float], list[float]]] = {
+        "ge": (max, []),
+        "gt": (max, []),
+        "le": (min, []),
+        "lt": (min, []),
+        "min_length": (max, []),
+        "max_length": (min, []),
+    }
+    for item in metadata:
+        if isinstance(item, FieldInfo):
+            for name, value in _fast_meta(item.metadata).items():
+                tightest[name][1].append(value)
+        elif isinstance(item, AllowInfNan) and not item.allow_inf_nan:
+            tightest["ge"][1].append(-sys.float_info.max)  # keeps 1e999 (infinity) out
+            tightest["le"][1].append(sys.float_info.max)
+        elif isinstance(item, (annotated_types.Ge, annotated_types.Gt)):
+            name = "ge" if isinstance(item, annotated_types.Ge) else "gt"
+            tightest[name][1].append(getattr(item, name))
+        elif isinstance(item, (annotated_types.Le, annotated_types.Lt)):
+            name = "le" if isinstance(item, annotated_types.Le) else "lt"
+            tightest[name][1].append(getattr(item, name))
+        elif isinstance(item, annotated_types.MinLen):
+            tightest["min_length"][1].append(item.min_length)
+        elif isinstance(item, annotated_types.MaxLen):
+            tightest["max_length"][1].append(item.max_length)
+        else:
+            raise TypeError(f"no msgspec form for the constraint {item!r}")
+    return {name: pick(values) for name, (pick, values) in tightest.items() if values}

@@ -21,11 +21,10 @@ import base64
 import functools
 import itertools
 import logging
-import sys
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import msgspec
 import numpy as np
@@ -51,7 +50,7 @@ from stream_lstm.exceptions import (
     StoreUnavailableError,
 )
 from stream_lstm.model import StreamModel
-from stream_lstm.schema import ENTITY_ID_MAX, FLOAT32_MAX, Event
+from stream_lstm.schema import Event, Prediction, Source, fast_struct
 
 logger = logging.getLogger(__name__)
 
@@ -261,31 +260,14 @@ class _EventFields(Protocol):
 def _fast_decoder(input_size: int) -> Callable[[bytes], _EventFields]:
     """A decoder for events of ``input_size`` features that refuses whatever the schema does.
 
-    Decoding and checking in C costs ~2 us an event against ~8 for orjson plus checks in
-    Python. It may refuse more than the schema (a refusal only sends the value to the schema),
-    never less: a test holds it to that. JSON has no NaN or infinity, and the bounds keep huge
-    literals such as 1e999 out.
+    Decoding and checking in C is several times cheaper than orjson plus checks in Python.
+    Derived from the ``Event`` schema (``fast_struct``), it may
+    refuse more than the schema (a refusal only sends the value to the schema), never less: a
+    test holds it to that.
     """
-    feature = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
-    finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
-    fast_event = msgspec.defstruct(
-        "FastEvent",
-        [
-            ("entity_id", Annotated[str, msgspec.Meta(min_length=1, max_length=ENTITY_ID_MAX)]),
-            (
-                "features",
-                Annotated[
-                    list[feature], msgspec.Meta(min_length=input_size, max_length=input_size)
-                ],
-            ),
-            ("event_id", str | None, None),
-            ("ts", finite | None, None),
-            ("reset", bool, False),
-        ],
-        forbid_unknown_fields=True,
-        gc=False,
+    decoder: msgspec.json.Decoder[_EventFields] = msgspec.json.Decoder(
+        fast_struct(Event, {"features": input_size})
     )
-    decoder: msgspec.json.Decoder[_EventFields] = msgspec.json.Decoder(fast_event)
     return decoder.decode
 
 
@@ -766,26 +748,9 @@ class _Stages:
         self._last = now
 
 
-class _Source(msgspec.Struct, gc=False):
-    """``schema.Source`` as the hot path encodes it."""
-
-    topic: str
-    partition: int
-    offset: int
-
-
-class _Prediction(msgspec.Struct, gc=False):
-    """``schema.Prediction`` as the hot path encodes it: msgspec writes a Struct in ~1.7 us
-    against ~3.2 for a dict through orjson. Same fields, same order (a test holds them to it)."""
-
-    entity_id: str
-    event_id: str | None
-    step: int
-    output: list[float]
-    label: str | None
-    model_version: str
-    source: _Source
-
+_Source = fast_struct(Source)
+_Prediction = fast_struct(Prediction)
+"""``Prediction`` as the hot path encodes it: msgspec writes a Struct faster than orjson a dict."""
 
 _encode = msgspec.json.Encoder().encode
 
