@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-from pydantic import ValidationError
+from typing import Annotated
 
-from stream_lstm.schema import Event, MemorySnapshot, Prediction, Source
+import msgspec
+import pytest
+from pydantic import BaseModel, Field, ValidationError
+
+from stream_lstm.schema import Event, MemorySnapshot, Prediction, Source, fast_struct
 
 
 def test_a_minimal_event_gets_defaults() -> None:
@@ -76,3 +79,23 @@ def test_memory_snapshot_round_trips_as_json() -> None:
         updated_at=1.5,
     )
     assert MemorySnapshot.model_validate_json(snapshot.model_dump_json()) == snapshot
+
+
+def test_the_hot_path_struct_is_the_schema_and_refuses_constraints_it_cannot_keep() -> None:
+    """fast_struct keeps a model's fields, order and bounds; a constraint msgspec cannot express
+    stops it, rather than a decoder that accepts what the schema refuses."""
+    decode = msgspec.json.Decoder(fast_struct(Event, {"features": 2})).decode
+    assert decode(b'{"entity_id": "a", "features": [1, 2]}').features == [1.0, 2.0]
+    for refused in (
+        b'{"entity_id": "a", "features": [1]}',
+        b'{"entity_id": "a", "features": [1, 1e39]}',
+    ):
+        with pytest.raises(msgspec.ValidationError):
+            decode(refused)
+    assert fast_struct(Prediction).__struct_fields__ == tuple(Prediction.model_fields)
+
+    class Coded(BaseModel):
+        code: Annotated[str, Field(pattern=r"^[a-z]+$")]
+
+    with pytest.raises(TypeError, match="no msgspec form"):
+        fast_struct(Coded)
