@@ -46,7 +46,6 @@ import functools
 import logging
 import random
 import ssl
-import struct
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -78,7 +77,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from state import codec
+from state import codec, scripts
 from state.cache import MemoryCache
 from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
 from state.durability import TIMEOUT_MAX_S, Durability
@@ -120,153 +119,6 @@ but after closing every connection of the client, those of calls still in flight
 _CLUSTER_SOCKET_TIMEOUT_S = 5.0
 """A cluster node that stops answering counts as lost after this, so redis-py refreshes the
 slot map (a replica may have taken over) instead of waiting out ``retry_s`` on it."""
-
-# Lua 5.1 numbers are doubles: read integers byte by byte, and compare an i64 offset as its
-# signed high word then its unsigned low word, which is exact for every offset.
-_LUA_HEADER = r"""
-local HEADER, MAGIC, V1, V2 = %(header)d, '%(magic)s', %(v1)d, %(v2)d
-local function u32(s, i)
-  local a, b, c, d = string.byte(s, i, i + 3)
-  return a + 256 * (b + 256 * (c + 256 * d))
-end
-local function i32(s, i)
-  local n = u32(s, i)
-  if n >= 2147483648 then n = n - 4294967296 end
-  return n
-end
-local function ours(v)
-  if #v < HEADER or string.sub(v, 1, 4) ~= MAGIC then return false end
-  local version = string.byte(v, 5)
-  return version == V1 or version == V2
-end
-local function memory_size(head)  -- LTM and STM, from the header: what lies before more fences
-  local item = string.byte(head, 6) == %(float32)d and 4 or 2
-  return 2 * (string.byte(head, 7) + 256 * string.byte(head, 8)) * u32(head, 9) * item
-end
-local function fences(head, tail)  -- partition -> {high word, low word} of its offset
-  local f = {[i32(head, %(partition)d)] = {i32(head, %(offset)d + 4), u32(head, %(offset)d)}}
-  for i = 1, #tail, 12 do f[i32(tail, i)] = {i32(tail, i + 8), u32(tail, i + 4)} end
-  return f
-end
-local function write(key, v, ttl)
-  if ttl > 0 then redis.call('SET', key, v, 'PX', ttl) else redis.call('SET', key, v) end
-end
-"""
-
-# KEYS[1..n]: memory keys, then (one server only) m partition fence keys and the outside-writes
-# counter. ARGV[1]: TTL in ms (0: none). ARGV[2]: n. ARGV[3]: m. ARGV[i + 3]: the new value of
-# KEYS[i]; ARGV[n + j + 3]: the batch's highest offset in the partition of KEYS[n + j], in
-# decimal. Returns one code per memory key (``CommitResult``): 1 applied, 0 stale, 2 moved.
-# When a stored value is not a memory of ours, nothing is written and its keys get -1. A key
-# may repeat: each occurrence is compared with the fences the previous one left. A partition
-# fence only grows, whatever was applied: an over-estimate only costs a later batch the fast
-# commit. A write that gives a stored memory a fence on another partition (or a new memory
-# fences on several) counts itself as an outside write: its other partitions' owners may have
-# started from the memory without it. Later writes on those partitions need not: an owner that
-# starts from the memory again reads them all.
-_COMMIT = r"""
-local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
-local stored, foreign = {}, false
-for i = 1, n do
-  local key = KEYS[i]
-  if stored[key] == nil then
-    local head = redis.call('GETRANGE', key, 0, HEADER - 1)  -- not the 1 KB of memories
-    if head == '' and redis.call('EXISTS', key) == 0 then stored[key] = false
-    elseif ours(head) then
-      local tail = ''
-      if string.byte(head, 5) == V2 then
-        tail = redis.call('GETRANGE', key, HEADER + memory_size(head), -1)
-      end
-      stored[key] = fences(head, tail)
-    else stored[key] = 'foreign'; foreign = true end
-  end
-end
-local codes = {}
-if foreign then
-  for i = 1, n do codes[i] = stored[KEYS[i]] == 'foreign' and -1 or 0 end
-  return codes
-end
-local function compare(new, old)
-  local newer, missing = false, false
-  for p, o in pairs(old) do
-    local x = new[p]
-    if not x or x[1] < o[1] or (x[1] == o[1] and x[2] < o[2]) then missing = true end
-  end
-  for p, x in pairs(new) do
-    local o = old[p]
-    if not o or x[1] > o[1] or (x[1] == o[1] and x[2] > o[2]) then newer = true end
-  end
-  if not newer then return 0 end
-  if missing then return 2 end
-  return 1
-end
-local ttl, spans = tonumber(ARGV[1]), false
-for i = 1, n do
-  local key, v, old = KEYS[i], ARGV[i + 3], stored[KEYS[i]]
-  local new = fences(v, string.sub(v, HEADER + memory_size(v) + 1))
-  local code = 1
-  if old then code = compare(new, old) end
-  if code == 1 then
-    write(key, v, ttl)
-    stored[key] = new
-    local partitions, added = 0, false
-    for p in pairs(new) do
-      if p ~= %(resets)d then
-        partitions = partitions + 1
-        if old and not old[p] then added = true end
-      end
-    end
-    if added or (not old and partitions > 1) then spans = true end
-  end
-  codes[i] = code
-end
-for j = n + 1, n + m do
-  local new, old = ARGV[j + 3], redis.call('GET', KEYS[j])
-  if not old or #new > #old or (#new == #old and new > old) then redis.call('SET', KEYS[j], new) end
-end
-if spans and KEYS[n + m + 1] then redis.call('INCR', KEYS[n + m + 1]) end
-return codes
-"""
-
-# KEYS[1]: a memory key; KEYS[2] (one server only): the outside-writes counter. ARGV[1]: TTL in
-# ms (0: none). ARGV[2]: updated_at, 8 bytes. Zeroes the step and the memories, keeps the
-# fences and counts the reset among them (under partition RESETS, the first of the more
-# fences), so that no commit made from the memory before the reset can overwrite it; counts
-# itself as an outside write, so that workers drop what they cached. Only a real reset counts
-# (an unknown id, sent by anyone with the API, would make every worker drop its cache).
-# Returns 1 when reset, 0 when nothing is stored, -1 when the stored value is foreign.
-_RESET = r"""
-local v = redis.call('GET', KEYS[1])
-if not v then return 0 end
-if not ours(v) then return -1 end
-if KEYS[2] then redis.call('INCR', KEYS[2]) end
-local size = HEADER + memory_size(v)
-local resets, others = 0, {}
-for i = size + 1, #v, 12 do
-  if i32(v, i) == %(resets)d then resets = u32(v, i + 4)
-  else others[#others + 1] = string.sub(v, i, i + 11) end
-end
-local count, bytes = resets + 1, {}
-for k = 1, 4 do bytes[k] = count %% 256; count = math.floor(count / 256) end
-write(KEYS[1], string.sub(v, 1, 4) .. string.char(V2) .. string.sub(v, 6, %(step)d)
-  .. string.rep('\0', 8) .. ARGV[2] .. string.rep('\0', size - HEADER)
-  .. '%(resets_bytes)s' .. string.char(unpack(bytes)) .. string.rep('\0', 4)
-  .. table.concat(others), tonumber(ARGV[1]))
-return 1
-"""
-
-_LUA_CONSTANTS = {
-    "header": codec.HEADER_SIZE,
-    "magic": "".join(f"\\{byte}" for byte in codec.MAGIC),
-    "v1": codec.FORMAT_VERSION,
-    "v2": codec.FORMAT_FENCES,
-    "float32": codec.FLOAT32,
-    "partition": codec.FENCE_PARTITION_AT + 1,  # Lua strings count from 1
-    "offset": codec.FENCE_OFFSET_AT + 1,
-    "step": codec.STEP_AT,
-    "resets": codec.RESETS,
-    "resets_bytes": "".join(f"\\{byte}" for byte in struct.pack("<i", codec.RESETS)),
-}
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -409,8 +261,8 @@ class MemoryStore:
             if cache_entities and self._cluster is None
             else None
         )
-        self._commit = self._redis.register_script((_LUA_HEADER + _COMMIT) % _LUA_CONSTANTS)
-        self._reset = self._redis.register_script((_LUA_HEADER + _RESET) % _LUA_CONSTANTS)
+        self._commit = self._redis.register_script(scripts.COMMIT)
+        self._reset = self._redis.register_script(scripts.RESET)
         logger.debug("memory store %s at %s", self._keys.memory_prefix, self._url)
 
     async def __aenter__(self) -> Self:

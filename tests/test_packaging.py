@@ -57,18 +57,26 @@ def test_torch_is_a_release_with_the_weights_only_fixes() -> None:
     assert torch.specifier.contains("2.13.0")
 
 
-def test_the_command_and_the_demo_model_are_where_the_package_says() -> None:
-    """The ``stream-lstm`` script names a function that exists, and the model a worker serves
-    when none is set is package data (a plain ``pip install``, as the image does, carries it)."""
+def test_the_command_exists_and_every_data_file_ships() -> None:
+    """The ``stream-lstm`` script names a function that exists, and every file of the packages
+    that is not Python (the demo model a worker serves when none is set, the store's Lua
+    scripts) is package data: a plain ``pip install``, as the image does, carries it."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     module, _, function = pyproject["project"]["scripts"]["stream-lstm"].partition(":")
     assert callable(getattr(importlib.import_module(module), function))
 
-    from workers.settings import DEMO_MODEL
-
     package_data = pyproject["tool"]["setuptools"]["package-data"]
-    owner = next(
-        p for p in package_data if DEMO_MODEL.parent.parent == ROOT.joinpath(*p.split("."))
-    )
-    assert DEMO_MODEL.relative_to(ROOT.joinpath(*owner.split("."))).match(package_data[owner][0])
-    assert DEMO_MODEL.is_file()
+    shipped = {
+        path
+        for package, patterns in package_data.items()
+        for pattern in patterns
+        for path in ROOT.joinpath(*package.split(".")).glob(pattern)
+    }
+    data = {
+        path
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*")
+        if path.is_file() and path.suffix not in {".py", ".pyc"} and "__pycache__" not in path.parts
+    }
+    assert data, "the packages hold data files (the demo model, the Lua scripts)"
+    assert data <= shipped, f"not package data: {sorted(map(str, data - shipped))}"

@@ -103,7 +103,6 @@ def test_public_api_is_pinned() -> None:
         "MemoryBatch",
         "MemoryStore",
         "MemoryUpdates",
-        "RedisServer",
         "StoredMemory",
         "without_password",
     ]
