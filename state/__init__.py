@@ -1,7 +1,8 @@
 """The memory store: each entity's LSTM memories in Redis, fenced against stale writers."""
 
 from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
-from state.store import CommitResult, MemoryStore, without_password
+from state.connection import without_password
+from state.store import CommitResult, MemoryStore
 
 __all__ = [
     "CommitResult",

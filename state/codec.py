@@ -21,7 +21,7 @@ of its last event, and only an entity whose events came from more than one parti
 with different partitioners, a topic that grew) carries the others after its memories, in
 format 2. Partition ``RESETS`` (-2) there counts the entity's resets out of the stream: a
 reset changes the fences, so a commit made from the memory before it cannot overwrite it
-(store.py). An entity with one fence is stored in format 1, which every earlier build reads.
+(lua/commit.lua). An entity with one fence is stored in format 1, which every earlier build reads.
 
 The fence sits at a fixed offset so the store's Lua scripts can read it without decoding the
 rest. Raw floats make the round trip bit-exact (NaN payloads and -0.0 included) and keep the

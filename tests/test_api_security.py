@@ -18,8 +18,7 @@ from workers.app import StreamWorker
 from workers.dev.redis_server import RedisServer
 from workers.dev.stack import WorkerProcess
 from workers.dev.tansu import TansuBroker
-from workers.dev.tvshows import DEMO_MODEL
-from workers.settings import Settings
+from workers.settings import DEMO_MODEL, Settings
 
 TOKEN = "api-token-5b0d6c2e9f1a4b7c"
 
@@ -102,4 +101,5 @@ def test_the_memory_api_has_redis_connections_of_its_own(tmp_path: Path) -> None
     settings = Settings.load(redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path)
     worker = StreamWorker(settings, StreamModel.load(DEMO_MODEL, device="cpu"))
     assert worker.api_store is not worker.store
-    assert worker.api_store._redis.connection_pool is not worker.store._redis.connection_pool
+    api, stream = worker.api_store._backend.redis, worker.store._backend.redis
+    assert api.connection_pool is not stream.connection_pool

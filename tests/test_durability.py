@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from state import MemoryStore
 from state.durability import Durability
+from state.one_server import OneServer
 from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
 from tests.test_store import make_updates, stored_offset
 from workers.cli import main
@@ -227,7 +228,9 @@ async def test_a_primary_restarted_between_the_write_and_the_wait_does_not_count
     The commit must not count; its retry writes it again."""
     async with durable_store(primary, "replicas:1", namespace, timeout_s=2.0) as store:
         assert (await store.commit_many(make_updates(["a"], 1))).applied.all()
-        wait = store._make_durable
+        backend = store._backend
+        assert isinstance(backend, OneServer)
+        wait = backend._make_durable
 
         async def restart_then_wait(what: str) -> None:
             primary.stop()
@@ -235,10 +238,10 @@ async def test_a_primary_restarted_between_the_write_and_the_wait_does_not_count
             await replica_online(primary)
             await wait(what)
 
-        monkeypatch.setattr(store, "_make_durable", restart_then_wait)
+        monkeypatch.setattr(backend, "_make_durable", restart_then_wait)
         with pytest.raises(StoreUnavailableError, match="restarted or failed over"):
             await store.commit_many(make_updates(["a"], 2))
-        monkeypatch.setattr(store, "_make_durable", wait)
+        monkeypatch.setattr(backend, "_make_durable", wait)
         assert await store.get("a") is None  # the write is gone with the old server
         assert (await store.commit_many(make_updates(["a"], 2))).applied_ids == ["a"]
         assert await stored_offset(store, "a") == 2

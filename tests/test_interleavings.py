@@ -247,7 +247,7 @@ async def test_writes_on_partitions_a_memory_has_already_are_not_outside_writes(
         pytest.skip("a cluster has no outside-writes counter")
     counter = KeyLayout(backend.namespace, "v1").outside_writes
     async with backend.store() as store:
-        client = store._redis
+        client = store._backend.redis
 
         async def commits(fences: dict[int, int], partition: int, offset: int) -> bytes | None:
             updates = make_updates(["a"], offset, partition=partition, other_fences={0: fences})

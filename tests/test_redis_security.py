@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from state import MemoryStore
-from state.store import without_password
+from state.connection import without_password
 from stream_lstm.exceptions import (
     ConfigError,
     StoreError,

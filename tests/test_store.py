@@ -430,13 +430,13 @@ async def commit_after_load(store: MemoryStore, updates: MemoryUpdates) -> Commi
 def count_script_calls(store: MemoryStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that grows by one each time the store runs its commit script."""
     calls: list[int] = []
-    script = store._commit
+    script = store._backend.commit_script
 
     async def counted(**kwargs: Any) -> Any:
         calls.append(1)
         return await script(**kwargs)
 
-    monkeypatch.setattr(store, "_commit", counted)
+    monkeypatch.setattr(store._backend, "commit_script", counted)
     return calls
 
 

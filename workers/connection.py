@@ -35,7 +35,7 @@ from aiokafka.errors import (
 )
 from pydantic import SecretStr
 
-from state.store import names_another_host
+from state.connection import names_another_host
 from stream_lstm.exceptions import BrokerError, BrokerRefusedError
 
 __all__ = ["SECURITY_FIELDS", "KafkaConnection", "SaslMechanism", "SecurityProtocol"]

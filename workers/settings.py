@@ -24,8 +24,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from state import MemoryStore, without_password
+from state.connection import CLUSTER_SCHEMES
 from state.durability import TIMEOUT_MAX_S, Durability
-from state.store import CLUSTER_SCHEMES
 from stream_lstm.exceptions import (
     BrokerRefusedError,
     ConfigError,

@@ -1,0 +1,196 @@
+"""What the memory store's two backends share, and what each provides its own way.
+
+``MemoryStore`` (store.py) checks its settings and hands every call to one backend: one Redis
+server (one_server.py: a batch in one MGET, the fast MSET commit, the memory cache, durable
+commits) or a Redis Cluster (cluster.py: a batch split by hash slot, a lost node retried). Both
+store the same values (codec.py) under the same keys (keys.py) and apply the same Lua scripts
+(lua/), so a commit's guarantees are the same on both, slot by slot on a cluster.
+
+Every Redis round trip goes through ``Backend.call``: bounded by the retry budget, its failure
+mapped to one StoreError subclass a caller can act on, the URL's passwords kept out of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Generic, TypeVar, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from state import codec, scripts
+from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
+from state.connection import error_chain, refusal, scrubbed, why_refused
+from state.keys import KeyLayout
+from stream_lstm.exceptions import (
+    StoreError,
+    StoreFullError,
+    StoreRefusedError,
+    StoreUnavailableError,
+)
+
+__all__ = ["Backend"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Client = TypeVar("Client", Redis, RedisCluster)
+
+SCAN_COUNT = 1000
+STALE, APPLIED, MOVED = 0, 1, 2
+"""The commit script's code for each update (``CommitResult``); -1: a value not ours."""
+
+
+class Backend(ABC, Generic[Client]):
+    """One way of keeping the memories of one namespace and model version in Redis."""
+
+    written: str
+    """What a refused commit left unwritten, in words: the batch, or the refused slots."""
+
+    def __init__(
+        self,
+        redis: Client,
+        keys: KeyLayout,
+        *,
+        url: str,
+        user: str,
+        secrets: Sequence[str],
+        ttl_ms: int,
+        retry_s: float,
+        code: int,
+    ) -> None:
+        self.redis: Client = redis
+        self.keys = keys
+        self.url = url  # without its password
+        self.user = user
+        self.secrets = secrets
+        self.ttl_ms = ttl_ms  # 0: no TTL
+        self.retry_s = retry_s
+        self.code = code  # the dtype commits store memories in (codec.CODES)
+        self.commit_script = redis.register_script(scripts.COMMIT)
+        self.reset_script = redis.register_script(scripts.RESET)
+
+    @abstractmethod
+    async def load(
+        self, entity_ids: Sequence[str], layers: int, hidden: int, partitions: Collection[int]
+    ) -> MemoryBatch:
+        """The stored memories of these (one or more) entities; see ``MemoryStore.load_many``."""
+
+    @abstractmethod
+    async def commit(self, updates: MemoryUpdates, loaded: MemoryBatch | None) -> list[int]:
+        """The fenced write of one or more updates: a code per update (``CommitResult``)."""
+
+    @abstractmethod
+    def reset_keys(self, entity_id: str) -> list[str]:
+        """The reset script's KEYS for this entity."""
+
+    @abstractmethod
+    async def count(self) -> int:
+        """Entities stored under this namespace and model version (SCAN)."""
+
+    @abstractmethod
+    async def ping(self, timeout_s: float) -> None:
+        """Return when Redis answers within ``timeout_s``."""
+
+    @abstractmethod
+    async def attempt(
+        self, operation: Callable[[], Awaitable[T]], failures: list[BaseException], deadline: float
+    ) -> T:
+        """Run one Redis operation, retrying what this backend retries itself, until
+        ``deadline`` (event loop time); transient failures go in ``failures``."""
+
+    async def eviction_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy``, or None when it cannot be read."""
+        return None
+
+    async def info(self) -> dict[str, Any] | None:
+        """Redis's INFO, or None when it cannot be read."""
+        return None
+
+    def forget_cached(self) -> None:
+        """Drop every cached memory (a backend without a cache has nothing to drop)."""
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    async def get(self, entity_id: str) -> StoredMemory | None:
+        key = self.keys.memory(entity_id)
+        value = await self.call(f"get of {entity_id!r}", lambda: self.redis.get(key))
+        if value is None:
+            return None
+        try:
+            return codec.decode(cast("bytes", value))
+        except StoreError as error:
+            raise StoreError(f"entity {entity_id!r}: {error}") from None
+
+    async def reset(self, entity_id: str) -> bool:
+        keys = self.reset_keys(entity_id)
+        updated_at = codec.UPDATED_AT.pack(time.time())
+        code: int = await self.call(
+            f"reset of {entity_id!r}",
+            lambda: self.reset_script(keys=keys, args=[self.ttl_ms, updated_at]),
+        )
+        if code < 0:
+            raise StoreError(f"entity {entity_id!r}: stored value is not a stream-lstm memory")
+        return code == 1
+
+    async def claim_topic(self, identity: str) -> str | None:
+        key = self.keys.topic
+        recorded: Any = await self.call("claim_topic", lambda: self.redis.get(key))
+        if recorded is None:
+            recorded = await self.call(
+                "claim_topic", lambda: self.redis.set(key, identity, nx=True, get=True)
+            )
+        return None if recorded is None else cast("bytes", recorded).decode()
+
+    async def call(
+        self, what: str, operation: Callable[[], Awaitable[T]], budget_s: float | None = None
+    ) -> T:
+        """Run one Redis call within the retry budget; map failures to StoreError.
+
+        A single server's client retries lost connections itself. A cluster client tries once
+        (following MOVED and ASK redirections; it raises RedisClusterException when no node
+        answers at all), so on a cluster the call is retried by ``attempt``, with the same
+        backoff. Neither retries a refusal (``refusal``): it raises StoreRefusedError at once.
+        """
+        budget_s = self.retry_s if budget_s is None else budget_s
+        failures: list[BaseException] = []
+        try:
+            async with asyncio.timeout(budget_s) as scope:
+                return await self.attempt(operation, failures, cast("float", scope.when()))
+        except (TimeoutError, RedisError, RedisClusterException) as error:
+            cause = failures[-1] if failures and isinstance(error, TimeoutError) else error
+            # One server: the timeout cancelled redis-py's backoff after the error it retries.
+            cause = next((e for e in error_chain(cause) if isinstance(e, RedisError)), cause)
+            refused = refusal(cause)
+            if refused is not None:
+                why = why_refused(refused, self.user)
+                raise StoreRefusedError(
+                    scrubbed(f"{what}: Redis at {self.url} refused us: {why}", self.secrets)
+                ) from error
+            if any(isinstance(e, OutOfMemoryError) for e in error_chain(cause)):
+                raise StoreFullError(
+                    scrubbed(
+                        f"{what}: Redis at {self.url} is full (maxmemory) and refuses writes "
+                        "until memory is freed",
+                        self.secrets,
+                    )
+                ) from error
+            if not isinstance(error, (TimeoutError, RedisConnectionError, RedisTimeoutError)):
+                raise StoreError(
+                    scrubbed(f"{what}: Redis at {self.url} failed: {error}", self.secrets)
+                ) from error
+            shown = scrubbed(f"{type(cause).__name__}: {cause}".removesuffix(": "), self.secrets)
+            # The caller decides what to tell: the worker logs its retries, the CLI one line.
+            logger.debug("%s: Redis at %s unavailable: %s", what, self.url, shown)
+            raise StoreUnavailableError(
+                f"{what}: Redis at {self.url} did not answer within {budget_s:g} s "
+                f"of retries ({shown})"
+            ) from error

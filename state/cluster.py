@@ -1,0 +1,214 @@
+"""The memory store on a Redis Cluster: each batch split by hash slot.
+
+A script and an MGET may only touch keys of one hash slot, and each entity's key is its own slot
+(keys.py). So a load is redis-py's ``mget_nonatomic`` (one MGET per slot) and a commit one fence
+script call per slot, each one pipeline per node: one round trip to each node that holds some
+of the batch, all nodes at once. Fences are per entity, so their guarantees hold slot by slot;
+what a cluster cannot give is a whole batch applied or refused as one (see
+``MemoryStore.commit_many``). No fast commit (its partition fences and counter would be keys of
+other slots), no cache, no durable commits (WAIT covers one connection's writes, and a batch
+goes through one connection per node).
+
+A lost node is retried here (``attempt``), with backoff and a fresh slot map each time, and
+only for what that node has not answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from state import codec
+from state.backend import SCAN_COUNT, Backend
+from state.codec import MemoryBatch, MemoryUpdates
+from state.connection import BACKOFF_BASE_S, BACKOFF_CAP_S, refusal
+from stream_lstm.exceptions import StoreError
+
+__all__ = ["Cluster"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True, eq=False)
+class _SlotCommit:
+    """A cluster commit in progress, kept across retries: the codes of the slots answered."""
+
+    keys: list[str]
+    values: list[bytes]
+    codes: list[int]  # (E,)
+    pending: list[list[int]]  # the rows of each slot whose script call has not answered
+
+
+class Cluster(Backend[RedisCluster]):
+    """Memories on a Redis Cluster, a batch's entities grouped by slot and node."""
+
+    written = "their hash slots"
+
+    async def attempt(
+        self, operation: Callable[[], Awaitable[T]], failures: list[BaseException], deadline: float
+    ) -> T:
+        """Run ``operation`` until it succeeds or fails for good, backing off with full jitter;
+        transient failures are appended to ``failures``.
+
+        The caller's timeout cancels it at ``deadline`` (event loop time); it also stops
+        retrying by itself then (TimeoutError), because a cancellation that lands inside
+        redis-py's own socket timeouts can come out as a redis TimeoutError, which would
+        otherwise be retried forever. After a failure the client is closed, so the next try
+        reads the slot map afresh (a replica may have taken over), as redis-py's own retries do.
+        """
+        loop = asyncio.get_running_loop()
+        delay = BACKOFF_BASE_S
+        while True:
+            try:
+                return await operation()
+            except (RedisError, RedisClusterException) as error:
+                if not _transient(error):
+                    raise
+                failures.append(error)
+                if loop.time() >= deadline:
+                    raise TimeoutError from error
+                logger.debug("Redis Cluster call failed, retrying: %r", error)
+            await self.redis.aclose()
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(BACKOFF_CAP_S, 2 * delay)
+
+    async def load(
+        self, entity_ids: Sequence[str], layers: int, hidden: int, partitions: Collection[int]
+    ) -> MemoryBatch:
+        keys = self.keys.memories(entity_ids)
+        values = await self.call(
+            f"load_many of {len(keys)} entities", lambda: self.redis.mget_nonatomic(keys)
+        )
+        return codec.decode_many(entity_ids, values, layers, hidden, self.code)
+
+    async def commit(self, updates: MemoryUpdates, loaded: MemoryBatch | None) -> list[int]:
+        keys = self.keys.memories(updates.entity_ids)
+        values = codec.encode_many(updates, time.time(), self.code)
+        slots: dict[int, list[int]] = {}
+        for row, key in enumerate(keys):
+            slots.setdefault(self.redis.keyslot(key), []).append(row)
+        commit = _SlotCommit(keys, values, [0] * len(keys), list(slots.values()))
+        return await self.call(
+            f"commit_many of {len(keys)} entities", lambda: self._commit_slots(commit)
+        )
+
+    async def _commit_slots(self, commit: _SlotCommit) -> list[int]:
+        """The fenced script once per slot, one pipeline per node; codes in the batch's order.
+
+        redis-py sends each node its calls in one write and reads the replies back: one round
+        trip per node, all nodes at once; it follows MOVED/ASK redirections call by call. A
+        node that lost the script (a restart, a failover) answers NOSCRIPT: the script is
+        loaded on every primary and those calls are sent again. When a node fails, its calls
+        stay pending in ``commit`` and the error goes up to ``attempt``, whose retry sends only
+        them: an update a healthy node applied is never sent twice (it would come back stale).
+        """
+        cluster = self.redis
+        await cluster.initialize()  # the slot map, to group the calls by node
+        for _ in range(2):  # a second pass only for calls a node answered NOSCRIPT
+            by_node: dict[str, list[list[int]]] = {}
+            for rows in commit.pending:
+                node = cluster.get_node_from_key(commit.keys[rows[0]])
+                by_node.setdefault(node.name if node else "", []).append(rows)
+            sends = list(by_node.values())
+            replies = await asyncio.gather(
+                *(self._send_slots(commit, send) for send in sends), return_exceptions=True
+            )
+            commit.pending, failure, unloaded = [], None, False
+            for send, reply in zip(sends, replies, strict=True):
+                if isinstance(reply, BaseException):  # the node: none of its calls answered
+                    commit.pending += send
+                    failure = failure or reply
+                    continue
+                for rows, answer in zip(send, reply, strict=True):
+                    if isinstance(answer, BaseException):  # this call did not run
+                        commit.pending.append(rows)
+                        if isinstance(answer, NoScriptError):
+                            unloaded = True
+                        else:
+                            failure = failure or answer
+                    else:
+                        for row, code in zip(rows, answer, strict=True):
+                            commit.codes[row] = code
+            if failure is not None:
+                raise failure
+            if not unloaded:
+                return commit.codes
+            self.commit_script.sha = await cluster.script_load(self.commit_script.script)
+        raise StoreError("the commit script is still not loaded after SCRIPT LOAD")
+
+    async def _send_slots(self, commit: _SlotCommit, send: list[list[int]]) -> list[Any]:
+        """One pipeline: a script call per slot (its rows), replies or errors in order."""
+        pipe = self.redis.pipeline()
+        for rows in send:
+            pipe.execute_command(
+                "EVALSHA",
+                self.commit_script.sha,
+                len(rows),
+                *[commit.keys[row] for row in rows],
+                self.ttl_ms,
+                len(rows),
+                0,  # no partition fences on a cluster
+                *[commit.values[row] for row in rows],
+            )
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    def reset_keys(self, entity_id: str) -> list[str]:
+        return [self.keys.memory(entity_id)]  # no outside-writes counter: no cache to tell
+
+    async def count(self) -> int:
+        async def scan() -> int:
+            total = 0
+            async for _ in self.redis.scan_iter(match=self.keys.memory_pattern, count=SCAN_COUNT):
+                total += 1
+            return total
+
+        return await self.call("count", scan)
+
+    async def ping(self, timeout_s: float) -> None:
+        await self.call(
+            "ping",
+            lambda: self.redis.execute_command("PING", target_nodes=RedisCluster.PRIMARIES),
+            budget_s=timeout_s,
+        )
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a cluster call may succeed if tried again: a node lost or the slot map moving."""
+    if refusal(error) is not None:
+        return False
+    if isinstance(
+        error,
+        (
+            RedisConnectionError,
+            RedisTimeoutError,
+            ClusterDownError,
+            TryAgainError,
+            SlotNotCoveredError,
+        ),
+    ):
+        return True
+    # "cannot be connected": no seed node answered the slot map query. Not a seed that answered
+    # but is no cluster node, nor a programming error (keys of several slots in one call).
+    return isinstance(error, RedisClusterException) and isinstance(
+        error.__cause__, (RedisConnectionError, RedisTimeoutError)
+    )
