@@ -14,7 +14,8 @@ import functools
 import operator
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import annotated_types
 import msgspec
@@ -99,15 +100,26 @@ def fast_struct(
     ``msgspec.Meta``, nested models as structs, unknown fields refused. ``lengths`` fixes the
     length of list fields (the model's feature count, which the schema checks by context).
 
-    A constraint with no msgspec form raises TypeError: a decoder may refuse more than the
-    model, never less.
+    What it cannot carry over raises TypeError, so a decoder may refuse more than the model,
+    never less: a constraint with no msgspec form, a validator (except on a field ``lengths``
+    fixes: the feature count's), an alias, a default factory, a generic other than a list or a
+    union.
     """
     return _struct(model, lengths or {}) if lengths else _nested_struct(model)
 
 
 def _struct(model: type[BaseModel], lengths: Mapping[str, int]) -> type[msgspec.Struct]:
+    decorators = model.__pydantic_decorators__
+    if decorators.model_validators:
+        raise TypeError(f"{model.__name__}: no msgspec form for its model validators")
+    for validator in decorators.field_validators.values():
+        unseen = set(validator.info.fields) - set(lengths)
+        if unseen:
+            raise TypeError(f"{model.__name__}: no msgspec form for the validator of {unseen}")
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     for name, field in model.model_fields.items():
+        if field.alias not in (None, name) or field.default_factory is not None:
+            raise TypeError(f"{model.__name__}.{name}: no msgspec form for its alias or factory")
         metadata = list(field.metadata)
         if name in lengths:
             metadata += [
@@ -134,8 +146,10 @@ def _fast_type(annotation: Any, metadata: Sequence[Any] = ()) -> Any:
     elif get_origin(annotation) is list:
         (item,) = get_args(annotation)
         annotation = list[_fast_type(item)]  # type: ignore[misc]
-    elif get_args(annotation):  # a union: X | None
+    elif get_origin(annotation) in (Union, UnionType):  # X | None
         annotation = functools.reduce(operator.or_, map(_fast_type, get_args(annotation)))
+    elif get_args(annotation):
+        raise TypeError(f"no msgspec form for {annotation!r}")
     meta = _fast_meta(metadata)
     return Annotated[annotation, msgspec.Meta(**meta)] if meta else annotation
 

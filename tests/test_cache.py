@@ -270,7 +270,8 @@ async def test_a_revoke_drops_the_cache_once_its_batches_finished(
             dead_letter_topic="dead",
             max_event_bytes=65_536,
         )
-        consumer = BatchConsumer(settings, processor, emitter, Metrics())
+        failures: list[BaseException] = []
+        consumer = BatchConsumer(settings, processor, emitter, Metrics(), failed=failures.append)
         hidden, layers = model.hidden_size, model.num_layers
         await store.commit_many(make_updates(["a"], 3, layers=layers, hidden=hidden))
         async with Redis.from_url(redis_server.url) as client:
@@ -278,6 +279,7 @@ async def test_a_revoke_drops_the_cache_once_its_batches_finished(
         assert (await store.load_many(["a"], layers, hidden)).found.tolist() == [True]
         await _WaitForBatch(consumer).on_partitions_revoked([TopicPartition("in", 0)])
         assert (await store.load_many(["a"], layers, hidden)).found.tolist() == [False]
+        assert failures == []
 
 
 def test_updates_beyond_the_capacity_are_evicted_not_left_stale() -> None:

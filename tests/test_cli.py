@@ -4,6 +4,8 @@ a worker that leaves nothing in the working directory."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import os
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import click
 import pytest
 import torch
+from aiokafka.errors import KafkaConnectionError
 from click.testing import CliRunner
 
 from stream_lstm.exceptions import BrokerError
@@ -20,6 +23,7 @@ from stream_lstm.model import StreamModel
 from tests.stack import save_model
 from workers.app import StreamWorker
 from workers.cli import main
+from workers.connection import KafkaConnection
 from workers.preflight import preflight
 from workers.settings import Settings
 
@@ -150,3 +154,34 @@ def test_the_worker_keeps_faust_data_out_of_the_working_directory(
     configured = tmp_path / "faust {data}"  # braces: Faust formats the path; ours are literal
     worker = StreamWorker(Settings.load(data_dir=configured), model)
     assert worker.app.conf.datadir == configured
+
+
+def test_a_request_left_unread_on_a_broken_connection_prints_no_traceback(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiokafka may leave a request's error unread when the broker breaks the connection (a
+    client certificate refused after the TLS 1.3 handshake): asyncio would print it with a
+    traceback when it is collected, after the one line that says what was refused. Other
+    unread errors still reach asyncio's default handler."""
+
+    async def leave_unread(error: BaseException) -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(error)
+        del future
+        gc.collect()
+
+    async def main() -> None:
+        with contextlib.suppress(BrokerError):
+            await KafkaConnection("127.0.0.1:1").check(0.1)  # installs the handler
+        broken = KafkaConnectionError("Connection at 127.0.0.1:9093 broken: bad certificate")
+        await leave_unread(broken)
+        await leave_unread(ValueError("not ours to hide"))
+
+    with caplog.at_level(logging.DEBUG, logger="workers.connection"):
+        asyncio.run(main())
+    shown = capsys.readouterr().err + "".join(
+        r.getMessage() for r in caplog.records if r.name == "asyncio"
+    )
+    assert "bad certificate" not in shown
+    assert "not ours to hide" in shown
+    assert any("bad certificate" in r.getMessage() for r in caplog.records if r.levelno == 10)

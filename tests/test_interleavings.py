@@ -357,10 +357,13 @@ async def cached_consumer(
     async with settings.memory_store(model.version) as store:
         emitted = Emitted()
         emitter = KafkaEmitter(KafkaConnection("localhost:1"))  # never started
-        consumer = BatchConsumer(settings, worker(model, store, emitted), emitter, Metrics())
+        failures: list[BaseException] = []
+        processor = worker(model, store, emitted)
+        consumer = BatchConsumer(settings, processor, emitter, Metrics(), failed=failures.append)
         fake = Consumer({TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)})
         consumer._consumer = fake
         yield consumer, fake, emitted
+        assert failures == [], "the pipeline failed"
 
 
 async def test_a_batch_fetched_before_a_revoke_that_runs_after_it_is_dropped(

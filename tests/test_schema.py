@@ -97,5 +97,14 @@ def test_the_hot_path_struct_is_the_schema_and_refuses_constraints_it_cannot_kee
     class Coded(BaseModel):
         code: Annotated[str, Field(pattern=r"^[a-z]+$")]
 
-    with pytest.raises(TypeError, match="no msgspec form"):
-        fast_struct(Coded)
+    class Aliased(BaseModel):
+        code: str = Field(alias="c")
+
+    class Mapped(BaseModel):
+        codes: dict[str, int]
+
+    for refused_model in (Coded, Aliased, Mapped):
+        with pytest.raises(TypeError, match="no msgspec form"):
+            fast_struct(refused_model)
+    with pytest.raises(TypeError, match=r"the validator of \{'features'\}"):
+        fast_struct(Event)  # the feature count is checked by a validator: lengths must fix it

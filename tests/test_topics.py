@@ -94,7 +94,8 @@ class Processor:
 
 async def test_an_assignment_is_checked_and_a_batch_when_its_offsets_go_back() -> None:
     processor = Processor()
-    consumer = BatchConsumer(Settings(), processor, None, Metrics())
+    failures: list[BaseException] = []
+    consumer = BatchConsumer(Settings(), processor, None, Metrics(), failed=failures.append)
     tp = TopicPartition("events", 0)
 
     def batch(*offsets: int) -> dict[TopicPartition, list[Any]]:
@@ -109,6 +110,7 @@ async def test_an_assignment_is_checked_and_a_batch_when_its_offsets_go_back() -
     assert processor.checks == 2
     await _WaitForBatch(consumer).on_partitions_assigned([])  # nothing assigned: no check
     assert processor.checks == 2
+    assert failures == []
 
 
 class OldBroker(Broker):

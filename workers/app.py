@@ -16,6 +16,7 @@ import faust
 from faust.app.base import BootStrategy
 from faust.web import Request, Response, View
 from mode import BaseSignalT
+from mode.utils.futures import maybe_cancel
 
 from state import StoredMemory
 from stream_lstm.model import StreamModel
@@ -50,6 +51,21 @@ class _HostOnly(BootStrategy):
 
 class _App(faust.App):
     BootStrategy = _HostOnly
+
+
+class _Worker(faust.Worker):
+    """Faust's worker, which can also be stopped from inside: as SIGTERM stops it."""
+
+    def stop_soon(self) -> None:
+        """Stop as mode's SIGTERM handler does (``_schedule_shutdown``), without logging a
+        signal: the worker's own shutdown then waits for this stop to finish."""
+        if not self._signal_stop_time:
+            self._signal_stop_time = self.loop.time()
+            self._signal_stop_future = asyncio.ensure_future(self._stop(), loop=self.loop)
+
+    async def _stop(self) -> None:
+        await self.stop()
+        maybe_cancel(self._starting_fut)  # a worker still starting stops too
 
 
 class StreamWorker:
@@ -102,13 +118,36 @@ class StreamWorker:
             dead_letter_topic=settings.dead_letter_topic,
             max_event_bytes=settings.max_event_bytes,
         )
-        self.consumer = BatchConsumer(settings, self.processor, self.emitter, self.metrics)
+        self.failure: BaseException | None = None  # what stopped the stream, if anything did
+        self._worker: _Worker | None = None
+        self.consumer = BatchConsumer(
+            settings, self.processor, self.emitter, self.metrics, failed=self._stop_after
+        )
         self.metrics.redis_full.set_function(lambda: float(self.processor.redis_full))
         self.app.service(cast(Any, self.consumer))
         self.app.page("/entities/{entity_id:[^/]+}/memory")(self._memory_view())
         self.app.page("/health")(self._health_view())
         self.app.page("/metrics")(self._metrics_view())
         self.app.on_before_shutdown.connect(self._on_shutdown)
+
+    def run(self) -> BaseException | None:
+        """Run the worker until SIGTERM (None) or until the stream fails: then return the error
+        that stopped it, once the worker has stopped. The caller decides the exit status."""
+        self._worker = _Worker(
+            self.app, loglevel=self.settings.log_level.replace("warning", "warn")
+        )
+        try:
+            self._worker.execute_from_commandline()  # ends with SystemExit, 0 unless it broke
+        except SystemExit as exit:
+            if self.failure is None and exit.code not in (0, None):
+                raise
+        return self.failure
+
+    def _stop_after(self, failure: BaseException) -> None:
+        """The stream failed: stop the worker as SIGTERM would, committing nothing more."""
+        self.failure = failure
+        if self._worker is not None:
+            self._worker.stop_soon()
 
     async def _on_shutdown(
         self, sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any

@@ -549,10 +549,12 @@ class BatchReport:
 
 
 class BatchProcessor:
-    """Runs batches through check, load, step, emit and commit; retries I/O until it succeeds.
+    """Runs a batch's stages: ``prepare`` (check, load, step), ``emit``, ``commit``; retries
+    I/O until it succeeds, and raises only what retrying cannot fix.
 
-    It never returns before the batch's memories are committed, and never raises for a
-    transient failure: the caller acknowledges the events only after ``process`` returns.
+    When each stage runs relative to other batches is the ``Pipeline``'s (pipeline.py): the
+    worker overlaps them. ``process`` runs one batch through all of them alone; either way a
+    batch's events may be acknowledged only once ``commit`` has returned.
     """
 
     def __init__(
@@ -773,13 +775,15 @@ def _predictions(
             record.key,
             _encode(
                 _Prediction(
-                    entity_id,
-                    event_id,
-                    n_step,
-                    out,
-                    label,
-                    version,
-                    _Source(record.topic, record.partition, record.offset),
+                    entity_id=entity_id,
+                    event_id=event_id,
+                    step=n_step,
+                    output=out,
+                    label=label,
+                    model_version=version,
+                    source=_Source(
+                        topic=record.topic, partition=record.partition, offset=record.offset
+                    ),
                 )
             ),
         )

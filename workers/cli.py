@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+EXIT_REFUSED = 2
+"""A setting refused (one line names it), or memories made from another input topic."""
+EXIT_SOFTWARE = 70
+"""An error the worker cannot retry: the batch is replayed on restart."""
 CLI_WAIT_S = 3.0
 """How long a command waits for a broker or Redis that does not answer: a person is waiting."""
 
@@ -68,7 +72,7 @@ def fail_clearly(command: F) -> F:
             return command(*args, **kwargs)
         except StreamLSTMError as e:
             click.echo(f"stream-lstm: error: {blame(e)}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_REFUSED)
 
     return run  # type: ignore[return-value]
 
@@ -105,9 +109,9 @@ def worker(**flags: Any) -> None:
     serves GET/DELETE /entities/{id}/memory, /health and /metrics on WEB_PORT, and on
     SIGTERM finishes the batch in hand, commits it and exits 0.
     """
-    import faust
     import torch
 
+    from stream_lstm.exceptions import TopicChangedError
     from workers.app import StreamWorker
     from workers.preflight import preflight
     from workers.settings import Settings
@@ -116,10 +120,9 @@ def worker(**flags: Any) -> None:
     torch.set_num_threads(settings.torch_threads)
     model = load_model(settings)
     asyncio.run(preflight(settings, model))
-    stream_worker = StreamWorker(settings, model)
-    faust.Worker(
-        stream_worker.app, loglevel=settings.log_level.replace("warning", "warn")
-    ).execute_from_commandline()
+    failure = StreamWorker(settings, model).run()
+    if failure is not None:  # logged where it happened, with the batch it stopped
+        sys.exit(EXIT_REFUSED if isinstance(failure, TopicChangedError) else EXIT_SOFTWARE)
 
 
 @main.command()

@@ -138,6 +138,9 @@ class KafkaConnection:
         Raises BrokerRefusedError at once when a broker refuses the credentials, the
         certificates or the protocol; BrokerError when none answered within ``wait_s``.
         """
+        loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(quiet_broken_requests)
         started = time.monotonic()
         deadline = started + wait_s
         closed: Counter[tuple[str, int]] = Counter()
@@ -319,6 +322,19 @@ class KafkaConnection:
             raise BrokerRefusedError(
                 f"cannot read the client certificate or key: {e}", "kafka_ssl_certfile"
             ) from None
+
+
+def quiet_broken_requests(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An event loop's exception handler that logs at debug, without a traceback, the errors of
+    aiokafka requests left unread on a connection the broker broke (a client certificate
+    refused after a TLS 1.3 handshake, say): asyncio would print each with its traceback when
+    the request is collected, after the command has said in one line what was refused."""
+    if isinstance(context.get("exception"), KafkaConnectionError) and "never retrieved" in str(
+        context.get("message")
+    ):
+        logger.debug("%s: %r", context.get("message"), context.get("exception"))
+        return
+    loop.default_exception_handler(context)
 
 
 SECURITY_FIELDS = tuple(

@@ -3,12 +3,8 @@
 Faust's per-event stream machinery (an agent iterating a stream, acking each event) costs more
 per event than the whole budget of a fast worker. So the worker's Faust app hosts this service
 instead of an agent: an aiokafka consumer in the worker's consumer group hands ``getmany``
-batches straight to the ``BatchProcessor``, and the batch's offsets are committed right after its
-memories are.
-
-- Pipelining: a batch is checked, loaded and stepped while up to two earlier ones emit and
-  commit, each step in batch order (``_run``); it starts from their memories even before they
-  reach Redis.
+batches to the ``Pipeline`` (pipeline.py), which runs them through the ``BatchProcessor`` in
+order and commits each batch's offsets right after its memories.
 - Rebalance: a partition is handed over only between batches (the revoke callback waits for
   the batch in hand and the ones finishing), and its offsets are committed by then. Records
   fetched before a revoke and run after it are dropped: their partition has another owner,
@@ -16,12 +12,13 @@ memories are.
   clears the memory cache: what it holds may have been moved on by another owner meanwhile.
 - Shutdown: the batch in hand finishes (within a grace period), is committed, and the consumer
   leaves the group so its partitions move at once.
-- An error the processor could not retry stops the process without committing the batch: it is
-  replayed on restart, and nothing after it was committed.
+- An error the processor could not retry stops the pipeline without committing the batch (it
+  is replayed on restart, and nothing after it was committed) and tells ``failed``: the worker
+  stops and the command line exits 70.
 - The input topic is checked (``check_input_topic``) when partitions are assigned, before they
   are fetched, whenever a partition's offsets go back (its log was replaced under the consumer),
-  and every ``TOPIC_CHECK_S``: memories made from another topic stop the worker (exit 2), saying
-  what to do.
+  and every ``TOPIC_CHECK_S``: memories made from another topic stop the pipeline the same way
+  (the command line exits 2, saying what to do).
 """
 
 from __future__ import annotations
@@ -30,12 +27,11 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import random
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import mode
 from aiokafka import (
@@ -49,16 +45,15 @@ from aiokafka.protocol.admin import ApiVersionRequest
 from murmurhash2 import murmurhash2
 
 from stream_lstm.exceptions import TopicChangedError
-from workers.batch import BatchProcessor, Consumed, Prepared
+from workers.batch import BatchProcessor, Consumed
 from workers.connection import KafkaConnection
 from workers.metrics import Metrics
+from workers.pipeline import Batch, Finished, Pipeline
 from workers.settings import Settings
 from workers.topics import check_input_topic, topic_id
 
 logger = logging.getLogger(__name__)
 
-MAX_FINISHING = 2
-"""Batches emitting and committing at once while the next one is prepared."""
 GC_YOUNG_OBJECTS = 20_000
 """Objects allocated (net of those freed) between two of Python's young collections. Batches in
 flight hold thousands of objects alive, so at Python's default of 700 a young collection runs
@@ -67,9 +62,6 @@ SHUTDOWN_GRACE_S = 6.0
 """How long SIGTERM waits for the batch in hand; the whole stop must stay under 10 s."""
 TOPIC_CHECK_S = 2.0
 """How often the input topic is checked besides (one metadata request and one Redis command)."""
-EXIT_SOFTWARE = 70
-EXIT_REFUSED = 2
-"""A worker refused to run as configured: the status of a setting refused at start, too."""
 BATCH_BYTES = 512 * 1024
 """Producer batch size: a whole micro-batch's predictions go out in a few requests."""
 KAFKA_MURMUR2_SEED = 0x9747B28C
@@ -166,12 +158,19 @@ class BatchConsumer(mode.Service):
         processor: BatchProcessor,
         emitter: KafkaEmitter,
         metrics: Metrics,
+        *,
+        failed: Callable[[BaseException], None],
         **kwargs: Any,
     ) -> None:
         self.settings = settings
         self.processor = processor
         self.emitter = emitter  # the processor sends with it; started and stopped here
         self.metrics = metrics
+        self._failed = failed
+        self._work: asyncio.Future[None] | None = None  # the fetched batch in hand
+        self.pipeline = Pipeline(
+            processor, self._commit, finished=self._observe, failed=self._stop_after
+        )
         self.in_hand = asyncio.Lock()
         self.joined = False  # does the group give this worker its partitions (maybe none) now?
         self.lag = 0  # events of its partitions not yet through a finished batch
@@ -182,7 +181,6 @@ class BatchConsumer(mode.Service):
         self._topic_id: uuid.UUID | None = None  # the input topic's id, as last checked
         self._progress_at = time.monotonic()  # a batch finished, or nothing waited
         self._consumer: AIOKafkaConsumer | None = None
-        self._finishing: list[_Finishing] = []  # batches emitting and committing, oldest first
         super().__init__(**kwargs)
 
     @property
@@ -220,38 +218,47 @@ class BatchConsumer(mode.Service):
         )
 
     async def on_stop(self) -> None:
-        async with self.in_hand:  # the batch in hand commits first (bounded by its grace period)
+        async with self.in_hand:  # the batch in hand commits first; none starts after it
             await self.finished()
-            await self.consumer.stop()  # leaves the group: its partitions move at once
+        # Not under the lock: leaving the group waits for a rebalance callback in progress,
+        # which waits for the lock.
+        await self.consumer.stop()  # leaves the group: its partitions move at once
         await self.emitter.stop()
+
+    def _stop_after(self, failure: BaseException) -> None:
+        """The pipeline failed: drop the batch in hand (it may be retrying a load for as long
+        as Redis is away) and tell the worker, which stops."""
+        work = self._work
+        if work is not None and not work.done() and work is not asyncio.current_task():
+            work.cancel()
+        self._failed(failure)
 
     @mode.Service.task
     async def _consume(self) -> None:
         timeout_ms = max(1, int(self.settings.max_delay_ms))
-        while not self.should_stop:
-            fetched = await self.consumer.getmany(
-                timeout_ms=timeout_ms, max_records=self.settings.max_batch
-            )
+        while not self.should_stop and self.pipeline.failure is None:
+            try:
+                fetched = await self.consumer.getmany(
+                    timeout_ms=timeout_ms, max_records=self.settings.max_batch
+                )
+            except Exception as error:  # not retriable by the client: authorization, say
+                self.pipeline.fail(error)
+                return
             if fetched:
                 work = asyncio.ensure_future(self._run(fetched, time.time(), self.revocations))
+                self._work = work
                 try:
                     await asyncio.shield(work)
                 except asyncio.CancelledError:
+                    if self.pipeline.failure is not None:
+                        return  # the batch in hand was dropped: nothing of it commits
                     await _finish_in_hand(work)
                     raise
 
     async def _run(
         self, fetched: dict[TopicPartition, list[Any]], fetched_at: float, revocations: int
     ) -> None:
-        """Prepare the batch while earlier ones finish, then let it finish in turn.
-
-        Checking, loading and stepping a batch (CPU) overlaps the waits of up to
-        ``MAX_FINISHING`` earlier batches on the broker and Redis. What others see keeps its
-        order: each step of finishing (emit, commit memories, commit offsets) waits for the
-        same step of the batch before. A batch starts from the memories of the batches still
-        finishing even before they reach Redis (``overlay``). Holds the lock a rebalance
-        waits for.
-        """
+        """Hand a fetched batch to the pipeline, holding the lock a rebalance waits for."""
         async with self.in_hand:
             # A revoke may have come between the fetch (``revocations`` counts those before it)
             # and now: its records are another owner's, who reads them again, as this worker
@@ -261,29 +268,21 @@ class BatchConsumer(mode.Service):
                 for tp, messages in fetched.items()
                 if self._revoked_at.get(tp, 0) <= revocations
             }
-            if not fetched:
-                return
-            records: list[Consumed] = [m for messages in fetched.values() for m in messages]
-            # Once a batch's memories are committed, Redis holds them: always so after a
-            # rebalance (the revoke waits for every batch), when another owner may have moved
-            # them on.
-            self._finishing = [f for f in self._finishing if not f.task.done()]
-            in_flight = [
-                f.prepared.applied.updates for f in self._finishing if not f.committed.is_set()
-            ]
+            if not fetched or self.pipeline.failure is not None or self.should_stop:
+                return  # stopping: whoever owns the partitions next reads these again
+            messages = [m for part in fetched.values() for m in part]  # aiokafka's records
+            records: list[Consumed] = messages
             try:
                 await self._check_topic(fetched)
-                prepared = await self.processor.prepare(records, in_flight)
             except TopicChangedError as error:
-                refuse(error)
+                self.pipeline.fail(error)
+                return
             except Exception as error:
-                fail_stop(records, error)
-            await self._drain(keep=MAX_FINISHING - 1)
-            finishing = _Finishing(
-                prepared, fetched_at, self._finishing[-1] if self._finishing else None
-            )
-            finishing.task = asyncio.ensure_future(self._finish(fetched, records, finishing))
-            self._finishing.append(finishing)
+                self.pipeline.fail(error, records)
+                return
+            offsets = {tp: part[-1].offset + 1 for tp, part in fetched.items()}
+            oldest = max(0, min(m.timestamp for m in messages)) / 1000  # none says -1
+            await self.pipeline.run(Batch(records, offsets, fetched_at, oldest))
 
     async def _check_topic(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         """Check the input topic when a partition's offsets go back: a topic recreated under
@@ -306,34 +305,15 @@ class BatchConsumer(mode.Service):
             ),
         )
 
-    async def _finish(
-        self, fetched: dict[TopicPartition, list[Any]], records: list[Consumed], this: _Finishing
-    ) -> None:
-        """Emit, commit the memories, then the offsets, each after the batch before did."""
-        before = this.before
-        try:
-            if before is not None:
-                await before.emitted.wait()
-            await self.processor.emit(this.prepared)
-            emitted_at = time.time()
-            this.emitted.set()
-            if before is not None:
-                await before.committed.wait()
-            report = await self.processor.commit(this.prepared)
-            this.committed.set()
-        except Exception as error:
-            fail_stop(records, error)
-        if before is not None:
-            await before.task  # its offsets are committed
-            this.before = None  # nothing keeps the batches before alive
-        started = time.perf_counter()
-        await self._commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
-        report.seconds["offsets"] = time.perf_counter() - started
-        self.metrics.observe(report)
-        oldest = min(m.timestamp for messages in fetched.values() for m in messages) / 1000
-        if oldest > 0:  # a record without a timestamp says -1
-            self.metrics.observe_age(this.fetched_at - oldest, emitted_at - oldest)
-        self._done |= {tp: messages[-1].offset + 1 for tp, messages in fetched.items()}
+    def _observe(self, finished: Finished) -> None:
+        """A batch is done: its metrics, its partitions' progress."""
+        batch = finished.batch
+        self.metrics.observe(finished.report)
+        if batch.oldest > 0:
+            self.metrics.observe_age(
+                batch.fetched_at - batch.oldest, finished.emitted_at - batch.oldest
+            )
+        self._done |= batch.offsets
         self._progress_at = time.monotonic()
 
     @property
@@ -378,7 +358,7 @@ class BatchConsumer(mode.Service):
                     self.emitter.producer.client, self.processor.store, self.settings
                 )
         except TopicChangedError as error:
-            refuse(error)
+            self.pipeline.fail(error)
         except Exception as e:
             logger.debug("input topic not checked this time: %r", e)
 
@@ -395,17 +375,10 @@ class BatchConsumer(mode.Service):
                 self.metrics.lag.remove(str(tp.partition))
 
     async def finished(self) -> None:
-        """Wait until every batch has emitted and committed its memories and offsets.
-
-        A rebalance and a shutdown wait for them, so partitions move with everything committed.
-        """
-        await self._drain(keep=0)
-
-    async def _drain(self, keep: int) -> None:
-        """Wait for the oldest batches to finish until at most ``keep`` are finishing."""
-        while len(self._finishing) > keep:
-            await self._finishing[0].task
-            self._finishing.pop(0)
+        """Wait until every batch has emitted and committed its memories and offsets (or,
+        after a failure, was cancelled). A rebalance and a shutdown wait for them, so
+        partitions move with everything committed."""
+        await self.pipeline.drain()
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -414,18 +387,6 @@ class BatchConsumer(mode.Service):
             # The memories are committed with their fences, so whoever replays these events
             # drops them as already applied: a lost offset commit costs a replay, not a loss.
             logger.warning("offset commit failed, the batch will be replayed (fenced): %r", e)
-
-
-class _Finishing:
-    """A prepared batch on its way out, and how far it got."""
-
-    def __init__(self, prepared: Prepared, fetched_at: float, before: _Finishing | None) -> None:
-        self.prepared = prepared
-        self.fetched_at = fetched_at  # unix seconds, comparable with record timestamps
-        self.before = before  # the batch prepared just before this one, while it finishes
-        self.emitted = asyncio.Event()
-        self.committed = asyncio.Event()  # its memories are in Redis
-        self.task: asyncio.Future[None]
 
 
 class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -449,11 +410,11 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
         # another owner may have had it.
         self.service.processor.store.forget_cached()
         logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
-        if assigned:  # before anything of them is fetched (the batch path needs no broker call)
+        if assigned and self.service.pipeline.failure is None:  # before any of them is fetched
             try:
                 await self.service.check_topic()
             except TopicChangedError as error:
-                refuse(error)
+                self.service.pipeline.fail(error)
 
 
 async def _finish_in_hand(work: asyncio.Future[None]) -> None:
@@ -468,34 +429,3 @@ async def _finish_in_hand(work: asyncio.Future[None]) -> None:
             "the batch in hand did not finish within %.0fs; it will be replayed on restart",
             SHUTDOWN_GRACE_S,
         )
-
-
-def refuse(error: TopicChangedError) -> NoReturn:
-    """Stop at once with exit status 2, committing nothing, saying what to do: every event of
-    the new topic's batch would be dropped as a replay of the old one's. A restart refuses it
-    the same way until that is done."""
-    logger.critical("stopping the worker: %s", error)
-    logging.shutdown()
-    os._exit(EXIT_REFUSED)
-
-
-def fail_stop(records: list[Consumed], error: Exception) -> NoReturn:
-    """Stop at once, committing nothing: the batch and all after it are replayed on restart.
-
-    Skipping the batch and going on would let later events of the same entities commit fences
-    past it, and its events would then be dropped as replays: lost. A crash loses nothing.
-    """
-    first, last = records[0], records[-1]
-    logger.critical(
-        "batch of %d events (%s[%d]@%d .. [%d]@%d) failed; stopping the worker so that nothing "
-        "after it is committed",
-        len(records),
-        first.topic,
-        first.partition,
-        first.offset,
-        last.partition,
-        last.offset,
-        exc_info=error,
-    )
-    logging.shutdown()
-    os._exit(EXIT_SOFTWARE)
