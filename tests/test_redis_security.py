@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from stream_lstm.exceptions import (
 from tests.test_store import make_updates
 from tests.tls import Certificates, make_certificates
 from workers.dev.redis_server import RedisServer, TLSFiles, server_binaries, supports_tls
+from workers.dev.services import dead_port
 
 USER = "alice"
 PASSWORD = "s3cr/t@pw d"
@@ -71,12 +71,10 @@ def other_ca(certificates: Certificates) -> Path:
     return certificates.other_ca
 
 
-@pytest.fixture
-def dead_port() -> Iterator[int]:
-    """A port nobody listens on, and nobody else takes while the test runs."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        yield probe.getsockname()[1]
+@pytest.fixture(name="dead_port")
+def dead_port_fixture() -> Iterator[int]:
+    with dead_port() as port:
+        yield port
 
 
 def as_cluster(url: str) -> str:

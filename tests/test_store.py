@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-import socket
 import time
 import uuid
 from collections import Counter
@@ -30,6 +29,7 @@ from state import CommitResult, MemoryStore, MemoryUpdates, codec
 from state.keys import KeyLayout
 from stream_lstm.exceptions import ConfigError, StoreError, StoreFullError, StoreUnavailableError
 from workers.dev.redis_server import RedisClusterServer, RedisServer
+from workers.dev.services import dead_port
 
 if TYPE_CHECKING:
     from tests.conftest import StoreBackend
@@ -615,9 +615,8 @@ async def test_key_of_another_type_raises_store_error(
 
 
 async def test_unreachable_redis_raises_within_the_retry_budget() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))  # a port nobody listens on, and nobody else takes
-        url = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+    with dead_port() as port:
+        url = f"redis://127.0.0.1:{port}/0"
         async with MemoryStore(url, "ns", "v1", retry_s=0.3) as store:
             for call in (
                 lambda: store.load_many(["a"], 1, 1),
@@ -817,9 +816,7 @@ async def test_cluster_node_that_lost_the_script_is_sent_it_again(
 
 
 async def test_cluster_url_lists_seed_nodes(redis_cluster: RedisClusterServer) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))  # a seed nobody answers on comes first
-        dead = probe.getsockname()[1]
+    with dead_port() as dead:  # a seed nobody answers on comes first
         url = f"redis+cluster://127.0.0.1:{dead},127.0.0.1:{redis_cluster.ports[2]}"
         async with MemoryStore(url, f"s-{uuid.uuid4().hex[:8]}", "v1") as store:
             await store.ping(5.0)
@@ -843,9 +840,8 @@ def test_bad_cluster_urls_are_config_errors(url: str, message: str) -> None:
 
 
 async def test_unreachable_cluster_raises_within_the_retry_budget() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        url = f"redis+cluster://user:s3cret@127.0.0.1:{probe.getsockname()[1]}"
+    with dead_port() as port:
+        url = f"redis+cluster://user:s3cret@127.0.0.1:{port}"
         async with MemoryStore(url, "ns", "v1", retry_s=0.3) as store:
             for call in (
                 lambda: store.load_many(["a"], 1, 1),

@@ -3,13 +3,15 @@ that a Kafka broker answers, and the `Broker` protocol both broker launchers imp
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Protocol
 
 from workers.connection import KafkaConnection
 
-__all__ = ["Broker", "free_port", "kafka_answers"]
+__all__ = ["Broker", "dead_port", "free_port", "kafka_answers"]
 
 _HOST = "127.0.0.1"
 _API_VERSIONS = 18  # Kafka protocol API key
@@ -21,6 +23,15 @@ def free_port() -> int:
         sock.bind((_HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def dead_port() -> Iterator[int]:
+    """A port nobody listens on, and nobody else takes while the block runs: bound, never
+    listening, so a connection to it is refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        yield sock.getsockname()[1]
 
 
 def kafka_answers(host: str, port: int, timeout: float) -> bool:
