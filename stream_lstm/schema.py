@@ -110,15 +110,24 @@ def fast_struct(
 
 def _struct(model: type[BaseModel], lengths: Mapping[str, int]) -> type[msgspec.Struct]:
     decorators = model.__pydantic_decorators__
-    if decorators.model_validators:
-        raise TypeError(f"{model.__name__}: no msgspec form for its model validators")
+    unseen_decorators = (
+        decorators.model_validators,
+        decorators.validators,
+        decorators.root_validators,
+        decorators.field_serializers,
+        decorators.model_serializers,
+        decorators.computed_fields,
+    )
+    if any(unseen_decorators):
+        raise TypeError(f"{model.__name__}: no msgspec form for its validators or serializers")
     for validator in decorators.field_validators.values():
         unseen = set(validator.info.fields) - set(lengths)
         if unseen:
             raise TypeError(f"{model.__name__}: no msgspec form for the validator of {unseen}")
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     for name, field in model.model_fields.items():
-        if field.alias not in (None, name) or field.default_factory is not None:
+        aliases = {field.alias, field.validation_alias, field.serialization_alias} - {None, name}
+        if aliases or field.default_factory is not None:
             raise TypeError(f"{model.__name__}.{name}: no msgspec form for its alias or factory")
         metadata = list(field.metadata)
         if name in lengths:

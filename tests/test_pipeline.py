@@ -58,9 +58,11 @@ class Offsets:
     """The consumer's offset commit: what it was asked, in order."""
 
     commits: list[dict[object, int]] = field(default_factory=list)
+    committed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def commit(self, offsets: dict[object, int]) -> None:
         self.commits.append(dict(offsets))
+        self.committed.set()
 
 
 @pytest.fixture
@@ -125,19 +127,22 @@ async def test_a_failed_batch_commits_nothing_after_it_and_is_handed_to_the_call
     model: StreamModel,
     store: MemoryStore,
 ) -> None:
-    """The second of three batches fails to emit for good: the first commits, the second and
-    the third commit neither memories nor offsets, the third is not emitted; the error goes to
-    ``failed`` once and later batches are refused."""
+    """The second of three batches fails to emit for good, the third finishing after it: the
+    first committed before the failure stays committed; neither the second nor the third
+    commits memories or offsets, the third is not emitted; the error goes to ``failed`` once
+    and later batches are refused."""
     emitter, offsets, failures = Gated(fail_at=1), Offsets(), []
     pipeline = Pipeline(processor(model, store, emitter), offsets.commit, failed=failures.append)
     batches = one_event_batches(Log(random.Random(2)), 4)
     await pipeline.run(batches[0])
     await pipeline.run(batches[1])
     emitter.gate(0).set()
-    emitter.gate(1).set()
+    await asyncio.wait_for(offsets.committed.wait(), 1.0)
+    assert offsets.commits == [{0: 1}]
     await pipeline.run(batches[2])
+    emitter.gate(1).set()
     emitter.gate(2).set()
-    await pipeline.drain()
+    await asyncio.wait_for(pipeline.drain(), 1.0)
     assert [type(f) for f in failures] == [StoreError]
     assert pipeline.failure is failures[0]
     assert offsets.commits == [{0: 1}]
@@ -150,6 +155,28 @@ async def test_a_failed_batch_commits_nothing_after_it_and_is_handed_to_the_call
     await pipeline.drain()
     assert offsets.commits == [{0: 1}]
     assert len(failures) == 1
+
+
+async def test_after_any_failure_nothing_more_commits_and_nothing_waits_forever(
+    model: StreamModel,
+    store: MemoryStore,
+) -> None:
+    """A failure outside the batches (another input topic, a fetch refused) while two are
+    finishing: neither commits (their events may be another topic's), and when the first then
+    fails too the second does not wait for it forever: the pipeline drains at once."""
+    emitter, offsets, failures = Gated(fail_at=0), Offsets(), []
+    pipeline = Pipeline(processor(model, store, emitter), offsets.commit, failed=failures.append)
+    batches = one_event_batches(Log(random.Random(5)), 2)
+    await pipeline.run(batches[0])
+    await pipeline.run(batches[1])
+    pipeline.fail(TopicChangedError("the input topic 'events' was deleted and recreated"))
+    emitter.gate(0).set()
+    emitter.gate(1).set()
+    await asyncio.wait_for(pipeline.drain(), 1.0)
+    assert [type(f) for f in failures] == [TopicChangedError]
+    assert offsets.commits == []
+    assert emitter.sent == []
+    assert await store.get("a") is None
 
 
 async def test_a_batch_that_cannot_be_prepared_stops_the_pipeline(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 import pytest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_serializer
 
 from stream_lstm.schema import Event, MemorySnapshot, Prediction, Source, fast_struct
 
@@ -103,7 +103,17 @@ def test_the_hot_path_struct_is_the_schema_and_refuses_constraints_it_cannot_kee
     class Mapped(BaseModel):
         codes: dict[str, int]
 
-    for refused_model in (Coded, Aliased, Mapped):
+    class ValidatedAs(BaseModel):
+        code: str = Field(validation_alias="c")
+
+    class Serialized(BaseModel):
+        code: str
+
+        @field_serializer("code")
+        def upper(self, code: str) -> str:
+            return code.upper()
+
+    for refused_model in (Coded, Aliased, Mapped, ValidatedAs, Serialized):
         with pytest.raises(TypeError, match="no msgspec form"):
             fast_struct(refused_model)
     with pytest.raises(TypeError, match=r"the validator of \{'features'\}"):

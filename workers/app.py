@@ -138,8 +138,8 @@ class StreamWorker:
         )
         try:
             self._worker.execute_from_commandline()  # ends with SystemExit, 0 unless it broke
-        except SystemExit as exit:
-            if self.failure is None and exit.code not in (0, None):
+        except SystemExit as status:
+            if self.failure is None and status.code not in (0, None):
                 raise
         return self.failure
 

@@ -6,12 +6,13 @@ A batch starts from the memories of the batches still finishing, even before the
 (``BatchProcessor.prepare``'s ``in_flight``). Its offsets are committed only after its memories
 are, and only after the batch before committed its own.
 
-A failure stops the pipeline: no batch starts, nothing after the failed batch commits memories
-or offsets (the batches finishing after it are cancelled; their events come again from the
-committed offsets, and the fences drop what was applied already), the batches before it finish,
-and the error is kept in ``failure`` for the program to stop with. Skipping the batch and going
-on would let later events of the same entities commit fences past it, and its events would then
-be dropped as replays: lost.
+A failure stops the pipeline: no batch starts and nothing more is committed (the batches still
+finishing are cancelled: their events come again from the committed offsets, and the fences
+drop what was applied already), and the error is kept in ``failure`` for the program to stop
+with. Not even the batches before a failed one finish: a failure may be theirs too (Redis
+refusing every commit), or make their events another topic's (the input topic recreated).
+Skipping the failed batch and going on would let later events of the same entities commit
+fences past it, and its events would then be dropped as replays: lost.
 """
 
 from __future__ import annotations
@@ -87,7 +88,6 @@ class Pipeline:
         self._finished = finished
         self._failed = failed
         self.failure: BaseException | None = None
-        self._failed_number: int | None = None  # the batch that failed finishing, if one did
         self._finishing: list[_Finishing] = []  # oldest first
 
     async def run(self, batch: Batch) -> None:
@@ -123,18 +123,18 @@ class Pipeline:
                 await asyncio.wait([task])  # a cancelled task (after a failure) is done too
             self._finishing.pop(0)
 
-    def fail(
-        self,
-        error: BaseException,
-        records: Sequence[Consumed] = (),
-        *,
-        batch: _Finishing | None = None,
-    ) -> None:
-        """Stop: log why, start no batch, cancel the batches finishing after ``batch`` (the
-        one that failed, if it was finishing: those before it finish and commit, their
-        events are no replay), and tell ``failed``. Only the first failure counts."""
+    def fail(self, error: BaseException, records: Sequence[Consumed] = ()) -> None:
+        """Stop: log why, then commit nothing more: start no batch and cancel every batch
+        still finishing (whatever of theirs was not committed comes again from the committed
+        offsets, and the fences drop what was), and tell ``failed``. Only the first failure
+        is told; every one cancels what is still finishing."""
+        current = asyncio.current_task()
+        for finishing in self._finishing:
+            if finishing.task is not None and finishing.task is not current:
+                finishing.task.cancel()
         if self.failure is not None:
             return
+        self.failure = error
         if records:
             first, last = records[0], records[-1]
             logger.critical(
@@ -150,45 +150,49 @@ class Pipeline:
             )
         else:
             logger.critical("stopping the worker: %s", error)
-        self.failure = error
-        if batch is not None:
-            self._failed_number = batch.prepared.number
-            for finishing in self._finishing[self._finishing.index(batch) + 1 :]:
-                if finishing.task is not None:
-                    finishing.task.cancel()
         self._failed(error)
-
-    def _after_failed(self, this: _Finishing) -> bool:
-        failed = self._failed_number
-        return failed is not None and this.prepared.number > failed
 
     async def _finish(self, this: _Finishing) -> None:
         """Emit, commit the memories, then the offsets, each after the batch before did."""
         before = this.before
         try:
-            if before is not None:
-                await before.emitted.wait()
+            if before is not None and not await _reached(before, before.emitted):
+                return
             await self.processor.emit(this.prepared)
             emitted_at = time.time()
             this.emitted.set()
-            if before is not None:
-                await before.committed.wait()
-            if self._after_failed(this):  # cancelled too: this holds if a cancellation is lost
+            if before is not None and not await _reached(before, before.committed):
+                return
+            if self.failure is not None:  # cancelled too: this holds if a cancellation is lost
                 return
             report = await self.processor.commit(this.prepared)
             this.committed.set()
             if before is not None and before.task is not None:
                 await before.task  # its offsets are committed
                 this.before = None  # nothing keeps the batches before alive
-            if self._after_failed(this):
+            if self.failure is not None:
                 return
             started = time.perf_counter()
             await self._commit_offsets(this.batch.offsets)
             report.seconds["offsets"] = time.perf_counter() - started
         except Exception as error:
-            self.fail(error, this.batch.records, batch=this)
+            self.fail(error, this.batch.records)
             return
         try:
             self._finished(Finished(this.batch, report, emitted_at))
         except Exception:  # the batch is committed: a failure to report it stops nothing
             logger.exception("reporting a finished batch failed")
+
+
+async def _reached(before: _Finishing, step: asyncio.Event) -> bool:
+    """Wait until the batch before has done a step; False when it ended without (it failed,
+    or was cancelled), so that nothing waits for a step that never comes."""
+    if step.is_set() or before.task is None:
+        return step.is_set()
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(step.wait())
+    either: list[asyncio.Future[Any]] = [waiter, before.task]
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    return step.is_set()
