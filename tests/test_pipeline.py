@@ -23,7 +23,7 @@ from torch import nn
 from state import MemoryStore
 from stream_lstm.exceptions import StoreError, TopicChangedError
 from stream_lstm.model import StreamModel
-from tests.test_interleavings import INPUT, TOPIC, Consumer, Log
+from tests.test_interleavings import INPUT, TOPIC, Consumer, Log, nothing
 from workers.batch import BatchProcessor, Record
 from workers.connection import KafkaConnection
 from workers.consumer import BatchConsumer, KafkaEmitter, _WaitForBatch
@@ -230,3 +230,53 @@ async def test_another_input_topic_on_assignment_stops_the_worker_before_any_bat
     assert emitter.sent == []
     assert fake.commits == []
     assert await store.get("a") is None
+
+
+class Stoppable(Consumer):
+    """The broker's side of a consumer that can also be stopped (left)."""
+
+    stopped = False
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+@dataclass
+class Producer:
+    stopped: bool = False
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_a_stop_waits_for_the_batches_in_hand_within_its_grace_period(
+    model: StreamModel, store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM: a batch whose send the broker holds keeps the stop no longer than the grace
+    period; then it is given up (not committed, replayed on restart) and the group is left.
+    A batch that finishes in time commits before the group is left."""
+    monkeypatch.setattr("workers.consumer.SHUTDOWN_GRACE_S", 0.3)
+    for released in (True, False):
+        emitter, failures = Gated(), []
+        settings = Settings.load(redis_url="redis://127.0.0.1:1/0")
+        kafka = Producer()
+        consumer = BatchConsumer(
+            settings, processor(model, store, emitter), kafka, Metrics(), failed=failures.append
+        )
+        fake = Stoppable({TopicPartition(TOPIC, 0)})
+        consumer._consumer = fake  # type: ignore[assignment]
+        consumer.check_topic = nothing  # type: ignore[method-assign]
+        log = Log(random.Random(7))
+        event = log.add("a", 0)
+        fetched = {TopicPartition(TOPIC, 0): log.fetched([event])}
+        consumer._next[TopicPartition(TOPIC, 0)] = 0
+        await consumer._run(fetched, 0.0, consumer.revocations)
+        if released:
+            emitter.gate(event.offset).set()
+        await asyncio.wait_for(consumer.on_stop(), 2.0)
+        assert fake.stopped, "the group was not left"
+        assert kafka.stopped
+        assert fake.commits == ([{TopicPartition(TOPIC, 0): 1}] if released else [])
+        assert (await store.get("a") is not None) is released
+        assert failures == []
+        await store._backend.redis.flushall()

@@ -59,7 +59,7 @@ GC_YOUNG_OBJECTS = 20_000
 flight hold thousands of objects alive, so at Python's default of 700 a young collection runs
 every few batches for nothing: reference counting frees what a batch allocated."""
 SHUTDOWN_GRACE_S = 6.0
-"""How long SIGTERM waits for the batch in hand; the whole stop must stay under 10 s."""
+"""How long a stop waits for the batches in hand; the whole stop must stay under 10 s."""
 TOPIC_CHECK_S = 2.0
 """How often the input topic is checked besides (one metadata request and one Redis command)."""
 BATCH_BYTES = 512 * 1024
@@ -218,8 +218,19 @@ class BatchConsumer(mode.Service):
         )
 
     async def on_stop(self) -> None:
-        async with self.in_hand:  # the batch in hand commits first; none starts after it
-            await self.finished()
+        """The batch in hand and those finishing commit first, within ``SHUTDOWN_GRACE_S``
+        (else they are given up, and replayed on restart); then the group is left."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_GRACE_S), self.in_hand:  # none starts after
+                await self.finished()
+        except TimeoutError:
+            logger.warning(
+                "the batches in hand did not finish within %.0fs; they will be replayed on restart",
+                SHUTDOWN_GRACE_S,
+            )
+            self.pipeline.abandon()
+            if self._work is not None:
+                self._work.cancel()
         # Not under the lock: leaving the group waits for a rebalance callback in progress,
         # which waits for the lock.
         await self.consumer.stop()  # leaves the group: its partitions move at once
@@ -248,11 +259,10 @@ class BatchConsumer(mode.Service):
                 work = asyncio.ensure_future(self._run(fetched, time.time(), self.revocations))
                 self._work = work
                 try:
-                    await asyncio.shield(work)
+                    await asyncio.shield(work)  # a stop lets it finish: see on_stop
                 except asyncio.CancelledError:
                     if self.pipeline.failure is not None:
                         return  # the batch in hand was dropped: nothing of it commits
-                    await _finish_in_hand(work)
                     raise
 
     async def _run(
@@ -268,7 +278,7 @@ class BatchConsumer(mode.Service):
                 for tp, messages in fetched.items()
                 if self._revoked_at.get(tp, 0) <= revocations
             }
-            if not fetched or self.pipeline.failure is not None or self.should_stop:
+            if not fetched or self.pipeline.closed or self.should_stop:
                 return  # stopping: whoever owns the partitions next reads these again
             messages = [m for part in fetched.values() for m in part]  # aiokafka's records
             records: list[Consumed] = messages
@@ -415,17 +425,3 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
                 await self.service.check_topic()
             except TopicChangedError as error:
                 self.service.pipeline.fail(error)
-
-
-async def _finish_in_hand(work: asyncio.Future[None]) -> None:
-    """On shutdown, let the batch in hand commit its memories, within a grace period."""
-    if work.done():
-        return
-    logger.info("stopping: finishing the batch in hand")
-    try:
-        await asyncio.wait_for(work, SHUTDOWN_GRACE_S)
-    except TimeoutError:
-        logger.warning(
-            "the batch in hand did not finish within %.0fs; it will be replayed on restart",
-            SHUTDOWN_GRACE_S,
-        )

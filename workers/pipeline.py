@@ -88,13 +88,14 @@ class Pipeline:
         self._finished = finished
         self._failed = failed
         self.failure: BaseException | None = None
+        self._abandoned = False  # a stop gave up waiting for the batches finishing
         self._finishing: list[_Finishing] = []  # oldest first
 
     async def run(self, batch: Batch) -> None:
         """Prepare the batch (from the memories of the batches still finishing), wait until
         fewer than ``MAX_FINISHING`` finish, then let it finish in turn. Does nothing once the
         pipeline has failed."""
-        if self.failure is not None or not batch.records:
+        if self.closed or not batch.records:
             return
         # Once a batch's memories are committed, Redis holds them: always so after a rebalance
         # (the revoke drains the pipeline), when another owner may have moved them on.
@@ -108,7 +109,7 @@ class Pipeline:
             self.fail(error, batch.records)
             return
         await self.drain(keep=MAX_FINISHING - 1)
-        if self.failure is not None:
+        if self.closed:
             return
         this = _Finishing(batch, prepared, self._finishing[-1] if self._finishing else None)
         this.task = asyncio.ensure_future(self._finish(this))
@@ -123,15 +124,30 @@ class Pipeline:
                 await asyncio.wait([task])  # a cancelled task (after a failure) is done too
             self._finishing.pop(0)
 
+    @property
+    def closed(self) -> bool:
+        """Whether nothing more may start or commit: after a failure, or once abandoned."""
+        return self.failure is not None or self._abandoned
+
+    def abandon(self) -> None:
+        """Cancel every batch still finishing and commit nothing more: a stop that cannot wait
+        any longer (their events come again from the committed offsets, and the fences drop
+        what was applied already)."""
+        self._abandoned = True
+        self._cancel_finishing()
+
+    def _cancel_finishing(self) -> None:
+        current = asyncio.current_task()
+        for finishing in self._finishing:
+            if finishing.task is not None and finishing.task is not current:
+                finishing.task.cancel()
+
     def fail(self, error: BaseException, records: Sequence[Consumed] = ()) -> None:
         """Stop: log why, then commit nothing more: start no batch and cancel every batch
         still finishing (whatever of theirs was not committed comes again from the committed
         offsets, and the fences drop what was), and tell ``failed``. Only the first failure
         is told; every one cancels what is still finishing."""
-        current = asyncio.current_task()
-        for finishing in self._finishing:
-            if finishing.task is not None and finishing.task is not current:
-                finishing.task.cancel()
+        self._cancel_finishing()
         if self.failure is not None:
             return
         self.failure = error
@@ -163,14 +179,14 @@ class Pipeline:
             this.emitted.set()
             if before is not None and not await _reached(before, before.committed):
                 return
-            if self.failure is not None:  # cancelled too: this holds if a cancellation is lost
+            if self.closed:  # cancelled too: this holds if a cancellation is lost
                 return
             report = await self.processor.commit(this.prepared)
             this.committed.set()
             if before is not None and before.task is not None:
                 await before.task  # its offsets are committed
                 this.before = None  # nothing keeps the batches before alive
-            if self.failure is not None:
+            if self.closed:
                 return
             started = time.perf_counter()
             await self._commit_offsets(this.batch.offsets)
