@@ -40,7 +40,7 @@ from typing import IO, Any, Self, TypeVar
 
 from stream_lstm.exceptions import BrokerError
 from workers.connection import KafkaConnection
-from workers.dev.services import free_port, kafka_answers
+from workers.dev.services import free_port, kafka_answers, stop_process
 
 __all__ = ["KAFKA_VERSION", "ApacheKafka", "KafkaTls", "apache_kafka_missing", "kafka_jars"]
 
@@ -461,13 +461,8 @@ class ApacheKafka:
             if node.process is not None and node.process.poll() is None:
                 node.process.terminate()
         for node in self._nodes:
-            if node.process is not None:
-                try:
-                    node.process.wait(20)
-                except subprocess.TimeoutExpired:
-                    logger.warning("Kafka node %d ignored SIGTERM for 20s: killed", node.node_id)
-                    node.process.kill()
-                    node.process.wait()
+            if node.process is not None:  # signalled above: the nodes stop side by side
+                stop_process(node.process, f"Kafka node {node.node_id}", 20, sig=None)
                 node.process = None
             if node.log is not None:
                 node.log.close()

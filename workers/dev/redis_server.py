@@ -27,10 +27,8 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -44,7 +42,7 @@ from urllib.parse import quote, urlencode
 import redis
 
 from stream_lstm.exceptions import StoreError
-from workers.dev.services import free_port
+from workers.dev.services import free_port, stop_process
 
 __all__ = ["RedisClusterServer", "RedisServer", "TLSFiles"]
 
@@ -350,12 +348,7 @@ class RedisServer:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process(process, self.binary.name, 10)
         logger.info("%s on port %s stopped", self.binary.name, self._port)
 
     def _log_tail(self) -> str:

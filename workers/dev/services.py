@@ -1,17 +1,23 @@
 """What the local services started for demos, benchmarks and tests share: a free port, a probe
-that a Kafka broker answers, and the `Broker` protocol both broker launchers implement."""
+that a Kafka broker answers, how a process we started is stopped, and the `Broker` protocol both
+broker launchers implement."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import signal
 import socket
 import struct
+import subprocess
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from workers.connection import KafkaConnection
 
-__all__ = ["Broker", "dead_port", "free_port", "kafka_answers"]
+__all__ = ["Broker", "dead_port", "free_port", "kafka_answers", "stop_process"]
+
+logger = logging.getLogger(__name__)
 
 _HOST = "127.0.0.1"
 _API_VERSIONS = 18  # Kafka protocol API key
@@ -32,6 +38,25 @@ def dead_port() -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
         yield sock.getsockname()[1]
+
+
+def stop_process(
+    process: subprocess.Popen[Any],
+    what: str,
+    timeout_s: float,
+    sig: int | None = signal.SIGTERM,
+) -> int | None:
+    """Signal a process we started (``sig``; None: it was signalled already) and wait for it;
+    SIGKILL it when it outlives ``timeout_s``. Its exit status, None when it had to be killed."""
+    if sig is not None and process.poll() is None:
+        process.send_signal(sig)
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("%s (pid %d) did not stop within %gs: killed", what, process.pid, timeout_s)
+        process.kill()
+        process.wait()
+        return None
 
 
 def kafka_answers(host: str, port: int, timeout: float) -> bool:

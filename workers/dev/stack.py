@@ -25,7 +25,7 @@ from typing import Any, Literal, Self
 from stream_lstm.exceptions import StreamLSTMError
 from workers.dev.apache_kafka import ApacheKafka
 from workers.dev.redis_server import RedisServer
-from workers.dev.services import Broker, free_port
+from workers.dev.services import Broker, free_port, stop_process
 from workers.dev.tansu import TansuBroker
 
 logger = logging.getLogger(__name__)
@@ -114,17 +114,7 @@ class WorkerProcess:
         """Signal the worker and wait; kill it when it outlives ``timeout_s``. Its exit status."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            logger.warning(
-                "worker %d ignored signal %d for %.0fs: killed", self.process.pid, sig, timeout_s
-            )
-            self.process.kill()
-            self.process.wait()
-            return None
+        return stop_process(self.process, "worker", timeout_s, sig)
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""

@@ -26,7 +26,7 @@ from typing import IO, Self
 
 from stream_lstm.exceptions import BrokerError
 from workers.connection import KafkaConnection
-from workers.dev.services import free_port, kafka_answers
+from workers.dev.services import free_port, kafka_answers, stop_process
 
 __all__ = ["TansuBroker", "find_tansu"]
 
@@ -169,15 +169,7 @@ class TansuBroker:
         """Stop the broker by PID: SIGTERM, wait, then SIGKILL if it hangs. Idempotent."""
         proc, self._proc, self._port = self._proc, None, None
         if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(self._stop_timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning(
-                    "Tansu pid %s ignored SIGTERM for %ss; killing it", proc.pid, self._stop_timeout
-                )
-                proc.kill()
-                proc.wait()
+            stop_process(proc, "Tansu broker", self._stop_timeout)
             logger.info("Tansu broker pid %s stopped (exit %s)", proc.pid, proc.returncode)
         if self._log is not None:
             self._log.close()
