@@ -26,7 +26,7 @@ from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from state import codec, scripts
-from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
+from state.codec import I64, MemoryBatch, MemoryUpdates, StoredMemory
 from state.connection import error_chain, refusal, scrubbed, why_refused
 from state.keys import KeyLayout
 from stream_lstm.exceptions import (
@@ -84,8 +84,15 @@ class Backend(ABC, Generic[Client]):
         """The stored memories of these (one or more) entities; see ``MemoryStore.load_many``."""
 
     @abstractmethod
-    async def commit(self, updates: MemoryUpdates, loaded: MemoryBatch | None) -> list[int]:
-        """The fenced write of one or more updates: a code per update (``CommitResult``)."""
+    async def commit(
+        self,
+        updates: MemoryUpdates,
+        keys: list[str],
+        values: list[bytes],
+        loaded: MemoryBatch | None,
+    ) -> I64:
+        """The fenced write of one or more updates, already encoded (``values``, under
+        ``keys``): a code per update (``CommitResult``)."""
 
     @abstractmethod
     def reset_keys(self, entity_id: str) -> list[str]:

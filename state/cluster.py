@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     ClusterDownError,
@@ -37,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from state import codec
 from state.backend import SCAN_COUNT, Backend
-from state.codec import MemoryBatch, MemoryUpdates
+from state.codec import I64, MemoryBatch, MemoryUpdates
 from state.connection import BACKOFF_BASE_S, BACKOFF_CAP_S, refusal
 from stream_lstm.exceptions import StoreError
 
@@ -100,16 +100,21 @@ class Cluster(Backend[RedisCluster]):
         )
         return codec.decode_many(entity_ids, values, layers, hidden, self.code)
 
-    async def commit(self, updates: MemoryUpdates, loaded: MemoryBatch | None) -> list[int]:
-        keys = self.keys.memories(updates.entity_ids)
-        values = codec.encode_many(updates, time.time(), self.code)
+    async def commit(
+        self,
+        updates: MemoryUpdates,
+        keys: list[str],
+        values: list[bytes],
+        loaded: MemoryBatch | None,
+    ) -> I64:
         slots: dict[int, list[int]] = {}
         for row, key in enumerate(keys):
             slots.setdefault(self.redis.keyslot(key), []).append(row)
         commit = _SlotCommit(keys, values, [0] * len(keys), list(slots.values()))
-        return await self.call(
+        answer = await self.call(
             f"commit_many of {len(keys)} entities", lambda: self._commit_slots(commit)
         )
+        return np.asarray(answer, dtype=np.int64)
 
     async def _commit_slots(self, commit: _SlotCommit) -> list[int]:
         """The fenced script once per slot, one pipeline per node; codes in the batch's order.

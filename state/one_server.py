@@ -23,7 +23,7 @@ from redis.exceptions import WatchError
 from state import codec
 from state.backend import APPLIED, SCAN_COUNT, Backend
 from state.cache import MemoryCache
-from state.codec import MemoryBatch, MemoryUpdates
+from state.codec import I64, MemoryBatch, MemoryUpdates
 from state.durability import Durability
 from state.keys import KeyLayout
 from stream_lstm.exceptions import StoreError, StoreUnavailableError
@@ -112,9 +112,13 @@ class OneServer(Backend[Redis]):
             self.cache.check_outside_writes(values[-1])
         return dataclasses.replace(memories, partition_fences=fences, outside_writes=values[-1])
 
-    async def commit(self, updates: MemoryUpdates, loaded: MemoryBatch | None) -> list[int]:
-        keys = self.keys.memories(updates.entity_ids)
-        values = codec.encode_many(updates, time.time(), self.code)
+    async def commit(
+        self,
+        updates: MemoryUpdates,
+        keys: list[str],
+        values: list[bytes],
+        loaded: MemoryBatch | None,
+    ) -> I64:
         what = f"commit_many of {len(keys)} entities"
         cache = self.cache
         sent = time.monotonic()  # before Redis sets any TTL: cached entries age no slower
@@ -122,14 +126,15 @@ class OneServer(Backend[Redis]):
         if self.durability is not None and self.run_id is None:
             self.run_id = await self.call("run id", self._server_run_id)
         try:
-            codes = await self.call(what, lambda: self._commit(keys, values, updates, loaded))
+            answer = await self.call(what, lambda: self._commit(keys, values, updates, loaded))
             await self._make_durable(what)
         except BaseException:
             if cache is not None:
                 cache.evict(updates.entity_ids)  # written or not: read them back
             raise
+        codes = np.asarray(answer, dtype=np.int64)
         if cache is not None:
-            cache.put(updates, np.asarray(codes) == APPLIED, sent, generation)
+            cache.put(updates, codes == APPLIED, sent, generation)
         return codes
 
     async def _commit(

@@ -25,6 +25,7 @@ StoreRefusedError at once. Errors and logs name the URL without its passwords.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -252,7 +253,9 @@ class MemoryStore:
         """
         if not updates.entity_ids:
             return CommitResult(updates.entity_ids, np.zeros(0, dtype=np.int64))
-        codes = np.asarray(await self._backend.commit(updates, loaded), dtype=np.int64)
+        keys = self._backend.keys.memories(updates.entity_ids)
+        values = codec.encode_many(updates, time.time(), self._backend.code)
+        codes = await self._backend.commit(updates, keys, values, loaded)
         if (codes < 0).any():
             foreign = [updates.entity_ids[i] for i in np.flatnonzero(codes < 0).tolist()]
             raise StoreError(

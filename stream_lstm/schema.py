@@ -105,7 +105,7 @@ def fast_struct(
     fixes: the feature count's), an alias, a default factory, a generic other than a list or a
     union.
     """
-    return _struct(model, lengths or {}) if lengths else _nested_struct(model)
+    return _struct(model, lengths) if lengths else _nested_struct(model)
 
 
 def _struct(model: type[BaseModel], lengths: Mapping[str, int]) -> type[msgspec.Struct]:
