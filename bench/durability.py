@@ -58,7 +58,9 @@ async def commit_times(url: str, size: int, hidden: int, min_s: float) -> dict[s
         for durability, store in stores.items():
             batch = batches[durability]
             await store.commit_many(batch)  # the partition's fence: then the fast commit
-            loaded[durability] = await store.load_many(batch.entity_ids, 1, hidden, partitions={0})
+            loaded[durability] = await store.load_many(
+                batch.entity_ids, batch.shape, partitions={0}
+            )
         while pending := [
             d for d, spent in times.items() if sum(spent) < min_s or len(spent) < MIN_ROUNDS
         ]:

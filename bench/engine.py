@@ -22,7 +22,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import machine, write_section
-from stream_lstm.engine import Events, Memory, step
+from stream_lstm.engine import Events, step, views
+from stream_lstm.memories import Memories
 from stream_lstm.model import StreamModel
 
 SIZES = (1, 16, 256, 1024, 4096)
@@ -30,18 +31,19 @@ SIZES = (1, 16, 256, 1024, 4096)
 
 def per_event_us(model: StreamModel, entities: int, per_call: int, min_s: float = 0.5) -> float:
     """Mean microseconds per event, stepping ``entities`` in calls of ``per_call`` entities."""
-    memory = Memory.zeros(per_call, model.num_layers, model.hidden_size)
+    ids = [f"user-{k:08d}" for k in range(per_call)]
+    states, steps = views(Memories.zeros(ids, model.shape))  # as the worker steps its memories
     events = Events(
         torch.arange(per_call),
         torch.randn(per_call, model.input_size),
         torch.zeros(per_call, dtype=torch.bool),
     )
     calls = max(1, entities // per_call)
-    step(model, events, memory)  # warm up
+    step(model, events, states, steps)  # warm up
     rounds, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < min_s or rounds == 0:
         for _ in range(calls):
-            step(model, events, memory)
+            step(model, events, states, steps)
         rounds += 1
     return elapsed / (rounds * calls * per_call) * 1e6
 

@@ -29,9 +29,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import machine, write_section
-from state import MemoryStore, MemoryUpdates
+from state import MemoryStore
 from state.keys import KeyLayout
-from stream_lstm.engine import Events, Memory, step
+from stream_lstm.engine import Events, States, step
+from stream_lstm.memories import Memories
 from stream_lstm.model import StreamModel
 from workers.dev.redis_server import RedisServer, server_binaries
 
@@ -46,10 +47,12 @@ async def bytes_per_entity(url: str, layers: int, hidden: int, dtype: str) -> fl
     namespace = f"fp-{layers}x{hidden}-{dtype}"
     ids = [f"user-{k:08d}" for k in range(ENTITIES)]
     rng = np.random.default_rng(0)
-    updates = MemoryUpdates(
+    updates = Memories(
         ids,
-        rng.normal(size=(ENTITIES, layers, hidden)).astype(np.float32),
-        rng.normal(size=(ENTITIES, layers, hidden)).astype(np.float32),
+        (
+            rng.normal(size=(ENTITIES, layers, hidden)).astype(np.float32),  # LTM
+            rng.normal(size=(ENTITIES, layers, hidden)).astype(np.float32),  # STM
+        ),
         np.ones(ENTITIES, dtype=np.int64),
         np.zeros(ENTITIES, dtype=np.int64),
         np.arange(ENTITIES, dtype=np.int64),
@@ -71,8 +74,9 @@ def drift() -> dict[str, float]:
         nn.LSTM(32, 128), nn.Linear(128, 8), labels=[f"label-{k}" for k in range(8)]
     )
     rows = torch.arange(DRIFT_ENTITIES)
-    exact = Memory.zeros(DRIFT_ENTITIES, 1, 128)
-    rounded = Memory.zeros(DRIFT_ENTITIES, 1, 128)
+    zeros: States = tuple(torch.zeros(DRIFT_ENTITIES, 1, 128) for _ in model.states)
+    exact, rounded = zeros, zeros  # each (E, L, H): the LTM, then the STM
+    exact_steps = rounded_steps = torch.zeros(DRIFT_ENTITIES, dtype=torch.int64)
     memory_error: list[float] = []
     worst_output = 0.0
     disagreements = 0
@@ -80,13 +84,12 @@ def drift() -> dict[str, float]:
         events = Events(
             rows, torch.randn(DRIFT_ENTITIES, 32), torch.zeros(DRIFT_ENTITIES, dtype=torch.bool)
         )
-        a = step(model, events, exact)
-        b = step(model, events, rounded)
-        exact = a.memory
-        rounded = Memory(
-            b.memory.ltm.half().float(), b.memory.stm.half().float(), b.memory.step
-        )  # what a float16 store gives back
-        memory_error.append(float((exact.ltm - rounded.ltm).abs().max()))
+        a = step(model, events, exact, exact_steps)
+        b = step(model, events, rounded, rounded_steps)
+        exact, exact_steps = a.states, a.steps
+        rounded = tuple(state.half().float() for state in b.states)  # as a float16 store gives
+        rounded_steps = b.steps
+        memory_error.append(float((exact[0] - rounded[0]).abs().max()))  # the LTM
         worst_output = max(worst_output, float((a.output - b.output).abs().max()))
         disagreements += int((a.output.argmax(1) != b.output.argmax(1)).sum())
     return {

@@ -32,8 +32,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import machine, write_section
-from stream_lstm.engine import Events, Memory, step
+from stream_lstm.engine import Events, States, step
 from stream_lstm.model import StreamModel
+
+Batch = tuple[Events, States, torch.Tensor]
+"""Events, the states of their entities (each (E, L, H)) and the entities' steps (E,)."""
 
 
 def per_step_ms(run: Callable[[], object], sync: Callable[[], None], min_s: float = 0.3) -> float:
@@ -49,7 +52,7 @@ def per_step_ms(run: Callable[[], object], sync: Callable[[], None], min_s: floa
     return elapsed / calls * 1e3
 
 
-def host_batch(model: StreamModel, entities: int, per_entity: int) -> tuple[Events, Memory]:
+def host_batch(model: StreamModel, entities: int, per_entity: int) -> Batch:
     """``per_entity`` events for each of ``entities`` entities, interleaved, and their memories."""
     n = entities * per_entity
     events = Events(
@@ -57,28 +60,28 @@ def host_batch(model: StreamModel, entities: int, per_entity: int) -> tuple[Even
         torch.randn(n, model.input_size),
         torch.zeros(n, dtype=torch.bool),
     )
-    memory = Memory(
-        torch.randn(entities, model.num_layers, model.hidden_size),
-        torch.randn(entities, model.num_layers, model.hidden_size).tanh(),
-        torch.zeros(entities, dtype=torch.int64),
-    )
-    return events, memory
+    shape = (entities, model.num_layers, model.hidden_size)
+    states = (torch.randn(shape), torch.randn(shape).tanh())  # the LTM, then the STM
+    return events, states, torch.zeros(entities, dtype=torch.int64)
 
 
-def on_device(events: Events, memory: Memory, device: torch.device) -> tuple[Events, Memory]:
+def on_device(batch: Batch, device: torch.device) -> Batch:
     """The same batch with every tensor on ``device``: memories a GPU-resident cache would hold."""
+    events, states, steps = batch
     return (
         Events(*(t.to(device) for t in (events.entity, events.features, events.reset))),
-        Memory(*(t.to(device) for t in (memory.ltm, memory.stm, memory.step))),
+        tuple(state.to(device) for state in states),
+        steps.to(device),
     )
 
 
-def lstm_step(model: StreamModel, events: Events, memory: Memory) -> Callable[[], object]:
+def lstm_step(model: StreamModel, events: Events, states: States) -> Callable[[], object]:
     """One time step of ``nn.LSTM`` and the readout, on tensors already on the model's device."""
     device = model.device
+    ltm, stm = states
     x = events.features.to(device).unsqueeze(0)  # (1, E, I)
-    h0 = memory.stm.to(device).transpose(0, 1).contiguous()  # (L, E, H)
-    c0 = memory.ltm.to(device).transpose(0, 1).contiguous()
+    h0 = stm.to(device).transpose(0, 1).contiguous()  # (L, E, H)
+    c0 = ltm.to(device).transpose(0, 1).contiguous()
 
     def run() -> object:
         with torch.inference_mode():
@@ -90,18 +93,18 @@ def lstm_step(model: StreamModel, events: Events, memory: Memory) -> Callable[[]
 
 def check_same(cpu: StreamModel, gpu: StreamModel) -> float:
     """Largest difference between CPU and GPU over an interleaved batch with resets."""
-    events, memory = host_batch(cpu, 512, 6)
+    events, states, steps = host_batch(cpu, 512, 6)
     events = Events(events.entity, events.features, torch.rand(events.reset.shape) < 0.1)
-    on_cpu, on_gpu = step(cpu, events, memory), step(gpu, events, memory)
+    on_cpu, on_gpu = step(cpu, events, states, steps), step(gpu, events, states, steps)
     diff = max(
         float((a - b).abs().max())
         for a, b in [
             (on_cpu.output, on_gpu.output),
-            (on_cpu.memory.ltm, on_gpu.memory.ltm),
-            (on_cpu.memory.stm, on_gpu.memory.stm),
+            *zip(on_cpu.states, on_gpu.states, strict=True),
         ]
     )
-    if diff > 1e-4 or not torch.equal(on_cpu.step, on_gpu.step):
+    same_steps = torch.equal(on_cpu.step, on_gpu.step) and torch.equal(on_cpu.steps, on_gpu.steps)
+    if diff > 1e-4 or not same_steps:
         sys.exit(f"the GPU step differs from the CPU step by {diff:.2e}")
     return diff
 
@@ -139,12 +142,13 @@ def main() -> None:
     ]
     cases = [(int(s), 1) for s in args.sizes.split(",")] + [(16384, 4)]
     for entities, per_entity in cases:
-        events, memory = host_batch(cpu, entities, per_entity)
-        on_cpu = per_step_ms(partial(step, cpu, events, memory), no_sync)
-        on_gpu = per_step_ms(partial(step, gpu, events, memory), sync)
-        resident = per_step_ms(partial(step, gpu, *on_device(events, memory, gpu.device)), sync)
+        batch = host_batch(cpu, entities, per_entity)
+        events, states, _ = batch
+        on_cpu = per_step_ms(partial(step, cpu, *batch), no_sync)
+        on_gpu = per_step_ms(partial(step, gpu, *batch), sync)
+        resident = per_step_ms(partial(step, gpu, *on_device(batch, gpu.device)), sync)
         n = entities * per_entity
-        cudnn = "" if per_entity > 1 else f"{per_step_ms(lstm_step(gpu, events, memory), sync):.3f}"
+        cudnn = "" if per_entity > 1 else f"{per_step_ms(lstm_step(gpu, events, states), sync):.3f}"
         line = (
             f"| {entities} | {n} | {on_cpu:.2f} | {on_gpu:.3f} | {resident:.3f} | {cudnn} "
             f"| {on_cpu / on_gpu:.1f}x | {on_cpu / resident:.0f}x |"

@@ -36,8 +36,9 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import machine, write_section
-from state import MemoryStore, MemoryUpdates, codec
+from state import MemoryStore, codec
 from state.keys import KeyLayout
+from stream_lstm.memories import Memories
 from workers.dev.redis_server import RedisServer
 
 SIZES = (1, 256, 1024, 4096)
@@ -45,12 +46,16 @@ NAMESPACE, MODEL_VERSION = "bench", "v1"
 FAST_OFFSETS = 1 << 40
 
 
-def updates(size: int, layers: int, hidden: int) -> MemoryUpdates:
+def updates(size: int, layers: int, hidden: int) -> Memories:
+    """Memories of ``size`` entities with an LSTM's two states (LTM, STM), fenced on
+    partition 0."""
     rng = np.random.default_rng(0)
-    return MemoryUpdates(
+    return Memories(
         entity_ids=[f"user-{i:08d}" for i in range(size)],
-        ltm=rng.standard_normal((size, layers, hidden), dtype=np.float32),
-        stm=rng.standard_normal((size, layers, hidden), dtype=np.float32),
+        states=(
+            rng.standard_normal((size, layers, hidden), dtype=np.float32),  # LTM
+            rng.standard_normal((size, layers, hidden), dtype=np.float32),  # STM
+        ),
         step=np.ones(size, dtype=np.int64),
         fence_partition=np.zeros(size, dtype=np.int64),
         fence_offset=np.zeros(size, dtype=np.int64),
@@ -71,7 +76,7 @@ async def measure(url: str, size: int, layers: int, hidden: int, min_s: float) -
     """[batched load, per-key load, batched commit, per-key commit, fast commit, cached load],
     entities/s."""
     batch = updates(size, layers, hidden)
-    ids = batch.entity_ids
+    ids, shape = batch.entity_ids, batch.shape
     keys = KeyLayout(NAMESPACE, MODEL_VERSION).memories(ids)
     values = codec.encode_many(batch, time.time())
     async with MemoryStore(url, NAMESPACE, MODEL_VERSION) as store, Redis.from_url(url) as client:
@@ -83,8 +88,8 @@ async def measure(url: str, size: int, layers: int, hidden: int, min_s: float) -
             assert result.applied.all(), "a benchmark commit was stale"
 
         async def load_batched(round_: int) -> None:
-            loaded = await store.load_many(ids, layers, hidden)
-            assert loaded.found.all(), "a benchmark entity was missing"
+            loaded = await store.load_many(ids, shape)
+            assert loaded.memories.found.all(), "a benchmark entity was missing"
 
         async def commit_per_key(round_: int) -> None:
             for key, value in zip(keys, values, strict=True):
@@ -96,7 +101,7 @@ async def measure(url: str, size: int, layers: int, hidden: int, min_s: float) -
 
         commit = await rate(size, commit_batched, min_s)
         load = await rate(size, load_batched, min_s)
-        loaded = await store.load_many(ids, layers, hidden, partitions={0})  # the script's fence
+        loaded = await store.load_many(ids, shape, partitions={0})  # the script's fence
 
         async def commit_fast(round_: int) -> None:
             batch.fence_offset[:] = FAST_OFFSETS + round_  # past every fence the script left
@@ -111,8 +116,8 @@ async def measure(url: str, size: int, layers: int, hidden: int, min_s: float) -
         await cached.commit_many(batch)
 
         async def load_cached(round_: int) -> None:
-            loaded = await cached.load_many(ids, layers, hidden, partitions={0})
-            assert loaded.found.all(), "a benchmark entity was missing"
+            loaded = await cached.load_many(ids, shape, partitions={0})
+            assert loaded.memories.found.all(), "a benchmark entity was missing"
 
         load_cache = await rate(size, load_cached, min_s)
     return [load, load_one, commit, commit_one, fast, load_cache]

@@ -1,14 +1,7 @@
-"""The memory store: each entity's LSTM memories in Redis, fenced against stale writers."""
+"""The memory store: each entity's memories in Redis, fenced against stale writers."""
 
-from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
+from state.codec import StoredMemory
 from state.connection import without_password
-from state.store import CommitResult, MemoryStore
+from state.store import CommitResult, Loaded, MemoryStore
 
-__all__ = [
-    "CommitResult",
-    "MemoryBatch",
-    "MemoryStore",
-    "MemoryUpdates",
-    "StoredMemory",
-    "without_password",
-]
+__all__ = ["CommitResult", "Loaded", "MemoryStore", "StoredMemory", "without_password"]

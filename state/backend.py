@@ -16,7 +16,8 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
 from redis.asyncio import Redis
@@ -26,7 +27,7 @@ from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from state import codec, scripts
-from state.codec import I64, MemoryBatch, MemoryUpdates, StoredMemory
+from state.codec import StoredMemory
 from state.connection import error_chain, refusal, scrubbed, why_refused
 from state.keys import KeyLayout
 from stream_lstm.exceptions import (
@@ -35,8 +36,9 @@ from stream_lstm.exceptions import (
     StoreRefusedError,
     StoreUnavailableError,
 )
+from stream_lstm.memories import I64, Memories, Shape
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "Loaded"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,21 @@ Client = TypeVar("Client", Redis, RedisCluster)
 SCAN_COUNT = 1000
 STALE, APPLIED, MOVED = 0, 1, 2
 """The commit script's code for each update (``CommitResult``); -1: a value not ours."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Loaded:
+    """What a load read: the memories, and what a commit of the batch may need to know of
+    how they were read (``MemoryStore.commit_many``)."""
+
+    memories: Memories
+    partition_fences: Mapping[int, int | None] = field(default_factory=dict)
+    """The fences of the partitions the load was asked for (None: no commit yet); one server
+    only."""
+    outside_writes: bytes | None = None
+    """The namespace's count of writes no partition owner sees coming, as the load read it."""
+    cached: int = 0
+    """How many of the memories came from the worker's memory cache, not from Redis."""
 
 
 class Backend(ABC, Generic[Client]):
@@ -79,17 +96,17 @@ class Backend(ABC, Generic[Client]):
 
     @abstractmethod
     async def load(
-        self, entity_ids: Sequence[str], layers: int, hidden: int, partitions: Collection[int]
-    ) -> MemoryBatch:
+        self, entity_ids: Sequence[str], shape: Shape, partitions: Collection[int]
+    ) -> Loaded:
         """The stored memories of these (one or more) entities; see ``MemoryStore.load_many``."""
 
     @abstractmethod
     async def commit(
         self,
-        updates: MemoryUpdates,
+        updates: Memories,
         keys: list[str],
         values: list[bytes],
-        loaded: MemoryBatch | None,
+        loaded: Loaded | None,
     ) -> I64:
         """The fenced write of one or more updates, already encoded (``values``, under
         ``keys``): a code per update (``CommitResult``)."""
@@ -133,7 +150,7 @@ class Backend(ABC, Generic[Client]):
         if value is None:
             return None
         try:
-            return codec.decode(cast("bytes", value))
+            return codec.decode(cast("bytes", value), entity_id)
         except StoreError as error:
             raise StoreError(f"entity {entity_id!r}: {error}") from None
 

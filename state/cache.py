@@ -22,19 +22,17 @@ filled (first in, first out), so the cache never grows past ``capacity`` entitie
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from state.codec import F32, I64, MemoryBatch, MemoryUpdates
+from stream_lstm.memories import I64, NO_FENCE, Memories, Shape
 
 __all__ = ["MemoryCache"]
-
-T = TypeVar("T", bound=np.generic)
 
 
 class MemoryCache:
@@ -59,12 +57,7 @@ class MemoryCache:
         self._slots: dict[str, int] = {}
         self._owners: list[str | None] = [None] * capacity
         self._next = 0  # the slot filled next, evicting its owner
-        self._shape: tuple[int, int] | None = None
-        self._ltm: F32 = np.empty((0, 0, 0), dtype=np.float32)
-        self._stm: F32 = np.empty((0, 0, 0), dtype=np.float32)
-        self._step: I64 = np.empty(0, dtype=np.int64)
-        self._fence_partition: I64 = np.empty(0, dtype=np.int64)
-        self._fence_offset: I64 = np.empty(0, dtype=np.int64)
+        self._entries = Memories.zeros([], Shape(1, 0, 0))  # row: slot; allocated by shape
         self._written: npt.NDArray[np.float64] = np.empty(0, dtype=np.float64)
 
     def __len__(self) -> int:
@@ -77,9 +70,9 @@ class MemoryCache:
             self.clear()
             self._outside_writes = counter
 
-    def find(self, entity_ids: Sequence[str], layers: int, hidden: int) -> I64:
+    def find(self, entity_ids: Sequence[str], shape: Shape) -> I64:
         """Each entity's slot, or -1 where it is not cached (or its entry is too old to use)."""
-        if self._shape != (layers, hidden) or not self._slots:
+        if self._entries.shape != shape or not self._slots:
             return np.full(len(entity_ids), -1, dtype=np.int64)
         slots = self._lookup(entity_ids)  # (E,)
         if self.ttl_s is not None:
@@ -88,23 +81,18 @@ class MemoryCache:
             slots[hit[expired]] = -1
         return slots
 
-    def take(self, entity_ids: Sequence[str], slots: I64) -> MemoryBatch:
-        """The entries at ``slots`` (from ``find``) as a batch; where a slot is -1 the row is
-        not found, and holds whatever, for the caller to fill."""
-        return MemoryBatch(
-            entity_ids,
-            self._ltm[slots],
-            self._stm[slots],
-            self._step[slots],
-            self._fence_partition[slots],
-            self._fence_offset[slots],
-            slots >= 0,
-            cached=int(np.count_nonzero(slots >= 0)),
-        )
+    def take(self, entity_ids: Sequence[str], slots: I64) -> Memories:
+        """The entries at ``slots`` (from ``find``) for these entities; where a slot is -1 the
+        row is not found (no fence), its states whatever, for the caller to fill."""
+        taken = dataclasses.replace(self._entries.take(slots), entity_ids=entity_ids)
+        missed = slots < 0
+        taken.fence_partition[missed] = NO_FENCE
+        taken.fence_offset[missed] = NO_FENCE
+        return taken
 
     def put(
         self,
-        updates: MemoryUpdates,
+        updates: Memories,
         applied: npt.NDArray[np.bool_],
         written: float,
         generation: int,
@@ -113,14 +101,14 @@ class MemoryCache:
         the cache was at ``generation``; evict the others: a newer fence is stored for them.
 
         An entity that appears more than once is evicted too: which of its updates Redis kept
-        is the fences' business, not the cache's. So is one with more fences (format 2): the
+        is the fences' business, not the cache's. So is one with more fences (format 2 or 4): the
         cache holds one fence an entity.
         """
         if generation != self.generation:
             return
-        e, layers, hidden = updates.ltm.shape
-        if self._shape != (layers, hidden):
-            self._allocate(layers, hidden)
+        e = len(updates)
+        if self._entries.shape != updates.shape:
+            self._allocate(updates.shape)
         ids = updates.entity_ids
         keep = applied.copy()  # (E,)
         if len(set(ids)) != e:
@@ -130,24 +118,18 @@ class MemoryCache:
         keep[np.flatnonzero(keep)[: -self.capacity]] = False  # more than fit: the last ones
         self.evict([ids[r] for r in np.flatnonzero(~keep).tolist()])
         rows = np.flatnonzero(keep)
-        every = len(rows) == e  # as it usually is: no copies
-
-        def kept(column: npt.NDArray[T]) -> npt.NDArray[T]:
-            return column if every else column[rows]
-
-        slots = self._lookup(ids if every else [ids[r] for r in rows.tolist()])
+        kept = updates if len(rows) == e else updates.take(rows)  # as it usually is: no copies
+        slots = self._lookup(kept.entity_ids)
         for at in np.flatnonzero(slots < 0).tolist():  # new entities take the oldest slots
-            slots[at] = self._slot(ids[rows[at]])
-        ltm, stm = kept(updates.ltm), kept(updates.stm)
+            slots[at] = self._slot(kept.entity_ids[at])
         if self.rounding is not None:  # as the codec stores them: saturated, then rounded
             top = float(np.finfo(self.rounding).max)
-            ltm = np.clip(ltm, -top, top).astype(self.rounding)
-            stm = np.clip(stm, -top, top).astype(self.rounding)
-        self._ltm[slots] = ltm
-        self._stm[slots] = stm
-        self._step[slots] = kept(updates.step)
-        self._fence_partition[slots] = kept(updates.fence_partition)
-        self._fence_offset[slots] = kept(updates.fence_offset)
+            rounded = tuple(
+                np.clip(state, -top, top).astype(self.rounding).astype(np.float32)
+                for state in kept.states
+            )
+            kept = dataclasses.replace(kept, states=rounded)
+        self._entries.put(slots, kept)
         self._written[slots] = written
 
     def evict(self, entity_ids: Sequence[str]) -> None:
@@ -179,14 +161,8 @@ class MemoryCache:
         self._slots[entity_id] = slot
         return slot
 
-    def _allocate(self, layers: int, hidden: int) -> None:
+    def _allocate(self, shape: Shape) -> None:
         """Arrays for memories of this shape (a model of another shape starts afresh)."""
         self.clear()
-        n = self.capacity
-        self._shape = (layers, hidden)
-        self._ltm = np.zeros((n, layers, hidden), dtype=np.float32)
-        self._stm = np.zeros((n, layers, hidden), dtype=np.float32)
-        self._step = np.zeros(n, dtype=np.int64)
-        self._fence_partition = np.zeros(n, dtype=np.int64)
-        self._fence_offset = np.zeros(n, dtype=np.int64)
-        self._written = np.zeros(n, dtype=np.float64)
+        self._entries = Memories.zeros([""] * self.capacity, shape)
+        self._written = np.zeros(self.capacity, dtype=np.float64)

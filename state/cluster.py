@@ -36,10 +36,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from state import codec
-from state.backend import SCAN_COUNT, Backend
-from state.codec import I64, MemoryBatch, MemoryUpdates
+from state.backend import SCAN_COUNT, Backend, Loaded
 from state.connection import BACKOFF_BASE_S, BACKOFF_CAP_S, refusal
 from stream_lstm.exceptions import StoreError
+from stream_lstm.memories import I64, Memories, Shape
 
 __all__ = ["Cluster"]
 
@@ -92,20 +92,20 @@ class Cluster(Backend[RedisCluster]):
             delay = min(BACKOFF_CAP_S, 2 * delay)
 
     async def load(
-        self, entity_ids: Sequence[str], layers: int, hidden: int, partitions: Collection[int]
-    ) -> MemoryBatch:
+        self, entity_ids: Sequence[str], shape: Shape, partitions: Collection[int]
+    ) -> Loaded:
         keys = self.keys.memories(entity_ids)
         values = await self.call(
             f"load_many of {len(keys)} entities", lambda: self.redis.mget_nonatomic(keys)
         )
-        return codec.decode_many(entity_ids, values, layers, hidden, self.code)
+        return Loaded(codec.decode_many(entity_ids, values, shape, self.code))
 
     async def commit(
         self,
-        updates: MemoryUpdates,
+        updates: Memories,
         keys: list[str],
         values: list[bytes],
-        loaded: MemoryBatch | None,
+        loaded: Loaded | None,
     ) -> I64:
         slots: dict[int, list[int]] = {}
         for row, key in enumerate(keys):

@@ -30,7 +30,7 @@ from stream_lstm.exceptions import ConfigError
 __all__ = ["KeyLayout"]
 
 MEMORY = "mem"
-"""The key kind of an entity's memory (LTM, STM, step, fence in one value)."""
+"""The key kind of an entity's memory (its states, step and fences in one value)."""
 FENCE = "fence"
 """The key kind of a partition's fence: the highest offset any commit carried for it."""
 OUTSIDE_WRITES = "resets"

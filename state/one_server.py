@@ -21,12 +21,12 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from state import codec
-from state.backend import APPLIED, SCAN_COUNT, Backend
+from state.backend import APPLIED, SCAN_COUNT, Backend, Loaded
 from state.cache import MemoryCache
-from state.codec import I64, MemoryBatch, MemoryUpdates
 from state.durability import Durability
 from state.keys import KeyLayout
 from stream_lstm.exceptions import StoreError, StoreUnavailableError
+from stream_lstm.memories import I64, Memories, Shape
 
 __all__ = ["OneServer"]
 
@@ -60,39 +60,27 @@ class OneServer(Backend[Redis]):
         return await operation()  # redis-py retries lost connections itself
 
     async def load(
-        self, entity_ids: Sequence[str], layers: int, hidden: int, partitions: Collection[int]
-    ) -> MemoryBatch:
+        self, entity_ids: Sequence[str], shape: Shape, partitions: Collection[int]
+    ) -> Loaded:
         cache = self.cache
         if cache is None:
-            return await self._load(entity_ids, layers, hidden, partitions)
-        slots = cache.find(entity_ids, layers, hidden)  # (E,) -1: not cached
-        missed = np.flatnonzero(slots < 0).tolist()
+            return await self._load(entity_ids, shape, partitions)
+        slots = cache.find(entity_ids, shape)  # (E,) -1: not cached
+        missed = np.flatnonzero(slots < 0)
         if len(missed) == len(entity_ids):
-            return await self._load(entity_ids, layers, hidden, partitions)
+            return await self._load(entity_ids, shape, partitions)
         generation = cache.generation
-        memories = await self._load([entity_ids[i] for i in missed], layers, hidden, partitions)
+        read = await self._load([entity_ids[i] for i in missed.tolist()], shape, partitions)
         if cache.generation != generation:  # a reset came since: the cache was cleared
-            return await self._load(entity_ids, layers, hidden, partitions)
-        batch = dataclasses.replace(
-            cache.take(entity_ids, slots),
-            other_fences={missed[row]: f for row, f in memories.other_fences.items()},
-            partition_fences=memories.partition_fences,
-            outside_writes=memories.outside_writes,
-        )
-        if missed:
-            batch.ltm[missed], batch.stm[missed] = memories.ltm, memories.stm
-            batch.step[missed], batch.found[missed] = memories.step, memories.found
-            batch.fence_partition[missed] = memories.fence_partition
-            batch.fence_offset[missed] = memories.fence_offset
-        return batch
+            return await self._load(entity_ids, shape, partitions)
+        memories = cache.take(entity_ids, slots)
+        memories.put(missed, read.memories)
+        cached = len(entity_ids) - len(missed)
+        return dataclasses.replace(read, memories=memories, cached=cached)
 
     async def _load(
-        self,
-        entity_ids: Sequence[str],
-        layers: int,
-        hidden: int,
-        partitions: Collection[int],
-    ) -> MemoryBatch:
+        self, entity_ids: Sequence[str], shape: Shape, partitions: Collection[int]
+    ) -> Loaded:
         """One MGET of the memories, the partitions' fences and the outside-writes counter; a
         counter that moved clears the cache."""
         keys = self.keys.memories(entity_ids)
@@ -105,19 +93,19 @@ class OneServer(Backend[Redis]):
                 lambda: self.redis.mget(keys + fence_keys + [self.keys.outside_writes]),
             ),
         )
-        memories = codec.decode_many(entity_ids, values[: len(keys)], layers, hidden, self.code)
+        memories = codec.decode_many(entity_ids, values[: len(keys)], shape, self.code)
         stored = values[len(keys) : len(keys) + len(fence_keys)]
         fences = {p: None if f is None else int(f) for p, f in zip(fenced, stored, strict=True)}
         if self.cache is not None:
             self.cache.check_outside_writes(values[-1])
-        return dataclasses.replace(memories, partition_fences=fences, outside_writes=values[-1])
+        return Loaded(memories, fences, values[-1])
 
     async def commit(
         self,
-        updates: MemoryUpdates,
+        updates: Memories,
         keys: list[str],
         values: list[bytes],
-        loaded: MemoryBatch | None,
+        loaded: Loaded | None,
     ) -> I64:
         what = f"commit_many of {len(keys)} entities"
         cache = self.cache
@@ -141,8 +129,8 @@ class OneServer(Backend[Redis]):
         self,
         keys: list[str],
         values: list[bytes],
-        updates: MemoryUpdates,
-        loaded: MemoryBatch | None,
+        updates: Memories,
+        loaded: Loaded | None,
     ) -> list[int]:
         """The fast commit where it writes exactly what the script would, else the script.
 
@@ -158,7 +146,8 @@ class OneServer(Backend[Redis]):
             and not updates.spans_partitions()
             and _no_commit_reached([loaded.partition_fences.get(p) for p in bounds], bounds)
         ):
-            absent = {loaded.entity_ids[i] for i in np.flatnonzero(~loaded.found).tolist()}
+            start = loaded.memories
+            absent = {start.entity_ids[i] for i in np.flatnonzero(~start.found).tolist()}
             new = [row for row, e in enumerate(updates.entity_ids) if e in absent]
             written = await self._commit_fast(keys, values, fence_keys, bounds, loaded, new)
             if written is not None:
@@ -184,7 +173,7 @@ class OneServer(Backend[Redis]):
         values: list[bytes],
         fence_keys: list[str],
         bounds: dict[int, tuple[int, int]],
-        loaded: MemoryBatch,
+        loaded: Loaded,
         new: list[int],
     ) -> bool | None:
         """MSET the batch when the script would write every update: True when all of it was
@@ -325,7 +314,7 @@ def _no_commit_reached(fences: Sequence[int | None], bounds: dict[int, tuple[int
     )
 
 
-def _offset_bounds(updates: MemoryUpdates) -> dict[int, tuple[int, int]]:
+def _offset_bounds(updates: Memories) -> dict[int, tuple[int, int]]:
     """Each partition of the updates' fences: (lowest, highest) offset, partitions ascending."""
     bounds: dict[int, tuple[int, int]] = {}
     for partition in np.unique(updates.fence_partition).tolist():

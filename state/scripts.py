@@ -11,20 +11,24 @@ import struct
 from importlib.resources import files
 
 from state import codec
+from stream_lstm.memories import RESETS
 
 __all__ = ["COMMIT", "RESET"]
 
 _CONSTANTS = {
     "header": codec.HEADER_SIZE,
+    "states_header": codec.STATES_HEADER_SIZE,
     "magic": "".join(f"\\{byte}" for byte in codec.MAGIC),
     "v1": codec.FORMAT_VERSION,
     "v2": codec.FORMAT_FENCES,
+    "v3": codec.FORMAT_STATES,
+    "v4": codec.FORMAT_STATES_FENCES,
     "float32": codec.FLOAT32,
     "partition": codec.FENCE_PARTITION_AT + 1,  # Lua strings count from 1
     "offset": codec.FENCE_OFFSET_AT + 1,
     "step": codec.STEP_AT,
-    "resets": codec.RESETS,
-    "resets_bytes": "".join(f"\\{byte}" for byte in struct.pack("<i", codec.RESETS)),
+    "resets": RESETS,
+    "resets_bytes": "".join(f"\\{byte}" for byte in struct.pack("<i", RESETS)),
 }
 
 

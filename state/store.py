@@ -1,4 +1,4 @@
-"""The memory store: each entity's LTM/STM in Redis, loaded and committed a batch at a time.
+"""The memory store: each entity's memories in Redis, loaded and committed a batch at a time.
 
 Fences make commits safe under Kafka's at-least-once delivery. Every stored memory carries the
 (partition, offset) of the last event applied to it on each partition it came from, and a commit
@@ -37,17 +37,18 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from state import codec
-from state.backend import APPLIED, MOVED, STALE, Backend
+from state.backend import APPLIED, MOVED, STALE, Backend, Loaded
 from state.cache import MemoryCache
 from state.cluster import Cluster
-from state.codec import MemoryBatch, MemoryUpdates, StoredMemory
+from state.codec import StoredMemory
 from state.connection import connect, passwords, user_of, without_password
 from state.durability import TIMEOUT_MAX_S, Durability
 from state.keys import KeyLayout
 from state.one_server import OneServer
 from stream_lstm.exceptions import ConfigError, StoreError
+from stream_lstm.memories import Memories, Shape
 
-__all__ = ["APPLIED", "MOVED", "STALE", "CommitResult", "MemoryStore"]
+__all__ = ["APPLIED", "MOVED", "STALE", "CommitResult", "Loaded", "MemoryStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -209,14 +210,10 @@ class MemoryStore:
         await self._backend.aclose()
 
     async def load_many(
-        self,
-        entity_ids: Sequence[str],
-        layers: int,
-        hidden: int,
-        *,
-        partitions: Collection[int] = (),
-    ) -> MemoryBatch:
-        """The stored memories of these entities, in one MGET; zeros where nothing is stored.
+        self, entity_ids: Sequence[str], shape: Shape, *, partitions: Collection[int] = ()
+    ) -> Loaded:
+        """The stored memories of these entities (``shape``: the model's, ``StreamModel.shape``),
+        in one MGET; zeros and no fence where nothing is stored.
 
         ``partitions``: the input partitions of the batch about to be committed; on one server
         their fences come back in ``partition_fences``, in the same MGET, so that
@@ -226,13 +223,12 @@ class MemoryStore:
         Raises StoreError naming the entity when a value does not decode or has another shape.
         """
         if not entity_ids:
-            return codec.decode_many(entity_ids, [], layers, hidden, self._backend.code)
-        return await self._backend.load(entity_ids, layers, hidden, partitions)
+            return Loaded(Memories.zeros(entity_ids, shape))
+        return await self._backend.load(entity_ids, shape, partitions)
 
-    async def commit_many(
-        self, updates: MemoryUpdates, *, loaded: MemoryBatch | None = None
-    ) -> CommitResult:
-        """Write each update whose fences cover the stored ones and pass one, in one script call.
+    async def commit_many(self, updates: Memories, *, loaded: Loaded | None = None) -> CommitResult:
+        """Write each update (a memory with the fences of the last events applied to it) whose
+        fences cover the stored ones and pass one, in one script call.
 
         On a cluster, one script call per slot, pipelined: one round trip per node. Repeats of
         an entity share its slot, so they stay in one call, in order.
@@ -259,8 +255,8 @@ class MemoryStore:
         if (codes < 0).any():
             foreign = [updates.entity_ids[i] for i in np.flatnonzero(codes < 0).tolist()]
             raise StoreError(
-                f"entities {foreign[:5]!r} hold values that are not stream-lstm memories of "
-                f"format {codec.FORMAT_VERSION}; nothing in {self._backend.written} was written"
+                f"entities {foreign[:5]!r} hold values that are not stream-lstm memories; "
+                f"nothing in {self._backend.written} was written"
             )
         return CommitResult(updates.entity_ids, codes)
 

@@ -10,8 +10,10 @@ each entity has exactly one event (event n for entity n, the common case with ma
 the batch is one plain ``nn.LSTM`` time step with no grouping at all.
 
 Tensors are indexed by entity row ``e`` in ``0..E-1`` (the caller's memory rows) and event
-``n`` in ``0..N-1`` (arrival order). Results come back on the device the memories came from:
-the CPU for memories read from Redis, the GPU for memories kept there.
+``n`` in ``0..N-1`` (arrival order). The model's states are a tuple (``States``): the engine
+knows nothing of the cell but its methods (``StreamModel.run_sequence``, ``run_step``).
+Results come back on the device the memories came from: the CPU for memories read from Redis
+(``Memories``, whose states the worker passes as torch views), the GPU for memories kept there.
 """
 
 from __future__ import annotations
@@ -19,38 +21,26 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from stream_lstm.exceptions import ModelError
+from stream_lstm.memories import Memories
 from stream_lstm.model import StreamModel
 
-
-@dataclass(frozen=True)
-class Memory:
-    """Memories of E entities: LTM and STM per layer, and events applied since the last reset."""
-
-    ltm: Tensor  # (E, L, H) float32, cell state c
-    stm: Tensor  # (E, L, H) float32, hidden state h
-    step: Tensor  # (E,) int64
-
-    @classmethod
-    def zeros(cls, entities: int, layers: int, hidden: int) -> Memory:
-        """Memories of entities that have seen nothing yet."""
-        return cls(
-            torch.zeros(entities, layers, hidden),
-            torch.zeros(entities, layers, hidden),
-            torch.zeros(entities, dtype=torch.int64),
-        )
+States: TypeAlias = tuple[Tensor, ...]
+"""The model's states (``StreamModel.states``) of E entities, each (E, L, H): torch views of a
+``Memories``' states, or tensors a GPU keeps."""
 
 
 @dataclass(frozen=True)
 class Events:
     """N events in arrival order, each pointing at its entity's memory row."""
 
-    entity: Tensor  # (N,) int64, row in Memory
+    entity: Tensor  # (N,) int64, the entity's row in the states
     features: Tensor  # (N, I) float32
     reset: Tensor  # (N,) bool, start this entity from zero memory at this event
 
@@ -61,7 +51,15 @@ class StepResult:
 
     output: Tensor  # (N, O) the readout of each event, in arrival order
     step: Tensor  # (N,) int64, 1-based events since the entity's last reset
-    memory: Memory  # (E, ...) rows of entities without events are unchanged
+    states: States  # each (E, L, H): rows of entities without events are unchanged
+    steps: Tensor  # (E,) int64, each entity's events since its last reset
+
+
+def views(memories: Memories) -> tuple[States, Tensor]:
+    """A ``Memories``' states and steps as tensors sharing its arrays: ``step``'s arguments."""
+    return tuple(torch.from_numpy(state) for state in memories.states), torch.from_numpy(
+        memories.step
+    )
 
 
 def entity_rows(entity_ids: Sequence[str]) -> tuple[list[str], Tensor]:
@@ -71,20 +69,21 @@ def entity_rows(entity_ids: Sequence[str]) -> tuple[list[str], Tensor]:
     return list(rows), torch.tensor(index, dtype=torch.int64)
 
 
-def step(model: StreamModel, events: Events, memory: Memory) -> StepResult:
-    """Apply a batch of events to the memories in one call of the model's fused LSTM."""
-    _check(model, events, memory)
+def step(model: StreamModel, events: Events, states: States, steps: Tensor) -> StepResult:
+    """Apply a batch of events to E entities' states (and their (E,) steps) in one call of the
+    model's fused cell."""
+    _check(model, events, states, steps)
     n = events.entity.numel()
     if n == 0:
         empty = torch.empty(0, model.output_size)
-        return StepResult(empty, torch.empty(0, dtype=torch.int64), memory)
+        return StepResult(empty, torch.empty(0, dtype=torch.int64), states, steps)
     device = model.device
     with torch.inference_mode(), _exact_float32(device):
         entity = events.entity.to(device)
         features = events.features.to(device, torch.float32)
         reset = events.reset.to(device, torch.bool)
-        if n == memory.step.numel() and bool((entity == torch.arange(n, device=device)).all()):
-            return _one_event_each(model, features, reset, memory)
+        if n == steps.numel() and bool((entity == torch.arange(n, device=device)).all()):
+            return _one_event_each(model, features, reset, states, steps)
 
         # Group each entity's events, keeping arrival order within the entity.
         order = torch.sort(entity, stable=True).indices  # (N,) grouped position -> event
@@ -116,15 +115,17 @@ def step(model: StreamModel, events: Events, memory: Memory) -> StepResult:
         # A segment after a reset starts from zeros: masked, not multiplied (inf * 0 is NaN).
         fresh = ~seg_from_stored[by_len].to(device)[:, None, None]  # (S, 1, 1)
         rows = seg_entity[by_len]  # (S,)
-        h0 = memory.stm.to(device)[rows].masked_fill(fresh, 0.0).transpose(0, 1).contiguous()
-        c0 = memory.ltm.to(device)[rows].masked_fill(fresh, 0.0).transpose(0, 1).contiguous()
-        packed_out, (h_n, c_n) = model.lstm(PackedSequence(data, batch_sizes.cpu()), (h0, c0))
+        start = tuple(
+            state.to(device)[rows].masked_fill(fresh, 0.0).transpose(0, 1).contiguous()
+            for state in states
+        )  # each (L, S, H)
+        packed_out, final = model.run_sequence(PackedSequence(data, batch_sizes.cpu()), start)
 
         stm_top = torch.empty(n, model.hidden_size, device=device)  # (N, H) in arrival order
         stm_top[order] = packed_out.data[packed_row]
         output = model.readout(stm_top)  # (N, O)
 
-        base = torch.where(seg_from_stored, memory.step.to(device)[seg_entity], 0)  # (S,)
+        base = torch.where(seg_from_stored, steps.to(device)[seg_entity], 0)  # (S,)
         grouped_step = base[seg] + pos + 1  # (N,)
         event_step = torch.empty_like(grouped_step)
         event_step[order] = grouped_step
@@ -132,60 +133,34 @@ def step(model: StreamModel, events: Events, memory: Memory) -> StepResult:
         # An entity's new memory is the final state of its last segment.
         done_entity = ent[last_of_entity]  # (E',)
         done_rank = rank[seg[last_of_entity]]  # (E',)
-        memory_device = memory.ltm.device
+        memory_device = steps.device
         done = done_entity.to(memory_device)
-        ltm, stm, steps = memory.ltm.clone(), memory.stm.clone(), memory.step.clone()
-        ltm[done] = c_n[:, done_rank].transpose(0, 1).to(memory_device)  # (E', L, H)
-        stm[done] = h_n[:, done_rank].transpose(0, 1).to(memory_device)
-        steps[done] = grouped_step[last_of_entity].to(memory_device)
+        new_states = tuple(state.clone() for state in states)
+        for new, end in zip(new_states, final, strict=True):
+            new[done] = end[:, done_rank].transpose(0, 1).to(memory_device)  # (E', L, H)
+        new_steps = steps.clone()
+        new_steps[done] = grouped_step[last_of_entity].to(memory_device)
         return StepResult(
-            output.to(memory_device), event_step.to(memory_device), Memory(ltm, stm, steps)
+            output.to(memory_device), event_step.to(memory_device), new_states, new_steps
         )
 
 
 def _one_event_each(
-    model: StreamModel, features: Tensor, reset: Tensor, memory: Memory
+    model: StreamModel, features: Tensor, reset: Tensor, states: States, steps: Tensor
 ) -> StepResult:
-    """The common case, event n of entity n: one time step, no grouping, no packing.
-
-    On a GPU each layer is one ``torch.lstm_cell`` (cuDNN's ``nn.LSTM`` took 25x longer for one
-    step of 64k entities on an H200); on a CPU ``nn.LSTM``'s single step is ~15% cheaper than
-    the cells. Both are the same arithmetic (a test holds them to it).
-    """
-    device, memory_device = model.device, memory.ltm.device
+    """The common case, event n of entity n: one time step, no grouping, no packing."""
+    device, memory_device = model.device, steps.device
     fresh = reset.to(device)[:, None, None]  # (N, 1, 1): from zeros (masked: inf * 0 is NaN)
-    stm = memory.stm.to(device).masked_fill(fresh, 0.0)  # (N, L, H)
-    ltm = memory.ltm.to(device).masked_fill(fresh, 0.0)  # (N, L, H)
-    run_layers = _by_cells if device.type == "cuda" else _by_sequence
-    top, stm, ltm = run_layers(model.lstm, features, stm, ltm)
+    start = tuple(state.to(device).masked_fill(fresh, 0.0) for state in states)  # (N, L, H)
+    top, new = model.run_step(features, start)
     output = model.readout(top)  # (N, O)
-    steps = torch.where(reset, 0, memory.step.to(device)) + 1  # (N,)
-    new = Memory(
-        ltm.contiguous().to(memory_device),
-        stm.contiguous().to(memory_device),
-        steps.to(memory_device),
+    new_steps = (torch.where(reset, 0, steps.to(device)) + 1).to(memory_device)  # (N,)
+    return StepResult(
+        output.to(memory_device),
+        new_steps,
+        tuple(state.contiguous().to(memory_device) for state in new),
+        new_steps,
     )
-    return StepResult(output.to(memory_device), new.step, new)
-
-
-def _by_cells(lstm: nn.LSTM, x: Tensor, stm: Tensor, ltm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One step, layer by layer: top STM (N, H), then STM and LTM (N, L, H)."""
-    stms, ltms = [], []
-    for layer, (h0, c0) in enumerate(zip(stm.unbind(1), ltm.unbind(1), strict=True)):
-        # Weights: w_ih, w_hh and, with bias, b_ih, b_hh.
-        x, c = torch.lstm_cell(x, (h0, c0), *lstm.all_weights[layer])  # (N, H) each
-        stms.append(x)
-        ltms.append(c)
-    return x, torch.stack(stms, 1), torch.stack(ltms, 1)
-
-
-def _by_sequence(
-    lstm: nn.LSTM, x: Tensor, stm: Tensor, ltm: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One step as a sequence of length one: top STM (N, H), then STM and LTM (N, L, H)."""
-    state = (stm.transpose(0, 1).contiguous(), ltm.transpose(0, 1).contiguous())  # (L, N, H)
-    out, (h_n, c_n) = lstm(x.unsqueeze(0), state)  # (1, N, H), (L, N, H)
-    return out[0], h_n.transpose(0, 1), c_n.transpose(0, 1)
 
 
 @contextlib.contextmanager
@@ -203,9 +178,8 @@ def _exact_float32(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = before
 
 
-def _check(model: StreamModel, events: Events, memory: Memory) -> None:
-    n = events.entity.numel()
-    e, layers, hidden = memory.ltm.shape
+def _check(model: StreamModel, events: Events, states: States, steps: Tensor) -> None:
+    n, e = events.entity.numel(), steps.numel()
     if events.features.shape != (n, model.input_size):
         raise ModelError(
             f"features of shape {tuple(events.features.shape)} for {n} events; "
@@ -213,12 +187,17 @@ def _check(model: StreamModel, events: Events, memory: Memory) -> None:
         )
     if events.reset.shape != (n,):
         raise ModelError(f"reset of shape {tuple(events.reset.shape)} for {n} events")
-    if (layers, hidden) != (model.num_layers, model.hidden_size):
-        raise ModelError(
-            f"memories of {layers} layers x {hidden} hidden; the model has "
-            f"{model.num_layers} x {model.hidden_size}"
-        )
-    if memory.stm.shape != memory.ltm.shape or memory.step.shape != (e,):
-        raise ModelError("ltm, stm and step must describe the same entities")
+    if len(states) != len(model.states):
+        raise ModelError(f"{len(states)} states; the model keeps {len(model.states)}")
+    for state in states:
+        if state.dim() != 3 or state.shape[0] != e:
+            raise ModelError(f"a state of shape {tuple(state.shape)} for {e} entities")
+        if tuple(state.shape[1:]) != (model.num_layers, model.hidden_size):
+            raise ModelError(
+                f"memories of {state.shape[1]} layers x {state.shape[2]} hidden; the model "
+                f"has {model.num_layers} x {model.hidden_size}"
+            )
+    if steps.shape != (e,):
+        raise ModelError(f"steps of shape {tuple(steps.shape)}; expected ({e},)")
     if n and (int(events.entity.min()) < 0 or int(events.entity.max()) >= e):
         raise ModelError(f"an event points at an entity row outside 0..{e - 1}")

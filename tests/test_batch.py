@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from torch import nn
 
-from state.codec import MemoryBatch, MemoryUpdates, decode_many
+from state.codec import decode_many
+from stream_lstm.memories import Memories
 from stream_lstm.model import StreamModel
 from stream_lstm.schema import Event, Prediction
 from workers.batch import (
@@ -29,7 +30,6 @@ from workers.batch import (
     _fast_decoder,
     apply,
     check,
-    overlay,
 )
 
 TOPIC = "events"
@@ -51,9 +51,9 @@ def model() -> StreamModel:
     return StreamModel.from_torch(nn.LSTM(2, 3), nn.Linear(3, 2), labels=["dog", "wolf"])
 
 
-def empty_memory(checked: Checked, model: StreamModel) -> MemoryBatch:
+def empty_memory(checked: Checked, model: StreamModel) -> Memories:
     ids = checked.ids
-    return decode_many(ids, [None] * len(ids), model.num_layers, model.hidden_size)
+    return decode_many(ids, [None] * len(ids), model.shape)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +194,7 @@ def test_apply_drops_events_whose_fence_is_stored(model: StreamModel) -> None:
     records = [record(event("a"), offset=o) for o in (5, 6, 7)]
     checked = check(records, 2, 1024)
     memory = empty_memory(checked, model)
-    memory.found[0], memory.fence_partition[0], memory.fence_offset[0] = True, 0, 6
+    memory.fence_partition[0], memory.fence_offset[0] = 0, 6
     memory.step[0] = 6
 
     applied = apply(model, checked, memory)
@@ -214,16 +214,19 @@ def test_a_batch_overlaid_with_the_one_in_flight_equals_one_after_its_commit(
     )
     in_flight = apply(model, first, empty_memory(first, model)).updates
     committed = empty_memory(second, model)  # as Redis holds it once the first batch committed
-    committed.ltm[0], committed.stm[0], committed.step[0] = in_flight.ltm[0], in_flight.stm[0], 1
-    committed.found[0], committed.fence_partition[0], committed.fence_offset[0] = True, 0, 1
+    committed.states[0][0], committed.states[1][0] = in_flight.states[0][0], in_flight.states[1][0]
+    committed.step[0], committed.fence_partition[0], committed.fence_offset[0] = 1, 0, 1
+    assert committed.found.tolist() == [True, False]
 
     not_yet = empty_memory(second, model)  # as Redis holds it while the first is in flight
-    overlay(not_yet, in_flight)
+    not_yet.overlay(in_flight)
 
     after, overlaid = apply(model, second, committed), apply(model, second, not_yet)
     assert overlaid.predictions == after.predictions
     assert [orjson.loads(v)["step"] for _, v in overlaid.predictions] == [2, 1]
-    for field in ("ltm", "stm", "step", "fence_offset"):
+    for state, want in zip(overlaid.updates.states, after.updates.states, strict=True):
+        np.testing.assert_array_equal(state, want)
+    for field in ("step", "fence_offset"):
         np.testing.assert_array_equal(
             getattr(overlaid.updates, field), getattr(after.updates, field)
         )
@@ -239,12 +242,12 @@ def test_a_batch_starts_from_every_batch_in_flight_newest_last(model: StreamMode
             record(event("c", [1, 0]), b"c", offset=7),
         ],
     ]
-    in_flight: list[MemoryUpdates] = []  # none of them committed yet: Redis holds nothing
+    in_flight: list[Memories] = []  # none of them committed yet: Redis holds nothing
     for records in batches:
         checked = check(records, 2, 99)
         memory = empty_memory(checked, model)
         for updates in in_flight:
-            overlay(memory, updates)
+            memory.overlay(updates)
         applied = apply(model, checked, memory)
         in_flight.append(applied.updates)
 
@@ -260,7 +263,7 @@ def test_a_batch_starts_from_every_batch_in_flight_newest_last(model: StreamMode
 def test_a_fully_replayed_entity_is_not_committed(model: StreamModel) -> None:
     checked = check([record(event("a"), offset=3)], 2, 1024)
     memory = empty_memory(checked, model)
-    memory.found[0], memory.fence_partition[0], memory.fence_offset[0] = True, 0, 3
+    memory.fence_partition[0], memory.fence_offset[0] = 0, 3
     applied = apply(model, checked, memory)
     assert applied.predictions == []
     assert list(applied.updates.entity_ids) == []
@@ -269,7 +272,7 @@ def test_a_fully_replayed_entity_is_not_committed(model: StreamModel) -> None:
 def test_an_event_from_another_partition_is_not_a_replay(model: StreamModel) -> None:
     checked = check([record(event("a"), offset=3, partition=1)], 2, 1024)
     memory = empty_memory(checked, model)
-    memory.found[0], memory.fence_partition[0], memory.fence_offset[0] = True, 0, 9
+    memory.fence_partition[0], memory.fence_offset[0] = 0, 9
     assert apply(model, checked, memory).replayed == 0
 
 
@@ -384,8 +387,8 @@ def test_an_overflowing_step_is_a_dead_letter_and_its_entity_keeps_its_last_fini
     assert applied.predictions == expected.predictions
     a = applied.updates.entity_ids.index("a")
     b = expected.updates.entity_ids.index("a")
-    np.testing.assert_allclose(applied.updates.ltm[a], expected.updates.ltm[b], atol=1e-6)
-    np.testing.assert_allclose(applied.updates.stm[a], expected.updates.stm[b], atol=1e-6)
+    for got, want in zip(applied.updates.states, expected.updates.states, strict=True):
+        np.testing.assert_allclose(got[a], want[b], atol=1e-6)  # the LTM, then the STM
     assert applied.updates.step[a] == 2
     assert applied.updates.fence_offset[a] == 3
 
@@ -401,11 +404,12 @@ def test_a_reset_recovers_an_entity_whose_stored_memory_is_not_finite(
     """A reset starts from zeros by masking, not multiplying: inf * 0 would be NaN."""
     checked = check([record(event("a", [0.1, 0.2], reset=True), b"a")], 2, 1024)
     memory = empty_memory(checked, model)
-    memory.ltm[:] = np.inf
-    memory.stm[:] = np.nan
+    ltm, stm = memory.states
+    ltm[:] = np.inf
+    stm[:] = np.nan
     applied = apply(model, checked, memory)
     assert applied.dead == []
     (prediction,) = [orjson.loads(value) for _, value in applied.predictions]
     assert prediction["step"] == 1
     assert all(math.isfinite(x) for x in prediction["output"])
-    assert np.isfinite(applied.updates.ltm).all()
+    assert np.isfinite(applied.updates.states[0]).all()

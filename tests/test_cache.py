@@ -20,10 +20,11 @@ from aiokafka import TopicPartition
 from redis.asyncio import Redis
 from torch import nn
 
-from state import MemoryStore, MemoryUpdates
+from state import MemoryStore
 from state.cache import MemoryCache
 from state.keys import KeyLayout
 from stream_lstm.exceptions import ConfigError
+from stream_lstm.memories import Memories, Shape
 from stream_lstm.model import StreamModel
 from tests.test_store import make_updates
 from workers.batch import BatchProcessor
@@ -33,17 +34,22 @@ from workers.dev.redis_server import RedisClusterServer, RedisServer
 from workers.metrics import Metrics
 from workers.settings import Settings
 
+SHAPE = Shape(2, 2, 4)
+"""The shape of ``make_updates``'s memories."""
+
 
 def cached_offsets(cache: MemoryCache, entity_ids: list[str]) -> list[int | None]:
     """Each entity's cached fence offset, None where the cache would not serve it."""
-    slots = cache.find(entity_ids, 2, 4)
+    slots = cache.find(entity_ids, SHAPE)
     if (slots < 0).all():
         return [None] * len(entity_ids)
     taken = cache.take(entity_ids, slots)
-    return [int(o) if hit else None for o, hit in zip(taken.fence_offset, taken.found, strict=True)]
+    assert taken.found.tolist() == (slots >= 0).tolist()  # a row not cached has no fence
+    found = taken.found
+    return [int(o) if hit else None for o, hit in zip(taken.fence_offset, found, strict=True)]
 
 
-def put(cache: MemoryCache, updates: MemoryUpdates, written: float | None = None) -> None:
+def put(cache: MemoryCache, updates: Memories, written: float | None = None) -> None:
     applied = np.ones(len(updates.entity_ids), dtype=np.bool_)
     cache.put(updates, applied, time.monotonic() if written is None else written, cache.generation)
 
@@ -56,9 +62,10 @@ def test_the_cache_holds_what_was_put_and_nothing_else() -> None:
     put(cache, make_updates(["a", "b"], [3, 4]))
     put(cache, make_updates(["b"], 7))  # in place: b keeps its slot
     assert cached_offsets(cache, ["a", "b", "c"]) == [3, 7, None]
-    taken = cache.take(["b"], cache.find(["b"], 2, 4))
-    assert (taken.ltm == 7).all()
-    assert (taken.stm == -7).all()
+    taken = cache.take(["b"], cache.find(["b"], SHAPE))
+    ltm, stm = taken.states
+    assert (ltm == 7).all()
+    assert (stm == -7).all()
     assert taken.step.tolist() == [7]
     assert len(cache) == 2
 
@@ -98,16 +105,18 @@ def test_an_entry_older_than_the_ttl_is_not_served() -> None:
 def test_another_shape_is_never_served() -> None:
     cache = MemoryCache(10)
     put(cache, make_updates(["a"], 1))
-    assert cache.find(["a"], 1, 4).tolist() == [-1]
+    assert cache.find(["a"], Shape(2, 1, 4)).tolist() == [-1]
+    assert cache.find(["a"], Shape(1, 2, 4)).tolist() == [-1]  # another number of states
+    assert cache.find(["a"], Shape(3, 2, 4)).tolist() == [-1]
 
 
 def test_float16_storage_caches_the_rounded_memories() -> None:
     cache = MemoryCache(10, rounding=np.dtype(np.float16))
     updates = make_updates(["a"], 1)
-    updates.ltm[:] = 0.1
+    updates.states[0][:] = 0.1
     put(cache, updates)
-    taken = cache.take(["a"], cache.find(["a"], 2, 4))
-    assert (taken.ltm == np.float32(np.float16(0.1))).all()
+    taken = cache.take(["a"], cache.find(["a"], SHAPE))
+    assert (taken.states[0] == np.float32(np.float16(0.1))).all()
 
 
 # --- through the store, on a real Redis -----------------------------------------------------
@@ -137,10 +146,12 @@ async def test_a_load_from_the_cache_equals_a_load_from_redis(
 ) -> None:
     ids = [f"e{i}" for i in range(50)]
     rng = np.random.default_rng(0)
-    updates = MemoryUpdates(
+    updates = Memories(
         ids,
-        rng.normal(size=(50, 2, 4)).astype(np.float32),
-        rng.normal(size=(50, 2, 4)).astype(np.float32),
+        (
+            rng.normal(size=(50, 2, 4)).astype(np.float32),
+            rng.normal(size=(50, 2, 4)).astype(np.float32),
+        ),
         np.arange(50, dtype=np.int64),
         np.zeros(50, dtype=np.int64),
         np.arange(50, dtype=np.int64),
@@ -148,8 +159,11 @@ async def test_a_load_from_the_cache_equals_a_load_from_redis(
     wanted = ["new-0", *ids[::2], "new-1"]
     async with two_stores(redis_server, dtype) as (cached, plain):
         await cached.commit_many(updates)
-        got, expected = await cached.load_many(wanted, 2, 4), await plain.load_many(wanted, 2, 4)
-    for name in ("ltm", "stm", "step", "fence_partition", "fence_offset", "found"):
+        got = (await cached.load_many(wanted, SHAPE)).memories
+        expected = (await plain.load_many(wanted, SHAPE)).memories
+    for name, mine, theirs in zip(("ltm", "stm"), got.states, expected.states, strict=True):
+        assert mine.tobytes() == theirs.tobytes(), name
+    for name in ("step", "fence_partition", "fence_offset", "found"):
         assert getattr(got, name).tobytes() == getattr(expected, name).tobytes(), name
 
 
@@ -159,9 +173,9 @@ async def test_cached_memories_are_not_read_back(redis_server: RedisServer) -> N
         await store.commit_many(make_updates(["a", "b"], 5))
         async with Redis.from_url(redis_server.url) as client:
             await client.delete(KeyLayout(ns, "v1").memory("a"))  # what only the cache holds
-        loaded = await store.load_many(["a", "b", "c"], 2, 4, partitions=[0])
-    assert loaded.found.tolist() == [True, True, False]
-    assert loaded.fence_offset.tolist()[:2] == [5, 5]
+        loaded = await store.load_many(["a", "b", "c"], SHAPE, partitions=[0])
+    assert loaded.memories.found.tolist() == [True, True, False]
+    assert loaded.memories.fence_offset.tolist()[:2] == [5, 5]
     assert loaded.partition_fences == {0: 5}  # the fast commit still gets its fences
 
 
@@ -169,10 +183,11 @@ async def test_a_reset_from_another_process_clears_the_cache(redis_server: Redis
     async with two_stores(redis_server) as (worker, cli):
         await worker.commit_many(make_updates(["a", "b"], 5))
         assert await cli.reset("a")
-        loaded = await worker.load_many(["a", "b"], 2, 4)
+        loaded = (await worker.load_many(["a", "b"], SHAPE)).memories
     assert loaded.step.tolist() == [0, 5]  # a's reset is seen, b is as committed
-    assert (loaded.ltm[0] == 0).all()
-    assert (loaded.ltm[1] == 5).all()
+    ltm = loaded.states[0]
+    assert (ltm[0] == 0).all()
+    assert (ltm[1] == 5).all()
     assert loaded.fence_offset.tolist() == [5, 5]  # the reset keeps the fence
 
 
@@ -196,7 +211,7 @@ async def test_only_a_real_reset_counts_so_unknown_ids_cannot_flush_every_cache(
             assert await client.get(counter) == b"1"
         await worker.commit_many(make_updates(["b"], 6))
         assert await cli.reset("nobody") is False
-        loaded = await worker.load_many(["a", "b"], 2, 4)
+        loaded = (await worker.load_many(["a", "b"], SHAPE)).memories
     assert loaded.step.tolist() == [0, 6]  # a's real reset seen; the cache kept b
 
 
@@ -207,7 +222,7 @@ async def test_a_newer_write_elsewhere_evicts_on_the_stale_commit(
         await stale.commit_many(make_updates(["a"], 10))
         await owner.commit_many(make_updates(["a"], 20))
         assert (await stale.commit_many(make_updates(["a"], 15))).stale_ids == ["a"]
-        loaded = await stale.load_many(["a"], 2, 4)
+        loaded = (await stale.load_many(["a"], SHAPE)).memories
     assert loaded.fence_offset.tolist() == [20]
 
 
@@ -217,9 +232,11 @@ async def test_forgetting_the_cache_reads_what_a_new_owner_wrote(
     async with two_stores(redis_server) as (before, after):
         await before.commit_many(make_updates(["a"], 10))
         await after.commit_many(make_updates(["a"], 20))  # the partition moved, and moved back
-        assert (await before.load_many(["a"], 2, 4)).fence_offset.tolist() == [10]  # the hazard
+        loaded = (await before.load_many(["a"], SHAPE)).memories
+        assert loaded.fence_offset.tolist() == [10]  # the hazard
         before.forget_cached()
-        assert (await before.load_many(["a"], 2, 4)).fence_offset.tolist() == [20]
+        loaded = (await before.load_many(["a"], SHAPE)).memories
+        assert loaded.fence_offset.tolist() == [20]
 
 
 async def test_a_memory_expired_in_redis_is_not_served_from_the_cache(
@@ -229,9 +246,9 @@ async def test_a_memory_expired_in_redis_is_not_served_from_the_cache(
         redis_server.url, namespace(), "v1", ttl_s=0.3, cache_entities=100
     ) as store:
         await store.commit_many(make_updates(["a"], 5))
-        assert (await store.load_many(["a"], 2, 4)).found.tolist() == [True]
+        assert (await store.load_many(["a"], SHAPE)).memories.found.tolist() == [True]
         await asyncio.sleep(0.4)
-        assert (await store.load_many(["a"], 2, 4)).found.tolist() == [False]
+        assert (await store.load_many(["a"], SHAPE)).memories.found.tolist() == [False]
 
 
 async def test_a_cluster_store_reads_every_memory_from_redis(
@@ -241,7 +258,7 @@ async def test_a_cluster_store_reads_every_memory_from_redis(
     async with MemoryStore(redis_cluster.url, ns, "v1", cache_entities=100) as store:
         await store.commit_many(make_updates(["a"], 5))
         assert await store.reset("a")
-        assert (await store.load_many(["a"], 2, 4)).step.tolist() == [0]
+        assert (await store.load_many(["a"], SHAPE)).memories.step.tolist() == [0]
 
 
 def test_a_negative_cache_size_is_refused() -> None:
@@ -276,9 +293,9 @@ async def test_a_revoke_drops_the_cache_once_its_batches_finished(
         await store.commit_many(make_updates(["a"], 3, layers=layers, hidden=hidden))
         async with Redis.from_url(redis_server.url) as client:
             await client.delete(KeyLayout(settings.app_id, model.version).memory("a"))
-        assert (await store.load_many(["a"], layers, hidden)).found.tolist() == [True]
+        assert (await store.load_many(["a"], model.shape)).memories.found.tolist() == [True]
         await _WaitForBatch(consumer).on_partitions_revoked([TopicPartition("in", 0)])
-        assert (await store.load_many(["a"], layers, hidden)).found.tolist() == [False]
+        assert (await store.load_many(["a"], model.shape)).memories.found.tolist() == [False]
         assert failures == []
 
 

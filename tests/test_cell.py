@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from stream_lstm.cell import explain
-from stream_lstm.engine import Events, Memory, step
+from stream_lstm.engine import Events, step
 from stream_lstm.model import StreamModel
 
 
@@ -15,15 +15,17 @@ from stream_lstm.model import StreamModel
 def test_explain_equals_the_fast_path(layers: int, bias: bool) -> None:
     torch.manual_seed(layers)
     model = StreamModel.from_torch(nn.LSTM(5, 7, layers, bias=bias))
-    memory = Memory(torch.randn(1, layers, 7), torch.randn(1, layers, 7), torch.tensor([3]))
+    ltm, stm = torch.randn(1, layers, 7), torch.randn(1, layers, 7)
     x = torch.randn(5)
 
-    fast = step(model, Events(torch.tensor([0]), x[None], torch.tensor([False])), memory)
-    gates = explain(model.lstm, x, memory.ltm[0], memory.stm[0])
+    events = Events(torch.tensor([0]), x[None], torch.tensor([False]))
+    fast = step(model, events, (ltm, stm), torch.tensor([3]))
+    gates = explain(model.lstm, x, ltm[0], stm[0])
 
     assert len(gates) == layers
-    torch.testing.assert_close(torch.stack([g.remember for g in gates]), fast.memory.ltm[0])
-    torch.testing.assert_close(torch.stack([g.use for g in gates]), fast.memory.stm[0])
+    fast_ltm, fast_stm = fast.states
+    torch.testing.assert_close(torch.stack([g.remember for g in gates]), fast_ltm[0])
+    torch.testing.assert_close(torch.stack([g.use for g in gates]), fast_stm[0])
     torch.testing.assert_close(gates[-1].use, fast.output[0])
 
 

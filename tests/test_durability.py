@@ -21,6 +21,7 @@ from state import MemoryStore
 from state.durability import Durability
 from state.one_server import OneServer
 from stream_lstm.exceptions import ConfigError, StoreError, StoreUnavailableError
+from stream_lstm.memories import Shape
 from tests.test_store import make_updates, stored_offset
 from workers.cli import main
 from workers.dev.redis_server import (
@@ -177,8 +178,8 @@ async def test_a_commit_raises_while_the_replica_is_down_and_succeeds_once_it_is
             await store.commit_many(make_updates(["a"], 2))
         assert TIMEOUT_S <= time.monotonic() - started < TIMEOUT_S + 1.0
         assert await stored_offset(store, "a") == 2  # written on the primary, not durable
-        loaded = await store.load_many(["a"], 2, 4)  # not from the cache: what Redis holds
-        assert loaded.fence_offset.tolist() == [2]
+        loaded = await store.load_many(["a"], Shape(2, 2, 4))  # not from the cache: Redis's
+        assert loaded.memories.fence_offset.tolist() == [2]
 
         replica.start()
         assert (await store.commit_many(make_updates(["a"], 2))).stale_ids == ["a"]

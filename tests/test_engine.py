@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -11,41 +12,57 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from stream_lstm.engine import Events, Memory, _by_cells, _by_sequence, entity_rows, step
+from stream_lstm.engine import Events, States, entity_rows, step, views
 from stream_lstm.exceptions import ModelError
-from stream_lstm.model import StreamModel
+from stream_lstm.memories import Memories, Shape
+from stream_lstm.model import StreamModel, by_cells, by_sequence
 from tests.offline import offline
 
 TOL = 1e-5
 
 
+class Stored(NamedTuple):
+    """One entity's memory between batches: LTM and STM (L, H), and its step."""
+
+    ltm: Tensor
+    stm: Tensor
+    step: Tensor
+
+
+def zeros(entities: int, layers: int, hidden: int) -> tuple[States, Tensor]:
+    """Zero states and steps of E entities, as the worker passes them: views of a Memories."""
+    ids = [f"entity-{k}" for k in range(entities)]
+    return views(Memories.zeros(ids, Shape(2, layers, hidden)))
+
+
 def run_stream(
     model: StreamModel, stream: list[tuple[str, Tensor, bool]], cuts: list[int]
-) -> tuple[dict[str, list[Tensor]], dict[str, list[int]], dict[str, Memory]]:
+) -> tuple[dict[str, list[Tensor]], dict[str, list[int]], dict[str, Stored]]:
     """Feed the stream batch by batch, carrying memories between batches as a store would."""
-    stored: dict[str, Memory] = {}
+    stored: dict[str, Stored] = {}
     outputs: dict[str, list[Tensor]] = {}
     steps: dict[str, list[int]] = {}
     bounds = [0, *sorted(cuts), len(stream)]
     for lo, hi in itertools.pairwise(bounds):
         batch = stream[lo:hi]
         ids, rows = entity_rows([entity for entity, _, _ in batch])
-        memory = Memory.zeros(len(ids), model.num_layers, model.hidden_size)
+        memory = Memories.zeros(ids, model.shape)
+        (ltm, stm), steps_in = views(memory)
         for row, entity in enumerate(ids):
             if entity in stored:
-                memory.ltm[row], memory.stm[row] = stored[entity].ltm, stored[entity].stm
-                memory.step[row] = stored[entity].step
+                ltm[row], stm[row] = stored[entity].ltm, stored[entity].stm
+                steps_in[row] = stored[entity].step
         features = (
             torch.stack([x for _, x, _ in batch]) if batch else torch.empty(0, model.input_size)
         )
         reset = torch.tensor([r for _, _, r in batch], dtype=torch.bool)
-        result = step(model, Events(rows, features, reset), memory)
+        result = step(model, Events(rows, features, reset), *views(memory))
         for n, (entity, _, _) in enumerate(batch):
             outputs.setdefault(entity, []).append(result.output[n])
             steps.setdefault(entity, []).append(int(result.step[n]))
         for row, entity in enumerate(ids):
-            m = result.memory
-            stored[entity] = Memory(m.ltm[row], m.stm[row], m.step[row])
+            new_ltm, new_stm = result.states
+            stored[entity] = Stored(new_ltm[row], new_stm[row], result.steps[row])
     return outputs, steps, stored
 
 
@@ -109,16 +126,14 @@ def test_reset_mid_sequence_starts_like_a_fresh_sequence() -> None:
     model = StreamModel.from_torch(nn.LSTM(4, 6, 2))
     xs = torch.randn(5, 4)
     reset = torch.tensor([False, False, False, True, False])
-    continued = step(
-        model, Events(torch.zeros(5, dtype=torch.int64), xs, reset), Memory.zeros(1, 2, 6)
-    )
+    continued = step(model, Events(torch.zeros(5, dtype=torch.int64), xs, reset), *zeros(1, 2, 6))
     fresh = step(
         model,
         Events(torch.zeros(2, dtype=torch.int64), xs[3:], torch.zeros(2, dtype=torch.bool)),
-        Memory.zeros(1, 2, 6),
+        *zeros(1, 2, 6),
     )
     torch.testing.assert_close(continued.output[3:], fresh.output, atol=TOL, rtol=0)
-    torch.testing.assert_close(continued.memory.ltm, fresh.memory.ltm, atol=TOL, rtol=0)
+    torch.testing.assert_close(continued.states[0], fresh.states[0], atol=TOL, rtol=0)
     assert continued.step.tolist() == [1, 2, 3, 1, 2]
     assert not torch.allclose(continued.output[:2], fresh.output, atol=TOL)
 
@@ -126,12 +141,12 @@ def test_reset_mid_sequence_starts_like_a_fresh_sequence() -> None:
 def test_reset_ignores_stored_memory_and_step() -> None:
     torch.manual_seed(2)
     model = StreamModel.from_torch(nn.LSTM(3, 4))
-    stored = Memory(torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.tensor([41]))
+    stored = (torch.randn(1, 1, 4), torch.randn(1, 1, 4)), torch.tensor([41])
     x = torch.randn(1, 3)
     one = torch.zeros(1, dtype=torch.int64)
-    with_reset = step(model, Events(one, x, torch.tensor([True])), stored)
-    from_zero = step(model, Events(one, x, torch.tensor([False])), Memory.zeros(1, 1, 4))
-    continued = step(model, Events(one, x, torch.tensor([False])), stored)
+    with_reset = step(model, Events(one, x, torch.tensor([True])), *stored)
+    from_zero = step(model, Events(one, x, torch.tensor([False])), *zeros(1, 1, 4))
+    continued = step(model, Events(one, x, torch.tensor([False])), *stored)
     torch.testing.assert_close(with_reset.output, from_zero.output)
     assert with_reset.step.tolist() == [1]
     assert continued.step.tolist() == [42]
@@ -146,18 +161,19 @@ def test_one_event_per_entity_equals_nn_lstm_from_each_stored_memory(
     lstm = nn.LSTM(3, 5, layers, bias=bias)
     model = StreamModel.from_torch(lstm, nn.Linear(5, 2), labels=["a", "b"])
     n = 40
-    memory = Memory(torch.randn(n, layers, 5), torch.randn(n, layers, 5), torch.arange(n))
+    ltm, stm = torch.randn(n, layers, 5), torch.randn(n, layers, 5)
     x, reset = torch.randn(n, 3), torch.rand(n) < 0.3
-    result = step(model, Events(torch.arange(n), x, reset), memory)
+    result = step(model, Events(torch.arange(n), x, reset), (ltm, stm), torch.arange(n))
+    new_ltm, new_stm = result.states
     for k in range(n):
         keep = 0.0 if reset[k] else 1.0
-        h0 = (memory.stm[k] * keep).unsqueeze(1)  # (L, 1, H)
-        c0 = (memory.ltm[k] * keep).unsqueeze(1)
+        h0 = (stm[k] * keep).unsqueeze(1)  # (L, 1, H)
+        c0 = (ltm[k] * keep).unsqueeze(1)
         with torch.no_grad():
             y, (h_n, c_n) = model.lstm(x[k].view(1, 1, 3), (h0, c0))
         torch.testing.assert_close(result.output[k], model.readout(y[0, 0]), atol=TOL, rtol=0)
-        torch.testing.assert_close(result.memory.stm[k], h_n[:, 0], atol=TOL, rtol=0)
-        torch.testing.assert_close(result.memory.ltm[k], c_n[:, 0], atol=TOL, rtol=0)
+        torch.testing.assert_close(new_stm[k], h_n[:, 0], atol=TOL, rtol=0)
+        torch.testing.assert_close(new_ltm[k], c_n[:, 0], atol=TOL, rtol=0)
         assert int(result.step[k]) == (1 if reset[k] else k + 1)
 
 
@@ -167,33 +183,34 @@ def test_the_gpu_step_by_cells_equals_the_cpu_step_by_sequence(layers: int, bias
     lstm = nn.LSTM(3, 5, layers, bias=bias)
     x, stm, ltm = torch.randn(40, 3), torch.randn(40, layers, 5), torch.randn(40, layers, 5)
     with torch.no_grad():
-        for by_cells, by_sequence in zip(
-            _by_cells(lstm, x, stm, ltm), _by_sequence(lstm, x, stm, ltm), strict=True
+        for cells, sequence in zip(
+            by_cells(lstm, x, stm, ltm), by_sequence(lstm, x, stm, ltm), strict=True
         ):
-            torch.testing.assert_close(by_cells, by_sequence, atol=TOL, rtol=0)
+            torch.testing.assert_close(cells, sequence, atol=TOL, rtol=0)
 
 
 def test_entities_without_events_keep_their_memory() -> None:
     model = StreamModel.from_torch(nn.LSTM(2, 3))
-    memory = Memory(torch.randn(3, 1, 3), torch.randn(3, 1, 3), torch.tensor([5, 6, 7]))
+    states, steps = (torch.randn(3, 1, 3), torch.randn(3, 1, 3)), torch.tensor([5, 6, 7])
     result = step(
-        model, Events(torch.tensor([1]), torch.randn(1, 2), torch.tensor([False])), memory
+        model, Events(torch.tensor([1]), torch.randn(1, 2), torch.tensor([False])), states, steps
     )
     for row in (0, 2):
-        assert torch.equal(result.memory.ltm[row], memory.ltm[row])
-        assert torch.equal(result.memory.stm[row], memory.stm[row])
-    assert result.memory.step.tolist() == [5, 7, 7]
+        assert torch.equal(result.states[0][row], states[0][row])
+        assert torch.equal(result.states[1][row], states[1][row])
+    assert result.steps.tolist() == [5, 7, 7]
 
 
 def test_empty_batch_changes_nothing() -> None:
     model = StreamModel.from_torch(nn.LSTM(2, 3))
-    memory = Memory.zeros(0, 1, 3)
+    states, steps = zeros(0, 1, 3)
     empty = Events(
         torch.empty(0, dtype=torch.int64), torch.empty(0, 2), torch.empty(0, dtype=torch.bool)
     )
-    result = step(model, empty, memory)
+    result = step(model, empty, states, steps)
     assert result.output.shape == (0, 3)
-    assert result.memory is memory
+    assert result.states is states
+    assert result.steps is steps
 
 
 def test_entity_rows_keeps_first_seen_order() -> None:
@@ -205,20 +222,25 @@ def test_entity_rows_keeps_first_seen_order() -> None:
 @pytest.mark.parametrize(
     ("features", "memory", "message"),
     [
-        (torch.randn(2, 5), Memory.zeros(1, 1, 3), "the model takes"),
-        (torch.randn(2, 2), Memory.zeros(1, 2, 3), "the model has"),
-        (torch.randn(2, 2), Memory.zeros(1, 1, 4), "the model has"),
+        (torch.randn(2, 5), zeros(1, 1, 3), "the model takes"),
+        (torch.randn(2, 2), zeros(1, 2, 3), "the model has"),
+        (torch.randn(2, 2), zeros(1, 1, 4), "the model has"),
+        (torch.randn(2, 2), ((torch.zeros(1, 1, 3),), torch.zeros(1, dtype=torch.int64)), "keeps"),
+        (torch.randn(2, 2), (zeros(1, 1, 3)[0], torch.zeros(2, dtype=torch.int64)), "for 2 ent"),
+        (torch.randn(2, 2), (zeros(1, 1, 3)[0], torch.zeros(1, 1, dtype=torch.int64)), "steps of"),
     ],
 )
-def test_misshapen_inputs_are_refused(features: Tensor, memory: Memory, message: str) -> None:
+def test_misshapen_inputs_are_refused(
+    features: Tensor, memory: tuple[States, Tensor], message: str
+) -> None:
     model = StreamModel.from_torch(nn.LSTM(2, 3))
     events = Events(torch.zeros(2, dtype=torch.int64), features, torch.zeros(2, dtype=torch.bool))
     with pytest.raises(ModelError, match=message):
-        step(model, events, memory)
+        step(model, events, *memory)
 
 
 def test_event_pointing_outside_the_memory_is_refused() -> None:
     model = StreamModel.from_torch(nn.LSTM(2, 3))
     events = Events(torch.tensor([0, 1]), torch.randn(2, 2), torch.zeros(2, dtype=torch.bool))
     with pytest.raises(ModelError, match="outside"):
-        step(model, events, Memory.zeros(1, 1, 3))
+        step(model, events, *zeros(1, 1, 3))

@@ -20,7 +20,7 @@ import torch
 from aiokafka import ConsumerRecord, TopicPartition
 from torch import nn
 
-from state import MemoryBatch, MemoryStore
+from state import Loaded, MemoryStore
 from state.keys import KeyLayout
 from stream_lstm.model import StreamModel
 from tests.conftest import StoreBackend
@@ -140,9 +140,11 @@ async def assert_memory(
     )
     stored = await store.get(entity_id)
     assert stored is not None
-    assert stored.step == len(events), f"{entity_id}: {stored.step} events applied of {len(events)}"
-    torch.testing.assert_close(torch.from_numpy(stored.stm), h_n, atol=1e-5, rtol=0)
-    torch.testing.assert_close(torch.from_numpy(stored.ltm), c_n, atol=1e-5, rtol=0)
+    step = int(stored.memories.step[0])
+    assert step == len(events), f"{entity_id}: {step} events applied of {len(events)}"
+    ltm, stm = (state[0] for state in stored.memories.states)
+    torch.testing.assert_close(torch.from_numpy(stm), h_n, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(ltm), c_n, atol=1e-5, rtol=0)
     return outputs
 
 
@@ -290,9 +292,10 @@ async def test_a_reset_holds_against_batches_in_flight(
         stored = await store.get("a")
         assert stored is not None
         _, h_n, c_n = offline(model, [(torch.tensor(e.features), False) for e in after])
-        assert stored.step == len(after)
-        torch.testing.assert_close(torch.from_numpy(stored.stm), h_n, atol=1e-5, rtol=0)
-        torch.testing.assert_close(torch.from_numpy(stored.ltm), c_n, atol=1e-5, rtol=0)
+        assert int(stored.memories.step[0]) == len(after)
+        ltm, stm = (state[0] for state in stored.memories.states)
+        torch.testing.assert_close(torch.from_numpy(stm), h_n, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(ltm), c_n, atol=1e-5, rtol=0)
 
 
 async def test_a_batch_prepared_while_a_moved_one_applies_again_commits_by_script(
@@ -312,7 +315,7 @@ async def test_a_batch_prepared_while_a_moved_one_applies_again_commits_by_scrip
         assert await store.reset("a")
         load, prepared = store.load_many, []
 
-        async def load_then_prepare_the_next(*args: Any, **kwargs: Any) -> MemoryBatch:
+        async def load_then_prepare_the_next(*args: Any, **kwargs: Any) -> Loaded:
             loaded = await load(*args, **kwargs)  # the load of the batch applied again
             if not prepared:
                 monkeypatch.setattr(store, "load_many", load)
@@ -403,7 +406,6 @@ async def test_every_assignment_drops_the_cache_even_with_nothing_revoked(
     log = Log(random.Random(7))
     store = consumer.processor.store
     await consumer.processor.process(log.records([log.add("a", 0)]))
-    layers, hidden = model.num_layers, model.hidden_size
-    assert (await store.load_many(["a"], layers, hidden)).cached == 1
+    assert (await store.load_many(["a"], model.shape)).cached == 1
     await _WaitForBatch(consumer).on_partitions_assigned([TopicPartition(TOPIC, 0)])
-    assert (await store.load_many(["a"], layers, hidden)).cached == 0
+    assert (await store.load_many(["a"], model.shape)).cached == 0

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from stream_lstm.engine import Events, Memory, step
+from stream_lstm.engine import Events, step, views
 from stream_lstm.exceptions import CheckpointError, ModelError
+from stream_lstm.memories import Memories, Shape
 from stream_lstm.model import StreamModel, resolve_device
 
 
@@ -26,10 +27,14 @@ def make_model(seed: int = 0, *, head: bool = True) -> StreamModel:
     return StreamModel.from_torch(lstm, nn.Linear(8, 3), labels=["cat", "dog", "wolf"])
 
 
+def zeros(entities: int, layers: int, hidden: int) -> Memories:
+    return Memories.zeros([f"e{k}" for k in range(entities)], Shape(2, layers, hidden))
+
+
 def predict(model: StreamModel) -> torch.Tensor:
     torch.manual_seed(99)
     events = Events(torch.tensor([0, 1, 0]), torch.randn(3, 4), torch.zeros(3, dtype=torch.bool))
-    return step(model, events, Memory.zeros(2, 2, 8)).output
+    return step(model, events, *views(zeros(2, 2, 8))).output
 
 
 def test_save_load_gives_identical_outputs_and_version(tmp_path: Path) -> None:
@@ -114,7 +119,7 @@ def test_batch_first_and_float64_models_load_without_conversion() -> None:
     events = Events(
         torch.zeros(5, dtype=torch.int64), x[0].float(), torch.zeros(5, dtype=torch.bool)
     )
-    got = step(model, events, Memory.zeros(1, 2, 8)).output[-1]
+    got = step(model, events, *views(zeros(1, 2, 8))).output[-1]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -161,6 +166,42 @@ def test_bare_state_dict_is_foreign(tmp_path: Path) -> None:
     torch.save(nn.LSTM(2, 3).state_dict(), path)
     with pytest.raises(CheckpointError, match=r"bare state_dict.*StreamModel\.from_torch"):
         StreamModel.load(path)
+
+
+def test_a_saved_file_records_its_cell(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    make_model().save(path)
+    assert torch.load(path, weights_only=True)["cell"] == "lstm"
+
+
+def test_a_file_of_an_earlier_build_without_a_cell_loads_as_an_lstm(tmp_path: Path) -> None:
+    model = make_model()
+    path = tmp_path / "model.pt"
+    model.save(path)
+    blob = torch.load(path, weights_only=True)
+    del blob["cell"]
+    torch.save(blob, path)
+    loaded = StreamModel.load(path, device="cpu")
+    assert loaded.version == model.version
+    assert torch.equal(predict(loaded), predict(model))
+
+
+def test_a_file_of_another_cell_is_refused_naming_the_file_and_the_cell(tmp_path: Path) -> None:
+    path = tmp_path / "other-cell.pt"
+    make_model().save(path)
+    blob = torch.load(path, weights_only=True)
+    torch.save({**blob, "cell": "gru"}, path)
+    with pytest.raises(CheckpointError, match=r"other-cell\.pt.*'gru' cell") as error:
+        StreamModel.load(path)
+    assert "lstm" in str(error.value)
+
+
+@pytest.mark.parametrize(("layers", "hidden"), [(2, 8), (1, 3), (3, 5)])
+def test_the_model_declares_its_states_and_their_shape(layers: int, hidden: int) -> None:
+    assert StreamModel.states == ("ltm", "stm")
+    model = StreamModel.from_torch(nn.LSTM(4, hidden, layers))
+    assert model.states == ("ltm", "stm")
+    assert model.shape == Shape(2, layers, hidden)
 
 
 def test_newer_format_is_refused(tmp_path: Path) -> None:

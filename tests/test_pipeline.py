@@ -120,7 +120,7 @@ async def test_batches_finish_in_order_while_the_next_one_is_prepared(
     assert offsets.commits == [{0: 1}, {0: 2}, {0: 3}]
     stored = await store.get("a")
     assert stored is not None
-    assert stored.step == 3, "each batch started from the memory of the one before"
+    assert int(stored.memories.step[0]) == 3, "each batch started from the memory of the one before"
 
 
 async def test_a_failed_batch_commits_nothing_after_it_and_is_handed_to_the_caller(
@@ -149,7 +149,7 @@ async def test_a_failed_batch_commits_nothing_after_it_and_is_handed_to_the_call
     assert emitter.sent == [0]
     stored = await store.get("a")
     assert stored is not None
-    assert stored.step == 1, "a batch after the failed one committed its memory"
+    assert int(stored.memories.step[0]) == 1, "a batch after the failed one committed its memory"
     await pipeline.run(batches[3])
     emitter.gate(3).set()
     await pipeline.drain()

@@ -28,6 +28,7 @@ from stream_lstm.exceptions import (
     StoreRefusedError,
     StoreUnavailableError,
 )
+from stream_lstm.memories import Shape
 from tests.test_store import make_updates
 from tests.tls import Certificates, make_certificates
 from workers.dev.redis_server import RedisServer, TLSFiles, server_binaries, supports_tls
@@ -125,15 +126,15 @@ async def test_a_store_over_tls_with_an_acl_user_loads_and_commits(
     async with MemoryStore(secure_server.url, f"sec-{uuid.uuid4().hex[:8]}", "v1") as store:
         await store.ping()
         assert (await store.commit_many(make_updates(ids, 5))).applied.all()
-        batch = await store.load_many(ids, 2, 4)
+        batch = (await store.load_many(ids, Shape(2, 2, 4))).memories
         assert batch.found.all()
         assert batch.fence_offset.tolist() == [5, 5, 5]
-        assert float(batch.ltm[1, 0, 0]) == 5.0
+        assert float(batch.states[0][1, 0, 0]) == 5.0
         assert await store.count() == 3
         assert await store.reset("b")
         stored = await store.get("b")
         assert stored is not None
-        assert stored.step == 0
+        assert int(stored.memories.step[0]) == 0
 
 
 # --- refusals are final --------------------------------------------------------------------
@@ -184,7 +185,7 @@ async def test_an_untrusted_certificate_is_refused_at_once(
     async with MemoryStore(as_cluster(url) if cluster else url, "ns", "v1", retry_s=30) as store:
         started = time.monotonic()
         with pytest.raises(StoreRefusedError, match="certificate not trusted") as e:
-            await store.load_many(["a"], 2, 4)
+            await store.load_many(["a"], Shape(2, 2, 4))
         assert time.monotonic() - started < 5.0
     assert str(other_ca) in str(e.value)
     assert_no_secret(shown(e.value))

@@ -1068,7 +1068,7 @@ async def test_a_worker_with_another_model_never_reads_memories_of_another_versi
         for entity_id, events in history.items():
             stored = await store.get(entity_id)
             assert stored is not None, entity_id
-            snapshot = memory_snapshot(entity_id, stored, model.version)
+            snapshot = memory_snapshot(entity_id, stored, model)
             assert snapshot.step == steps_since_reset(events)
             h_n, c_n = finals[entity_id]
             torch.testing.assert_close(torch.tensor(snapshot.ltm), c_n, atol=1e-4, rtol=0)
@@ -1155,7 +1155,7 @@ async def test_a_recreated_input_topic_stops_the_worker_instead_of_dropping_its_
                 snapshots[entity_id] = (
                     None
                     if stored is None
-                    else memory_snapshot(entity_id, stored, store_version).model_dump()
+                    else memory_snapshot(entity_id, stored, stack.model).model_dump()
                 )
         assert_snapshots(snapshots, stack.model, old_history)
 

@@ -25,9 +25,10 @@ from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 
 import state
-from state import CommitResult, MemoryStore, MemoryUpdates, codec
+from state import CommitResult, MemoryStore, StoredMemory
 from state.keys import KeyLayout
 from stream_lstm.exceptions import ConfigError, StoreError, StoreFullError, StoreUnavailableError
+from stream_lstm.memories import NO_FENCE, RESETS, Memories, Shape
 from workers.dev.redis_server import RedisClusterServer, RedisServer
 from workers.dev.services import dead_port
 
@@ -64,20 +65,19 @@ def make_updates(
     hidden: int = 4,
     partition: int = 0,
     other_fences: Mapping[int, Mapping[int, int]] | None = None,
-) -> MemoryUpdates:
+) -> Memories:
     """Updates whose memories encode their fence: ltm = offset, stm = -offset, step = offset;
     ``other_fences``: row -> the entity's fences on other partitions."""
     e = len(entity_ids)
     offset = np.broadcast_to(np.asarray(offsets, dtype=np.int64), (e,))
     memory = np.broadcast_to(offset.astype(np.float32)[:, None, None], (e, layers, hidden))
-    return MemoryUpdates(
+    return Memories(
         entity_ids=list(entity_ids),
-        ltm=memory.copy(),
-        stm=-memory,
+        states=(memory.copy(), -memory),
         step=offset.copy(),
         fence_partition=np.full(e, partition, dtype=np.int64),
         fence_offset=offset.copy(),
-        other_fences=other_fences or {},
+        other_fences=dict(other_fences or {}),
     )
 
 
@@ -94,15 +94,20 @@ def same_slot_id(layout: KeyLayout, entity_id: str) -> str:
 async def stored_offset(store: MemoryStore, entity_id: str) -> int:
     stored = await store.get(entity_id)
     assert stored is not None, f"nothing stored for {entity_id!r}"
-    return stored.fence_offset
+    return int(stored.memories.fence_offset[0])
+
+
+def stored_fences(stored: StoredMemory) -> tuple[int, int, int]:
+    """A stored memory's step, fence partition and fence offset."""
+    memories = stored.memories
+    return int(memories.step[0]), int(memories.fence_partition[0]), int(memories.fence_offset[0])
 
 
 def test_public_api_is_pinned() -> None:
     assert state.__all__ == [
         "CommitResult",
-        "MemoryBatch",
+        "Loaded",
         "MemoryStore",
-        "MemoryUpdates",
         "StoredMemory",
         "without_password",
     ]
@@ -150,12 +155,13 @@ def test_empty_entity_id_is_refused() -> None:
 
 
 async def test_unknown_entities_load_as_zeros(store: MemoryStore) -> None:
-    batch = await store.load_many(["a", "b"], 2, 3)
-    assert batch.ltm.shape == batch.stm.shape == (2, 2, 3)
+    batch = (await store.load_many(["a", "b"], Shape(2, 2, 3))).memories
+    ltm, stm = batch.states
+    assert ltm.shape == stm.shape == (2, 2, 3)
     assert not batch.found.any()
-    assert not batch.ltm.any()
+    assert not ltm.any()
     assert batch.step.tolist() == [0, 0]
-    assert batch.fence_offset.tolist() == [codec.NO_FENCE] * 2
+    assert batch.fence_offset.tolist() == [NO_FENCE] * 2
     assert await store.get("a") is None
 
 
@@ -164,7 +170,7 @@ async def test_ping_answers_when_redis_is_up(store: MemoryStore) -> None:
 
 
 async def test_empty_batches(store: MemoryStore) -> None:
-    assert (await store.load_many([], 2, 3)).ltm.shape == (0, 2, 3)
+    assert (await store.load_many([], Shape(2, 2, 3))).memories.states[0].shape == (0, 2, 3)
     assert (await store.commit_many(make_updates([], 0))).applied.shape == (0,)
 
 
@@ -185,38 +191,38 @@ async def test_round_trip_is_bit_exact(
     rng = np.random.default_rng(seed)
     ids = [f"e{next(_example_ids)}" for _ in range(e)]
     raw = rng.integers(0, 2**32, size=(2, e, layers, hidden), dtype=np.uint32)
-    sent = MemoryUpdates(
+    sent = Memories(
         ids,
-        raw[0].view(np.float32),  # any bit pattern: NaN payloads, -0.0, infinities
-        raw[1].view(np.float32),
+        # any bit pattern: NaN payloads, -0.0, infinities
+        (raw[0].view(np.float32), raw[1].view(np.float32)),
         rng.integers(0, 2**40, size=e),
         rng.integers(0, 2**31, size=e),
         rng.integers(0, 2**63 - 1, size=e),
     )
     assert (await store.commit_many(sent)).applied.all()
 
-    batch = await store.load_many(ids, layers, hidden)
-    np.testing.assert_array_equal(batch.ltm.view(np.uint32), raw[0])
-    np.testing.assert_array_equal(batch.stm.view(np.uint32), raw[1])
+    batch = (await store.load_many(ids, Shape(2, layers, hidden))).memories
+    np.testing.assert_array_equal(batch.states[0].view(np.uint32), raw[0])
+    np.testing.assert_array_equal(batch.states[1].view(np.uint32), raw[1])
     np.testing.assert_array_equal(batch.step, sent.step)
     np.testing.assert_array_equal(batch.fence_partition, sent.fence_partition)
     np.testing.assert_array_equal(batch.fence_offset, sent.fence_offset)
     one = await store.get(ids[0])
     assert one is not None
-    np.testing.assert_array_equal(one.ltm.view(np.uint32), raw[0][0])
+    np.testing.assert_array_equal(one.memories.states[0][0].view(np.uint32), raw[0][0])
 
 
 async def test_awkward_ids_round_trip(store: MemoryStore) -> None:
     offsets = list(range(1, len(AWKWARD_IDS) + 1))
     assert (await store.commit_many(make_updates(AWKWARD_IDS, offsets))).applied.all()
-    batch = await store.load_many(AWKWARD_IDS, 2, 4)
+    batch = (await store.load_many(AWKWARD_IDS, Shape(2, 2, 4))).memories
     assert batch.fence_offset.tolist() == offsets
-    assert batch.ltm[:, 0, 0].tolist() == offsets
+    assert batch.states[0][:, 0, 0].tolist() == offsets
     assert await store.count() == len(AWKWARD_IDS)
     for entity_id, offset in zip(AWKWARD_IDS, offsets, strict=True):
         stored = await store.get(entity_id)
         assert stored is not None
-        assert stored.fence_offset == offset
+        assert int(stored.memories.fence_offset[0]) == offset
 
 
 async def test_get_returns_the_stored_memory(store: MemoryStore) -> None:
@@ -224,10 +230,11 @@ async def test_get_returns_the_stored_memory(store: MemoryStore) -> None:
     await store.commit_many(make_updates(["a"], 7, partition=2))
     stored = await store.get("a")
     assert stored is not None
-    assert stored.ltm.shape == (2, 4)
-    assert (stored.ltm == 7).all()
-    assert (stored.stm == -7).all()
-    assert (stored.step, stored.fence_partition, stored.fence_offset) == (7, 2, 7)
+    ltm, stm = stored.memories.states[0][0], stored.memories.states[1][0]
+    assert ltm.shape == (2, 4)
+    assert (ltm == 7).all()
+    assert (stm == -7).all()
+    assert stored_fences(stored) == (7, 2, 7)
     assert before <= stored.updated_at <= time.time()
 
 
@@ -248,7 +255,7 @@ async def test_one_round_trip_per_batch(
     async with MemoryStore(backend.url, backend.namespace, "v1", client=client) as store:
         await store.commit_many(make_updates(["warm-up"], 1))  # loads the script once
         sent.clear()
-        await store.load_many(ids, 2, 4)
+        await store.load_many(ids, Shape(2, 2, 4))
         await store.commit_many(make_updates(ids, 1))
     assert sent == ["MGET", "EVALSHA"]
 
@@ -267,9 +274,9 @@ async def test_replayed_batch_applies_nothing(store: MemoryStore) -> None:
         result = await store.commit_many(replay)
         assert result.stale_ids == ids
         assert result.applied_ids == []
-    batch = await store.load_many(ids, 2, 4)
+    batch = (await store.load_many(ids, Shape(2, 2, 4))).memories
     assert batch.fence_offset.tolist() == [20, 20, 20]
-    assert (batch.ltm == 20).all()
+    assert (batch.states[0] == 20).all()
     again = await store.get("a")
     assert written is not None
     assert again is not None
@@ -302,10 +309,10 @@ async def test_concurrent_writers_end_with_the_newest(backend: StoreBackend) -> 
             await store.aclose()
 
     async with backend.store() as store:
-        batch = await store.load_many(ids, 2, 4)
+        batch = (await store.load_many(ids, Shape(2, 2, 4))).memories
     assert batch.fence_offset.tolist() == [last] * len(ids)
-    assert (batch.ltm == last).all()
-    assert (batch.stm == -last).all()
+    assert (batch.states[0] == last).all()
+    assert (batch.states[1] == -last).all()
     assert batch.step.tolist() == [last] * len(ids)
     # the newest update of every entity applied, whichever writer sent it and whenever
     assert [a for applied in results for a in applied] == [True] * len(ids)
@@ -345,7 +352,9 @@ async def test_another_partition_applies_only_on_top_of_the_stored_fences(
     assert (await store.commit_many(on_top)).applied_ids == ["a"]
     stored = await store.get("a")
     assert stored is not None
-    assert (stored.fence_partition, stored.fence_offset, stored.other_fences) == (1, 5, {0: 100})
+    memories = stored.memories
+    assert (int(memories.fence_partition[0]), int(memories.fence_offset[0])) == (1, 5)
+    assert memories.other_fences.get(0, {}) == {0: 100}
 
     # A replay of either partition's events is stale, whatever its order.
     for replay in (make_updates(["a"], 100), make_updates(["a"], 4, partition=1)):
@@ -369,23 +378,26 @@ async def test_reset_zeroes_memory_and_keeps_fence(store: MemoryStore) -> None:
     assert await store.reset("a") is True
     stored = await store.get("a")
     assert stored is not None
-    assert not stored.ltm.any()
-    assert not stored.stm.any()
-    assert stored.ltm.shape == (2, 4)
-    assert (stored.step, stored.fence_partition, stored.fence_offset) == (0, 3, 10)
+    ltm, stm = stored.memories.states[0][0], stored.memories.states[1][0]
+    assert not ltm.any()
+    assert not stm.any()
+    assert ltm.shape == (2, 4)
+    assert stored_fences(stored) == (0, 3, 10)
 
-    assert stored.other_fences == {codec.RESETS: 1}  # the reset counts itself among the fences
+    # the reset counts itself among the fences
+    assert stored.memories.other_fences.get(0, {}) == {RESETS: 1}
 
     # Events from before the reset replay as stale. A batch that read the memory before the
     # reset is moved: written, it would undo the reset. Built on the zeros, it applies.
     assert (await store.commit_many(make_updates(["a"], 10, partition=3))).stale_ids == ["a"]
     assert (await store.commit_many(make_updates(["a"], 11, partition=3))).moved_ids == ["a"]
-    after = make_updates(["a"], 11, partition=3, other_fences={0: {codec.RESETS: 1}})
+    after = make_updates(["a"], 11, partition=3, other_fences={0: {RESETS: 1}})
     assert (await store.commit_many(after)).applied_ids == ["a"]
     assert await store.reset("a") is True
     stored = await store.get("a")
     assert stored is not None
-    assert (stored.fence_offset, stored.other_fences) == (11, {codec.RESETS: 2})
+    assert int(stored.memories.fence_offset[0]) == 11
+    assert stored.memories.other_fences.get(0, {}) == {RESETS: 2}
 
 
 async def test_reset_of_unknown_entity_is_false(store: MemoryStore) -> None:
@@ -420,10 +432,10 @@ async def test_count_is_per_namespace_and_model_version(backend: StoreBackend) -
 # --- the fast commit (one server, after a load) ----------------------------------------------
 
 
-async def commit_after_load(store: MemoryStore, updates: MemoryUpdates) -> CommitResult:
+async def commit_after_load(store: MemoryStore, updates: Memories) -> CommitResult:
     """Load the updates' entities and partition fences, then commit, as a worker does."""
     partitions = set(updates.fence_partition.tolist())
-    loaded = await store.load_many(updates.entity_ids, 2, 4, partitions=partitions)
+    loaded = await store.load_many(updates.entity_ids, Shape(2, 2, 4), partitions=partitions)
     return await store.commit_many(updates, loaded=loaded)
 
 
@@ -473,9 +485,12 @@ async def test_the_fast_commit_stores_exactly_what_the_script_stores(
             for batch in batches:
                 commit = commit_after_load if after_load else MemoryStore.commit_many
                 assert (await commit(store, batch)).applied.all()
-            stored[after_load] = await store.load_many(list("abcde"), 2, 4)
+            loaded = await store.load_many(list("abcde"), Shape(2, 2, 4))
+            stored[after_load] = loaded.memories
     fast, script = stored[True], stored[False]
-    for field in ("ltm", "stm", "step", "fence_partition", "fence_offset", "found"):
+    for fast_state, script_state in zip(fast.states, script.states, strict=True):
+        np.testing.assert_array_equal(fast_state, script_state)
+    for field in ("step", "fence_partition", "fence_offset", "found"):
         np.testing.assert_array_equal(getattr(fast, field), getattr(script, field))
     assert fast.other_fences == script.other_fences == {1: {0: 2}, 2: {1: 4}}
 
@@ -534,7 +549,7 @@ async def test_idle_entities_expire(backend: StoreBackend) -> None:
         await store.commit_many(make_updates(["a", "b"], 1))
         await asyncio.sleep(0.4)
         assert await store.get("a") is None
-        assert not (await store.load_many(["a", "b"], 2, 4)).found.any()
+        assert not (await store.load_many(["a", "b"], Shape(2, 2, 4))).memories.found.any()
         assert await store.count() == 0
 
 
@@ -546,7 +561,7 @@ async def test_idle_entities_expire(backend: StoreBackend) -> None:
     [
         (lambda good: b"hello", "shorter than the 40-byte header"),
         (lambda good: b"\0" * 200, "not a stream-lstm memory"),
-        (lambda good: good[:4] + b"\x03" + good[5:], "format version 3"),
+        (lambda good: good[:4] + b"\x05" + good[5:], "format version 5"),
     ],
 )
 async def test_foreign_values_raise_store_error(
@@ -559,7 +574,7 @@ async def test_foreign_values_raise_store_error(
     twin = same_slot_id(layout, "bad")
 
     with pytest.raises(StoreError, match=f"entity 'bad': .*{reason}"):
-        await store.load_many(["ok", "bad"], 2, 4)
+        await store.load_many(["ok", "bad"], Shape(2, 2, 4))
     with pytest.raises(StoreError, match=f"entity 'bad': .*{reason}"):
         await store.get("bad")
     written = "their hash slots" if backend.name == "cluster" else "this batch"
@@ -584,15 +599,15 @@ async def test_truncated_value_raises_store_error(
     async with backend.client() as client:
         await client.set(key, (await client.get(key))[:-3])
     with pytest.raises(StoreError, match=r"entity 'a': .*truncated"):
-        await store.load_many(["a"], 2, 4)
+        await store.load_many(["a"], Shape(2, 2, 4))
     with pytest.raises(StoreError, match=r"entity 'a': .*truncated"):
         await store.get("a")
 
 
 async def test_other_shape_raises_store_error(store: MemoryStore) -> None:
     await store.commit_many(make_updates(["a"], 1, layers=1, hidden=8))
-    with pytest.raises(StoreError, match=r"entity 'a': stored memory has shape \(1, 8\)"):
-        await store.load_many(["a"], 2, 4)
+    with pytest.raises(StoreError, match=r"entity 'a': stored memory has 2 states of \(1, 8\)"):
+        await store.load_many(["a"], Shape(2, 2, 4))
 
 
 async def test_key_of_another_type_raises_store_error(
@@ -601,7 +616,7 @@ async def test_key_of_another_type_raises_store_error(
     async with backend.client() as client:
         await client.hset(KeyLayout(backend.namespace, "v1").memory("h"), "f", "v")
     # MGET answers nil for a key of another type: it loads as unknown, then fails to commit
-    assert not (await store.load_many(["h"], 2, 4)).found.any()
+    assert not (await store.load_many(["h"], Shape(2, 2, 4))).memories.found.any()
     for call in (
         lambda: store.get("h"),
         lambda: store.commit_many(make_updates(["h"], 1)),
@@ -619,7 +634,7 @@ async def test_unreachable_redis_raises_within_the_retry_budget() -> None:
         url = f"redis://127.0.0.1:{port}/0"
         async with MemoryStore(url, "ns", "v1", retry_s=0.3) as store:
             for call in (
-                lambda: store.load_many(["a"], 1, 1),
+                lambda: store.load_many(["a"], Shape(2, 1, 1)),
                 lambda: store.commit_many(make_updates(["a"], 1)),  # raises: never "applied"
                 lambda: store.get("a"),
                 lambda: store.reset("a"),
@@ -658,7 +673,7 @@ async def test_calls_retry_until_the_server_is_back(tmp_path: Path) -> None:
                 server.start()  # same port, same data
                 stored = await pending
             assert stored is not None
-            assert stored.fence_offset == 1
+            assert int(stored.memories.fence_offset[0]) == 1
             assert (await store.get("a")) is not None  # the store that gave up works again
     finally:
         server.stop()
@@ -697,8 +712,9 @@ async def test_memory_per_entity_fits_the_budget(
         await store.commit_many(make_updates(["user-12345678"], int(value), layers=1, hidden=128))
         stored = await store.get("user-12345678")
     assert stored is not None
-    assert stored.ltm.dtype == np.float32
-    assert (stored.ltm == value).all()
+    ltm = stored.memories.states[0][0]
+    assert ltm.dtype == np.float32
+    assert (ltm == value).all()
     async with Redis.from_url(redis_server.url) as client:
         key = KeyLayout(namespace, version).memory("user-12345678")
         usage = await client.memory_usage(key)
@@ -765,7 +781,7 @@ async def test_cluster_batch_over_all_nodes_is_one_round_trip_per_node(
         await store.commit_many(make_updates(ids, offsets))  # first use: slot map, scripts
         reset_stats(redis_cluster)
         round_trips.clear()
-        batch = await store.load_many(ids, 2, 4)
+        batch = (await store.load_many(ids, Shape(2, 2, 4))).memories
         assert dict(round_trips) == dict.fromkeys(redis_cluster.ports, 1)
         round_trips.clear()
         assert (await store.commit_many(make_updates(ids, 1000))).applied.all()
@@ -774,7 +790,7 @@ async def test_cluster_batch_over_all_nodes_is_one_round_trip_per_node(
         assert command_calls(redis_cluster, "mget") == slots_per_node
         assert command_calls(redis_cluster, "evalsha") == slots_per_node
         assert batch.fence_offset.tolist() == offsets  # in the batch's order
-        assert batch.ltm[:, 0, 0].tolist() == offsets
+        assert batch.states[0][:, 0, 0].tolist() == offsets
         assert await store.count() == len(ids)
 
     for port in redis_cluster.ports:  # and the memories really live on every node
@@ -790,7 +806,7 @@ async def test_cluster_fences_hold_in_every_slot(redis_cluster: RedisClusterServ
     async with MemoryStore(redis_cluster.url, f"f-{uuid.uuid4().hex[:8]}", "v1") as store:
         result = await store.commit_many(make_updates(repeated, offsets))
         assert result.applied.tolist() == [True, True, False] * len(ids)  # order kept per slot
-        batch = await store.load_many(ids, 2, 4)
+        batch = (await store.load_many(ids, Shape(2, 2, 4))).memories
         assert batch.fence_offset.tolist() == [10 * k + 9 for k in range(len(ids))]
 
         replay = await store.commit_many(make_updates(repeated, offsets))
@@ -812,7 +828,8 @@ async def test_cluster_node_that_lost_the_script_is_sent_it_again(
             node.script_flush()
         result = await store.commit_many(make_updates(ids, 2))
         assert result.applied.all()
-        assert (await store.load_many(ids, 2, 4)).fence_offset.tolist() == [2] * len(ids)
+        loaded = (await store.load_many(ids, Shape(2, 2, 4))).memories
+        assert loaded.fence_offset.tolist() == [2] * len(ids)
 
 
 async def test_cluster_url_lists_seed_nodes(redis_cluster: RedisClusterServer) -> None:
@@ -844,7 +861,7 @@ async def test_unreachable_cluster_raises_within_the_retry_budget() -> None:
         url = f"redis+cluster://user:s3cret@127.0.0.1:{port}"
         async with MemoryStore(url, "ns", "v1", retry_s=0.3) as store:
             for call in (
-                lambda: store.load_many(["a"], 1, 1),
+                lambda: store.load_many(["a"], Shape(2, 1, 1)),
                 lambda: store.commit_many(make_updates(["a"], 1)),
                 lambda: store.get("a"),
                 lambda: store.reset("a"),
@@ -893,9 +910,9 @@ async def test_cluster_calls_retry_until_a_lost_node_is_back(tmp_path: Path) -> 
                 assert not pending.done()
                 lost.start()  # same ports, same data and cluster config: it rejoins
                 assert (await pending).applied.all()
-                loaded = await retrying.load_many(ids, 2, 4)
+                loaded = await retrying.load_many(ids, Shape(2, 2, 4))
             await store.ping(15)  # reconnected: closing it closes every socket it opened
-            assert loaded.fence_offset.tolist() == [2] * len(ids)
+            assert loaded.memories.fence_offset.tolist() == [2] * len(ids)
 
 
 async def test_cluster_retries_stop_at_the_budget_even_if_a_cancellation_is_swallowed(

@@ -31,14 +31,18 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0
 
 
-def memory_snapshot(entity_id: str, stored: StoredMemory, model_version: str) -> MemorySnapshot:
-    """An entity's stored memory as the memory API and ``stream-lstm memory get`` show it."""
+def memory_snapshot(entity_id: str, stored: StoredMemory, model: StreamModel) -> MemorySnapshot:
+    """An entity's stored memory as the memory API and ``stream-lstm memory get`` show it: each
+    of the model's states by its name."""
+    memories = stored.memories
+    states = {
+        name: state[0].tolist() for name, state in zip(model.states, memories.states, strict=True)
+    }
     return MemorySnapshot(
         entity_id=entity_id,
-        ltm=stored.ltm.tolist(),
-        stm=stored.stm.tolist(),
-        step=stored.step,
-        model_version=model_version,
+        **states,
+        step=int(memories.step[0]),
+        model_version=model.version,
         updated_at=stored.updated_at,
     )
 
@@ -172,7 +176,7 @@ class StreamWorker:
                 stored = await worker.api_store.get(entity_id)
                 if stored is None:
                     return self.json({"error": f"no memory stored for {entity_id!r}"}, status=404)
-                snapshot = memory_snapshot(entity_id, stored, worker.model.version)
+                snapshot = memory_snapshot(entity_id, stored, worker.model)
                 return self.bytes(
                     snapshot.model_dump_json().encode(), content_type="application/json"
                 )

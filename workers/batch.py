@@ -41,14 +41,15 @@ from aiokafka.errors import (
 )
 from pydantic import ValidationError
 
-from state import CommitResult, MemoryBatch, MemoryStore, MemoryUpdates
-from stream_lstm.engine import Events, Memory, StepResult, entity_rows, step
+from state import CommitResult, Loaded, MemoryStore
+from stream_lstm.engine import Events, StepResult, entity_rows, step, views
 from stream_lstm.exceptions import (
     BrokerRefusedError,
     StoreError,
     StoreFullError,
     StoreUnavailableError,
 )
+from stream_lstm.memories import Fences, Memories
 from stream_lstm.model import StreamModel
 from stream_lstm.schema import Event, Prediction, Source, fast_struct
 
@@ -180,7 +181,7 @@ class Applied:
     """What one step produced: predictions to emit and memories to commit."""
 
     predictions: list[tuple[bytes | None, bytes]]  # (key, Prediction JSON)
-    updates: MemoryUpdates
+    updates: Memories  # of the entities stepped, each with the fences of its last event
     replayed: int  # events whose fence was already stored: dropped
     dead: list[DeadLetter]  # events whose step was not finite (overflow): not applied
 
@@ -271,15 +272,15 @@ def _fast_decoder(input_size: int) -> Callable[[bytes], _EventFields]:
     return decoder.decode
 
 
-def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
+def apply(model: StreamModel, checked: Checked, memories: Memories) -> Applied:
     """Drop events already applied, step the rest in one call, and build what to send and store.
 
-    ``memory`` holds the stored memories of exactly ``checked.ids``, in that order.
+    ``memories`` holds the stored memories of exactly ``checked.ids``, in that order.
     """
     ids, rows = checked.ids, checked.rows  # (N,)
     partitions = np.fromiter((r.partition for r in checked.records), np.int64, len(rows))  # (N,)
     offsets = np.fromiter((r.offset for r in checked.records), np.int64, len(rows))  # (N,)
-    applied_before = _applied_before(memory, rows, partitions, offsets)  # (N,)
+    applied_before = _applied_before(memories, rows, partitions, offsets)  # (N,)
     fresh = np.flatnonzero(~applied_before)  # (N',) events to apply
     all_fresh = len(fresh) == len(rows)
     entity_ids = checked.entity_ids if all_fresh else [checked.entity_ids[i] for i in fresh]
@@ -292,50 +293,45 @@ def apply(model: StreamModel, checked: Checked, memory: MemoryBatch) -> Applied:
         torch.from_numpy(checked.features if all_fresh else checked.features[fresh]),  # (N', I)
         torch.from_numpy(checked.reset if all_fresh else checked.reset[fresh]),  # (N',)
     )
-    start = Memory(
-        torch.from_numpy(memory.ltm), torch.from_numpy(memory.stm), torch.from_numpy(memory.step)
-    )
-    result = step(model, events, start)
-    output, steps, predicted, dead = result.output, result.step, records, []
+    states, steps = views(memories)  # each (E, L, H), and (E,)
+    result = step(model, events, states, steps)
+    output, event_steps, predicted, dead = result.output, result.step, records, []
     if not _finite(result):  # rare: an overflow; find the events that caused it
-        result, kept = _step_finite_events(model, events, start, result)
+        result, kept = _step_finite_events(model, events, states, steps, result)
         dead = [
             DeadLetter(records[i], "non_finite", NON_FINITE_ERROR) for i in np.flatnonzero(~kept)
         ]
         at = np.flatnonzero(kept)
         entity_ids, event_ids = [entity_ids[i] for i in at], [event_ids[i] for i in at]
         predicted = [records[i] for i in at]
-        output, steps = result.output[at], result.step[at]
-    predictions = _predictions(model, entity_ids, event_ids, predicted, output, steps)
+        output, event_steps = result.output[at], result.step[at]
+    predictions = _predictions(model, entity_ids, event_ids, predicted, output, event_steps)
 
     last = np.full(len(ids), -1, dtype=np.int64)  # (E,) last fresh event of each entity
     np.maximum.at(last, rows, np.arange(len(rows)))
     stepped = np.flatnonzero(last >= 0)  # entities with at least one fresh event
     fence_partition = partitions[last[stepped]]
-    updates = MemoryUpdates(
+    updates = Memories(
         entity_ids=[ids[i] for i in stepped],
-        ltm=result.memory.ltm.numpy()[stepped],
-        stm=result.memory.stm.numpy()[stepped],
-        step=result.memory.step.numpy()[stepped],
+        states=tuple(state.numpy()[stepped] for state in result.states),
+        step=result.steps.numpy()[stepped],
         fence_partition=fence_partition,
         fence_offset=offsets[last[stepped]],
-        other_fences=_other_fences(memory, rows, partitions, offsets, stepped, fence_partition),
+        other_fences=_other_fences(memories, rows, partitions, offsets, stepped, fence_partition),
     )
     return Applied(predictions, updates, replayed=len(checked.records) - len(records), dead=dead)
 
 
 def _applied_before(
-    memory: MemoryBatch,
+    memory: Memories,
     rows: npt.NDArray[np.int64],
     partitions: npt.NDArray[np.int64],
     offsets: npt.NDArray[np.int64],
 ) -> npt.NDArray[np.bool_]:
     """(N,) Whether each event is already in its entity's memory: at or before the entity's
     fence on the event's partition."""
-    before: npt.NDArray[np.bool_] = (
-        memory.found[rows]
-        & (memory.fence_partition[rows] == partitions)
-        & (offsets <= memory.fence_offset[rows])
+    before: npt.NDArray[np.bool_] = (memory.fence_partition[rows] == partitions) & (
+        offsets <= memory.fence_offset[rows]
     )
     if memory.other_fences:  # entities keyed on several partitions: rare
         more = memory.other_fences
@@ -346,13 +342,13 @@ def _applied_before(
 
 
 def _other_fences(
-    memory: MemoryBatch,
+    memory: Memories,
     rows: npt.NDArray[np.int64],
     partitions: npt.NDArray[np.int64],
     offsets: npt.NDArray[np.int64],
     stepped: npt.NDArray[np.int64],
     fence_partition: npt.NDArray[np.int64],
-) -> dict[int, dict[int, int]]:
+) -> dict[int, Fences]:
     """Update row -> the entity's fences besides its last event's partition, for the entities
     that have more than one: their memory had some, its fence was on another partition, or
     their fresh events (``rows``, ``partitions``, ``offsets``; in partition order) came on
@@ -366,9 +362,8 @@ def _other_fences(
         np.maximum.at(highest, rows, partitions)
         several = (highest >= 0) & (lowest != highest)
     elsewhere = np.zeros(e, dtype=np.bool_)
-    elsewhere[stepped] = memory.found[stepped] & (
-        memory.fence_partition[stepped] != fence_partition
-    )
+    found = memory.found  # (E,)
+    elsewhere[stepped] = found[stepped] & (memory.fence_partition[stepped] != fence_partition)
     had = np.zeros(e, dtype=np.bool_)
     had[list(memory.other_fences)] = True
     if not (several | elsewhere | had).any():
@@ -378,7 +373,7 @@ def _other_fences(
         for row in np.flatnonzero(several | elsewhere | had)
     }
     for row, entity in fences.items():
-        if memory.found[row]:
+        if found[row]:
             entity[int(memory.fence_partition[row])] = int(memory.fence_offset[row])
     for row, partition, offset in zip(
         rows.tolist(), partitions.tolist(), offsets.tolist(), strict=True
@@ -386,7 +381,7 @@ def _other_fences(
         if row in fences:
             fences[row][partition] = offset  # in partition order: the last is the highest
     update_of = {int(row): at for at, row in enumerate(stepped.tolist())}
-    other = {}
+    other: dict[int, Fences] = {}
     for row, entity in fences.items():
         at = update_of.get(row)
         if at is not None:  # not stepped: not updated
@@ -441,16 +436,18 @@ NON_FINITE_ERROR = (
 
 
 def _finite(result: StepResult) -> bool:
-    memory = result.memory
     return bool(
         torch.isfinite(result.output).all()
-        and torch.isfinite(memory.ltm).all()
-        and torch.isfinite(memory.stm).all()
+        and all(torch.isfinite(state).all() for state in result.states)
     )
 
 
 def _step_finite_events(
-    model: StreamModel, events: Events, start: Memory, fast: StepResult
+    model: StreamModel,
+    events: Events,
+    states: tuple[torch.Tensor, ...],
+    steps: torch.Tensor,
+    fast: StepResult,
 ) -> tuple[StepResult, npt.NDArray[np.bool_]]:
     """``fast`` again for the entities it gave a non-finite output or memory, their events one
     at a time, skipping each event whose step is not finite: its entity goes on from the memory
@@ -459,20 +456,18 @@ def _step_finite_events(
     Returns the result (the output and step rows of skipped events are zeros) and which events
     were kept (N,).
     """
-    memory = Memory(fast.memory.ltm.clone(), fast.memory.stm.clone(), fast.memory.step.clone())
-    output, steps = fast.output.clone(), fast.step.clone()
+    new_states = tuple(state.clone() for state in fast.states)  # each (E, L, H)
+    new_steps = fast.steps.clone()  # (E,)
+    output, event_steps = fast.output.clone(), fast.step.clone()
     bad_output = ~torch.isfinite(output).flatten(1).all(dim=1)  # (N,)
-    poisoned = ~(
-        torch.isfinite(memory.ltm).flatten(1).all(dim=1)
-        & torch.isfinite(memory.stm).flatten(1).all(dim=1)
-    )  # (E,)
+    poisoned = torch.zeros(len(new_steps), dtype=torch.bool)  # (E,)
+    for state in new_states:
+        poisoned |= ~torch.isfinite(state).flatten(1).all(dim=1)
     poisoned[events.entity[bad_output]] = True
-    for row in torch.nonzero(poisoned).flatten().tolist():  # from where the batch started them
-        memory.ltm[row], memory.stm[row], memory.step[row] = (
-            start.ltm[row],
-            start.stm[row],
-            start.step[row],
-        )
+    rows = torch.nonzero(poisoned).flatten()  # from where the batch started them
+    for new, start in zip(new_states, states, strict=True):
+        new[rows] = start[rows]
+    new_steps[rows] = steps[rows]
     kept = np.ones(len(events.entity), dtype=np.bool_)
     first = torch.zeros(1, dtype=torch.int64)
     for i in torch.nonzero(poisoned[events.entity]).flatten().tolist():
@@ -481,46 +476,18 @@ def _step_finite_events(
         one = step(
             model,
             Events(first, events.features[at], events.reset[at]),
-            Memory(memory.ltm[of], memory.stm[of], memory.step[of]),
+            tuple(state[of] for state in new_states),
+            new_steps[of],
         )
         if not _finite(one):
             kept[i] = False
-            output[i], steps[i] = 0.0, 0
+            output[i], event_steps[i] = 0.0, 0
             continue
-        output[i], steps[i] = one.output[0], one.step[0]
-        memory.ltm[row], memory.stm[row], memory.step[row] = (
-            one.memory.ltm[0],
-            one.memory.stm[0],
-            one.memory.step[0],
-        )
-    return StepResult(output, steps, memory), kept
-
-
-def overlay(memory: MemoryBatch, in_flight: MemoryUpdates) -> None:
-    """Put the memories of a batch still being committed over what Redis returned.
-
-    They are the newest this worker has for those entities, and the next batch must start from
-    them. Each is every event of its entity up to its fence, applied in order (a partition is
-    consumed in order), so a write made from them is right even if the in-flight commit turns
-    out stale: the fences decide as for any write.
-    """
-    rows = {entity_id: row for row, entity_id in enumerate(in_flight.entity_ids)}
-    pairs = [(n, rows[e]) for n, e in enumerate(memory.entity_ids) if e in rows]
-    if not pairs:
-        return
-    at, src = (np.array(column, dtype=np.int64) for column in zip(*pairs, strict=True))
-    memory.ltm[at] = in_flight.ltm[src]
-    memory.stm[at] = in_flight.stm[src]
-    memory.step[at] = in_flight.step[src]
-    memory.fence_partition[at] = in_flight.fence_partition[src]
-    memory.fence_offset[at] = in_flight.fence_offset[src]
-    memory.found[at] = True
-    for n, row in pairs:
-        fences = in_flight.other_fences.get(row)
-        if fences is None:
-            memory.other_fences.pop(n, None)
-        else:
-            memory.other_fences[n] = fences
+        output[i], event_steps[i] = one.output[0], one.step[0]
+        for new, end in zip(new_states, one.states, strict=True):
+            new[row] = end[0]
+        new_steps[row] = one.steps[0]
+    return StepResult(output, event_steps, new_states, new_steps), kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,7 +495,7 @@ class Prepared:
     """A batch checked, loaded and stepped: ready to emit and commit."""
 
     checked: Checked
-    memory: MemoryBatch
+    loaded: Loaded
     applied: Applied
     clock: _Stages
     number: int  # batches prepared by this processor so far, this one included
@@ -583,7 +550,7 @@ class BatchProcessor:
         return await self.finish(await self.prepare(records))
 
     async def prepare(
-        self, records: Sequence[Consumed], in_flight: Sequence[MemoryUpdates] = ()
+        self, records: Sequence[Consumed], in_flight: Sequence[Memories] = ()
     ) -> Prepared:
         """Check, load and step a batch. ``in_flight``: the updates of batches still finishing,
         oldest first, which this one starts from whether or not they have reached Redis yet."""
@@ -591,23 +558,26 @@ class BatchProcessor:
         checked = check(records, self.model.input_size, self.max_event_bytes)
         _log(checked.dead)
         clock.done("check")
-        memory = await self.retry(
+        loaded = await self.retry(
             "load memories",
             lambda: self.store.load_many(
                 checked.ids,
-                self.model.num_layers,
-                self.model.hidden_size,
+                self.model.shape,
                 partitions={record.partition for record in checked.records},
             ),
         )
+        # The updates of batches still being committed are the newest this worker has for
+        # their entities: each is every event of its entity up to its fence, applied in order
+        # (a partition is consumed in order), so a write made from them is right even if the
+        # in-flight commit turns out stale: the fences decide as for any write.
         for updates in in_flight:
-            overlay(memory, updates)
+            loaded.memories.overlay(updates)
         clock.done("load")
-        applied = apply(self.model, checked, memory)
+        applied = apply(self.model, checked, loaded.memories)
         _log(applied.dead)
         clock.done("step")
         self._prepared += 1
-        return Prepared(checked, memory, applied, clock, self._prepared)
+        return Prepared(checked, loaded, applied, clock, self._prepared)
 
     async def finish(self, prepared: Prepared) -> BatchReport:
         """Emit a prepared batch and wait for the broker, then commit its memories."""
@@ -634,7 +604,7 @@ class BatchProcessor:
         clock.restart()
         # The load's proof for the fast commit holds only if the batches this one started from
         # (still in flight when it was prepared) were written as they were.
-        loaded = None if prepared.number <= self._started_unwritten else prepared.memory
+        loaded = None if prepared.number <= self._started_unwritten else prepared.loaded
         committed = await self.retry(
             "commit memories",
             lambda: self.store.commit_many(applied.updates, loaded=loaded),
@@ -663,8 +633,8 @@ class BatchProcessor:
             applied.replayed,
             len(stale),
             moved,
-            len(prepared.memory.entity_ids),
-            prepared.memory.cached,
+            len(prepared.loaded.memories),
+            prepared.loaded.cached,
             clock.seconds,
         )
 
@@ -682,11 +652,10 @@ class BatchProcessor:
             entity_ids[:3],
         )
         again = subset(checked, entity_ids, dead)
-        memory = await self.retry(
-            "load memories",
-            lambda: self.store.load_many(again.ids, self.model.num_layers, self.model.hidden_size),
+        loaded = await self.retry(
+            "load memories", lambda: self.store.load_many(again.ids, self.model.shape)
         )
-        applied = apply(self.model, again, memory)
+        applied = apply(self.model, again, loaded.memories)
         _log(applied.dead)
         letters = [(d.key, d.encode()) for d in applied.dead]
         await self.retry("emit", lambda: self.emitter.emit(self.dead_letter_topic, letters))

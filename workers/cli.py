@@ -351,7 +351,7 @@ def memory_get(entity_id: str, **flags: Any) -> None:
     async def get() -> MemorySnapshot | None:
         async with settings.memory_store(model.version, retry_s=CLI_WAIT_S) as store:
             stored = await store.get(entity_id)
-        return memory_snapshot(entity_id, stored, model.version) if stored is not None else None
+        return memory_snapshot(entity_id, stored, model) if stored is not None else None
 
     snapshot = asyncio.run(get())
     if snapshot is None:

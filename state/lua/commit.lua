@@ -14,13 +14,11 @@ local stored, foreign = {}, false
 for i = 1, n do
   local key = KEYS[i]
   if stored[key] == nil then
-    local head = redis.call('GETRANGE', key, 0, HEADER - 1)  -- not the 1 KB of memories
+    local head = redis.call('GETRANGE', key, 0, STATES_HEADER - 1)  -- not the 1 KB of states
     if head == '' and redis.call('EXISTS', key) == 0 then stored[key] = false
     elseif ours(head) then
       local tail = ''
-      if string.byte(head, 5) == V2 then
-        tail = redis.call('GETRANGE', key, HEADER + memory_size(head), -1)
-      end
+      if more_fences(head) then tail = redis.call('GETRANGE', key, memories_end(head), -1) end
       stored[key] = fences(head, tail)
     else stored[key] = 'foreign'; foreign = true end
   end
@@ -47,7 +45,7 @@ end
 local ttl, spans = tonumber(ARGV[1]), false
 for i = 1, n do
   local key, v, old = KEYS[i], ARGV[i + 3], stored[KEYS[i]]
-  local new = fences(v, string.sub(v, HEADER + memory_size(v) + 1))
+  local new = fences(v, string.sub(v, memories_end(v) + 1))
   local code = 1
   if old then code = compare(new, old) end
   if code == 1 then

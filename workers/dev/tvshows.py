@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from stream_lstm.engine import Events, Memory, entity_rows, step
+from stream_lstm.engine import Events, entity_rows, step, views
+from stream_lstm.memories import Memories
 from stream_lstm.model import StreamModel
 from workers.settings import DEMO_MODEL
 
@@ -201,8 +202,8 @@ def accuracy(model: StreamModel, frames: Sequence[Frame], *, memory: bool) -> Ac
         else torch.empty(0, model.input_size)
     )
     reset = torch.full((len(frames),), not memory, dtype=torch.bool)  # (N,)
-    zeros = Memory.zeros(len(ids), model.num_layers, model.hidden_size)
-    result = step(model, Events(rows, features, reset), zeros)
+    zeros = Memories.zeros(ids, model.shape)
+    result = step(model, Events(rows, features, reset), *views(zeros))
     top = result.output.argmax(dim=1).tolist()  # (N,)
     right = [model.labels[p] == f.animal for p, f in zip(top, frames, strict=True)]
     ambiguous = [r for r, f in zip(right, frames, strict=True) if f.ambiguous]
