@@ -69,11 +69,13 @@ class OneServer(Backend[Redis]):
         missed = np.flatnonzero(slots < 0)
         if len(missed) == len(entity_ids):
             return await self._load(entity_ids, shape, partitions)
+        # Taken before the read: a commit answered meanwhile may give the slots to other
+        # entities. What it wrote for these is the caller's (a batch in flight, overlaid).
+        memories = cache.take(entity_ids, slots)
         generation = cache.generation
         read = await self._load([entity_ids[i] for i in missed.tolist()], shape, partitions)
         if cache.generation != generation:  # a reset came since: the cache was cleared
             return await self._load(entity_ids, shape, partitions)
-        memories = cache.take(entity_ids, slots)
         memories.put(missed, read.memories)
         cached = len(entity_ids) - len(missed)
         return dataclasses.replace(read, memories=memories, cached=cached)

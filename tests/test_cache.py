@@ -179,6 +179,27 @@ async def test_cached_memories_are_not_read_back(redis_server: RedisServer) -> N
     assert loaded.partition_fences == {0: 5}  # the fast commit still gets its fences
 
 
+async def test_a_commit_answered_during_a_load_cannot_hand_it_another_entitys_memory(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline prepares a batch while an earlier one commits: a commit that fills the
+    cache's slots while the load reads the rest from Redis must not change what it loads."""
+    async with MemoryStore(redis_server.url, "race", "v1", cache_entities=2) as store:
+        await store.commit_many(make_updates(["a", "b"], [10, 20]))  # both cached
+        backend = store._backend
+        read = backend._load
+
+        async def meanwhile(*args: object) -> object:
+            answer = await read(*args)
+            await store.commit_many(make_updates(["c", "d"], [30, 40]))  # takes a's and b's slots
+            return answer
+
+        monkeypatch.setattr(backend, "_load", meanwhile)
+        loaded = (await store.load_many(["a", "new"], SHAPE, partitions=[0])).memories
+    assert loaded.fence_offset.tolist() == [10, -1]
+    assert loaded.states[0][0].flat[0] == 10
+
+
 async def test_a_reset_from_another_process_clears_the_cache(redis_server: RedisServer) -> None:
     async with two_stores(redis_server) as (worker, cli):
         await worker.commit_many(make_updates(["a", "b"], 5))
