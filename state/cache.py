@@ -84,7 +84,7 @@ class MemoryCache:
     def take(self, entity_ids: Sequence[str], slots: I64) -> Memories:
         """The entries at ``slots`` (from ``find``) for these entities; where a slot is -1 the
         row is not found (no fence), its states whatever, for the caller to fill."""
-        taken = dataclasses.replace(self._entries.take(slots), entity_ids=entity_ids)
+        taken = self._entries.take(slots, entity_ids)
         missed = slots < 0
         taken.fence_partition[missed] = NO_FENCE
         taken.fence_offset[missed] = NO_FENCE

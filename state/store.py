@@ -194,6 +194,11 @@ class MemoryStore:
             )
         logger.debug("memory store %s at %s", keys.memory_prefix, common["url"])
 
+    @property
+    def model_version(self) -> str:
+        """The model version whose memories this store holds."""
+        return self._backend.keys.model_version
+
     async def __aenter__(self) -> Self:
         return self
 

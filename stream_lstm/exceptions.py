@@ -7,6 +7,7 @@
     ├── BrokerError           a broker is missing, failed or did not answer, or refused a topic
     │   └── BrokerRefusedError      the broker refused us: credentials, TLS trust, protocol
     ├── TopicChangedError     the stored memories count offsets of another input topic
+    ├── UsageError            the processing API was called out of order (workers/plugin.py)
     └── StoreError            the memory store failed or holds a value that does not decode
         ├── StoreUnavailableError   Redis did not answer within the retry budget
         │   └── StoreFullError      Redis is at maxmemory and refuses writes
@@ -55,6 +56,12 @@ class TopicChangedError(StreamLSTMError):
     (it was deleted and recreated, or renamed): their fences count that topic's offsets, and
     this one's events at offsets below them would be dropped as replays. The message says what
     to do."""
+
+
+class UsageError(StreamLSTMError):
+    """The processing API (``workers.plugin.Processor``) was called in an order that would break
+    its guarantees: committing before delivering, twice, a batch of partitions the caller does
+    not own. Nothing was done; the message says what the right order is."""
 
 
 class StoreError(StreamLSTMError):

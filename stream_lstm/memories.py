@@ -110,8 +110,9 @@ class Memories:
         found: npt.NDArray[np.bool_] = self.fence_partition != NO_FENCE
         return found
 
-    def take(self, rows: Rows) -> Memories:
-        """A copy of these rows, in this order."""
+    def take(self, rows: Rows, entity_ids: Sequence[str] | None = None) -> Memories:
+        """A copy of these rows, in this order; ``entity_ids``: theirs, when the caller knows
+        them better (the cache, whose rows are slots)."""
         at = np.asarray(rows, dtype=np.int64)
         other = {}
         if self.other_fences:
@@ -121,7 +122,7 @@ class Memories:
                 if old in self.other_fences
             }
         return Memories(
-            [self.entity_ids[i] for i in at.tolist()],
+            [self.entity_ids[i] for i in at.tolist()] if entity_ids is None else entity_ids,
             tuple(state[at] for state in self.states),
             self.step[at],
             self.fence_partition[at],
