@@ -7,6 +7,7 @@ each entity's memories in Redis updated exactly once per event (workers/plugin.p
 import asyncio
 import os
 import signal
+from functools import partial
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
@@ -25,11 +26,12 @@ DEAD_LETTERS = os.environ.get("DEAD_LETTERS", "dead-letters")
 async def main() -> None:
     model = StreamModel.load(os.environ["MODEL"])
     async with MemoryStore(REDIS, GROUP, model.version, cache_entities=100_000) as store:
-        processor, batch = Processor(model, store), asyncio.Lock()
+        processor, in_hand = Processor(model, store, input_topic=EVENTS), asyncio.Lock()
+        await processor.check_topic(KAFKA)  # refuses a recreated topic: memories count offsets
 
         class Rebalance(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-                async with batch:  # a batch in hand finishes first
+                async with in_hand:  # the batch in hand finishes first
                     processor.revoke((tp.topic, tp.partition) for tp in revoked)
 
             async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -47,16 +49,21 @@ async def main() -> None:
         await producer.start()
         try:
             while not stop.is_set():
-                async with batch:
-                    fetched = await consumer.getmany(timeout_ms=500, max_records=1000)
-                    records = [record for part in fetched.values() for record in part]
+                fetched = await consumer.getmany(timeout_ms=500, max_records=1000)
+                async with in_hand:  # not while fetching: a rebalance waits inside getmany
+                    records = [
+                        record
+                        for part in fetched.values()
+                        for record in part
+                        if processor.owns((record.topic, record.partition))  # not revoked since
+                    ]
                     if not records:
                         continue
                     processed = await processor.process(records)
                     await send(producer, PREDICTIONS, processed.predictions)
                     await send(producer, DEAD_LETTERS, processed.dead_letters)
                     processed.delivered()
-                    await send(producer, DEAD_LETTERS, await processor.commit(processed))
+                    await processor.commit(processed, partial(send, producer, DEAD_LETTERS))
                     offsets = processed.offsets.items()
                     await consumer.commit({TopicPartition(*at): next for at, next in offsets})
         finally:

@@ -26,14 +26,16 @@ def main() -> None:
     model = StreamModel.load(os.environ["MODEL"])
     loop = asyncio.new_event_loop()  # the store is asyncio: its calls run here, one at a time
     store = MemoryStore(REDIS, GROUP, model.version, cache_entities=100_000)
-    processor = Processor(model, store)
+    processor = Processor(model, store, input_topic=EVENTS)
+    loop.run_until_complete(processor.check_topic(KAFKA))  # refuses a recreated topic
     consumer = Consumer(
         {"bootstrap.servers": KAFKA, "group.id": GROUP, "enable.auto.commit": False,
          "auto.offset.reset": "earliest"}
     )  # fmt: skip
-    # Java's partitioner, as the worker's: a prediction lands where Java clients would put it.
+    # Idempotent, so that retries keep each entity's predictions in order; and Java's
+    # partitioner, as the worker's: a prediction lands where Java clients would put it.
     producer = Producer(
-        {"bootstrap.servers": KAFKA, "acks": "all", "partitioner": "murmur2_random"}
+        {"bootstrap.servers": KAFKA, "enable.idempotence": True, "partitioner": "murmur2_random"}
     )
     consumer.subscribe(  # callbacks run inside consume(), between batches
         [EVENTS],
@@ -42,25 +44,33 @@ def main() -> None:
     )
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _: stopping.append(signum))
-    while not stopping:
-        messages = consumer.consume(1000, timeout=0.5)
-        for message in messages:
-            if message.error():
-                raise KafkaException(message.error())
-        if not messages:
-            continue
-        records = [
-            Record(m.topic(), m.partition(), m.offset(), m.key(), m.value()) for m in messages
-        ]
-        processed = loop.run_until_complete(processor.process(records))
-        send(producer, PREDICTIONS, processed.predictions)
-        send(producer, DEAD_LETTERS, processed.dead_letters)
-        processed.delivered()
-        send(producer, DEAD_LETTERS, loop.run_until_complete(processor.commit(processed)))
-        offsets = [TopicPartition(t, p, next) for (t, p), next in processed.offsets.items()]
-        consumer.commit(offsets=offsets, asynchronous=False)
-    consumer.close()
-    loop.run_until_complete(store.aclose())
+
+    async def send_dead_letters(letters: list[Message]) -> None:
+        send(producer, DEAD_LETTERS, letters)
+
+    try:
+        while not stopping:
+            messages = consumer.consume(1000, timeout=0.5)
+            errors = [m.error() for m in messages if m.error()]
+            if any(not error.retriable() for error in errors):  # librdkafka retries the others
+                raise KafkaException(next(e for e in errors if not e.retriable()))
+            records = [
+                Record(m.topic(), m.partition(), m.offset(), m.key(), m.value())
+                for m in messages
+                if not m.error()
+            ]
+            if not records:
+                continue
+            processed = loop.run_until_complete(processor.process(records))
+            send(producer, PREDICTIONS, processed.predictions)
+            send(producer, DEAD_LETTERS, processed.dead_letters)
+            processed.delivered()
+            loop.run_until_complete(processor.commit(processed, send_dead_letters))
+            offsets = [TopicPartition(t, p, next) for (t, p), next in processed.offsets.items()]
+            consumer.commit(offsets=offsets, asynchronous=False)
+    finally:
+        consumer.close()
+        loop.run_until_complete(store.aclose())
 
 
 def send(producer: Producer, topic: str, messages: list[Message]) -> None:

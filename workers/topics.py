@@ -42,7 +42,7 @@ from state import MemoryStore
 from stream_lstm.exceptions import TopicChangedError
 from workers.settings import Settings
 
-__all__ = ["check_input_topic", "topic_id"]
+__all__ = ["check_input_topic", "claim_input_topic", "topic_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,20 @@ async def check_input_topic(
     """Record the input topic beside the memories, or raise TopicChangedError when they were
     made from another topic: one recreated since (the same name, another id) or renamed.
     Returns the topic id checked (None: the broker gives none, and nothing was checked)."""
-    topic = settings.input_topic
+    return await claim_input_topic(
+        client,
+        store,
+        settings.input_topic,
+        "Start the worker with a new STREAM_LSTM_APP_ID (a new consumer group and memory "
+        f"namespace), or delete the keys {settings.app_id}:* from Redis to start every entity "
+        "from zero memory",
+    )
+
+
+async def claim_input_topic(
+    client: AIOKafkaClient, store: MemoryStore, topic: str, remedy: str
+) -> uuid.UUID | None:
+    """``check_input_topic`` for any caller: ``remedy`` says what to do when the topic changed."""
     found = await topic_id(client, topic)
     if found is None:
         if not _unchecked:
@@ -191,8 +204,5 @@ async def check_input_topic(
         what = f"is not the topic {was['topic']!r} they were made from"
     raise TopicChangedError(
         f"the input topic {topic!r} {what}: the stored memories of this app id and model count "
-        "that topic's offsets, so this one's events would be dropped as replays. Start the "
-        "worker with a new STREAM_LSTM_APP_ID (a new consumer group and "
-        f"memory namespace), or delete the keys {settings.app_id}:* from Redis to start every "
-        "entity from zero memory"
+        f"that topic's offsets, so this one's events would be dropped as replays. {remedy}"
     )
