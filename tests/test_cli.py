@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import click
+import faust
 import pytest
 import torch
 from aiokafka.errors import KafkaConnectionError
@@ -21,7 +22,7 @@ from click.testing import CliRunner
 from stream_lstm.exceptions import BrokerError
 from stream_lstm.model import StreamModel
 from tests.stack import save_model
-from workers.app import StreamWorker
+from workers.app import StreamWorker, _Worker
 from workers.cli import main
 from workers.connection import KafkaConnection
 from workers.preflight import preflight
@@ -185,3 +186,21 @@ def test_a_request_left_unread_on_a_broken_connection_prints_no_traceback(
     assert "bad certificate" not in shown
     assert "not ours to hide" in shown
     assert any("bad certificate" in r.getMessage() for r in caplog.records if r.levelno == 10)
+
+
+@pytest.mark.parametrize("level", ["warn", "error"])
+def test_a_quiet_worker_leaves_debug_logging_off(level: str) -> None:
+    """Faust's terminal spinner sets the root logger to DEBUG at level warn and above: every
+    library's debug line would then be built and formatted, on the hot path too."""
+    root = logging.getLogger()
+    before = root.level
+    worker = _Worker(faust.App("quiet", broker="kafka://localhost:1"), loglevel=level)
+    try:
+        worker._setup_logging()
+        assert worker.spinner is None
+        assert not logging.getLogger("aiokafka.conn").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(before)
+        for handler in root.handlers[:]:
+            if type(handler).__module__.startswith(("mode", "faust")):
+                root.removeHandler(handler)

@@ -1,7 +1,7 @@
 """The examples in examples/ run as a user runs them, against Apache Kafka and Redis: every
 prediction equals nn.LSTM offline, every memory in Redis holds each event once, a malformed
-event is a dead letter, and SIGTERM stops them cleanly, mid-stream too: started again, they go
-on from where they stopped.
+event is a dead letter; instances joining and leaving (SIGTERM, exit 0) while events flow move
+partitions between them, and each goes on from what the others committed.
 
 On Apache Kafka only: what they add to the worker's tests is how each client library is used
 against the real broker (the processing itself runs on both brokers in the worker's tests), and
@@ -9,16 +9,19 @@ on Tansu a consumer started again got its partitions back only after ~20 s (a te
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from aiokafka.admin import NewTopic
+from aiokafka.errors import KafkaError
 
 from state import MemoryStore
 from tests.stack import StreamSlice, check_against_offline, random_stream, save_model
@@ -26,14 +29,19 @@ from workers.dev.apache_kafka import ApacheKafka
 from workers.dev.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ["aiokafka_loop", "confluent_loop"]
+EXAMPLES = {
+    "aiokafka_loop": [],
+    "confluent_loop": [],
+    "faust_app": ["worker", "--without-web", "-l", "info"],
+}
+"""Each example and the arguments it runs with."""
 
 
 class Example:
     """An example's process, configured by environment variables as its docstring says."""
 
-    def __init__(self, name: str, stack: StreamSlice) -> None:
-        self.name, self.stack = name, stack
+    def __init__(self, name: str, stack: StreamSlice, instance: int = 0) -> None:
+        self.name, self.stack, self.log_path = name, stack, stack.tmp / f"{name}-{instance}.log"
         self.process: subprocess.Popen[bytes] | None = None
         env = stack.env
         self.env = {
@@ -45,12 +53,13 @@ class Example:
             "EVENTS": env["STREAM_LSTM_INPUT_TOPIC"],
             "PREDICTIONS": env["STREAM_LSTM_OUTPUT_TOPIC"],
             "DEAD_LETTERS": env["STREAM_LSTM_DEAD_LETTER_TOPIC"],
+            "DATADIR": str(stack.tmp / f"faust-data-{instance}"),
         }
 
     def start(self) -> None:
-        with (self.stack.tmp / f"{self.name}.log").open("ab") as log:  # the child keeps its own
+        with self.log_path.open("ab") as log:  # the child keeps its own
             self.process = subprocess.Popen(
-                [sys.executable, str(ROOT / "examples" / f"{self.name}.py")],
+                [sys.executable, str(ROOT / "examples" / f"{self.name}.py"), *EXAMPLES[self.name]],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -62,7 +71,7 @@ class Example:
         return self.process.wait(timeout=30)
 
     def log(self) -> str:
-        return (self.stack.tmp / f"{self.name}.log").read_text()
+        return self.log_path.read_text(errors="replace")
 
 
 async def create_topics(stack: StreamSlice) -> None:
@@ -76,6 +85,33 @@ async def create_topics(stack: StreamSlice) -> None:
         await admin.close()
 
 
+async def publish_live(stack: StreamSlice, messages: list[tuple[bytes, bytes]]) -> None:
+    """The events over about 10 s: a stream flowing while instances join and leave (a rebalance
+    with records in flight is where a consumer loop deadlocks or drops events)."""
+    for at in range(0, len(messages), 3):
+        await stack.publish(messages[at : at + 3])
+        await asyncio.sleep(0.2)
+
+
+async def group_settles(stack: StreamSlice, members: int, timeout_s: float = 60.0) -> None:
+    """Wait until the examples' consumer group is stable with this many members."""
+    admin = stack.connection.admin()
+    await admin.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        state, joined = "unknown", []
+        while not (state == "Stable" and len(joined) == members):
+            assert time.monotonic() < deadline, f"the group is {state} with {len(joined)} members"
+            await asyncio.sleep(0.2)
+            try:
+                (response,) = await admin.describe_consumer_groups([stack.name])
+            except KafkaError:  # no coordinator yet for a group that has not joined
+                continue
+            _, _, state, _, _, joined, *_ = response.groups[0]
+    finally:
+        await admin.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXAMPLES)
 async def test_an_example_loop_serves_predictions_equal_to_nn_lstm_offline(
@@ -84,24 +120,31 @@ async def test_an_example_loop_serves_predictions_equal_to_nn_lstm_offline(
     model_path = save_model(tmp_path / "model.pt", 21)
     stack = StreamSlice(apache_kafka, redis_server, model_path, tmp_path)
     await create_topics(stack)
-    messages, history = random_stream(random.Random(5), [f"{name}-{k}" for k in range(12)], 8)
+    messages, history = random_stream(random.Random(5), [f"{name}-{k}" for k in range(20)], 8)
     bad = (b"broken", b"{not json")
-    example = Example(name, stack)
-    example.start()
+    instances = [Example(name, stack, k) for k in range(3)]
+    one, two, three = instances
     try:
-        half = len(messages) // 2
-        await stack.publish([*messages[:half], bad])
-        await stack.predictions(half)  # the first half is in: stop it mid-stream ...
-        assert example.stop() == 0, example.log()
-        example.start()  # ... and start it again: it goes on from the committed offsets
-        await stack.publish(messages[half:])
+        one.start()
+        await stack.publish([bad])
+        stream = asyncio.ensure_future(publish_live(stack, messages))
+        await group_settles(stack, 1)
+        two.start()  # instances join and leave while events flow: rebalances, each going on
+        await group_settles(stack, 2)  # from what the others committed
+        three.start()
+        await group_settles(stack, 3)
+        assert two.stop() == 0, two.log()
+        await group_settles(stack, 2)
+        await stream
         predictions = await stack.predictions(len(messages))
         (letter,) = await stack.dead_letters(1)
         assert letter["reason"] == "not_json"
-        assert example.stop() == 0, example.log()
+        for example in (one, three):
+            assert example.stop() == 0, example.log()
     finally:
-        if example.process is not None and example.process.poll() is None:
-            example.stop(signal.SIGKILL)
+        for example in instances:
+            if example.process is not None and example.process.poll() is None:
+                example.stop(signal.SIGKILL)
     model = stack.model
     finals = check_against_offline(model, history, predictions)
     async with MemoryStore(redis_server.url, stack.name, model.version) as store:

@@ -58,7 +58,12 @@ class _App(faust.App):
 
 
 class _Worker(faust.Worker):
-    """Faust's worker, which can also be stopped from inside: as SIGTERM stops it."""
+    """Faust's worker, which can also be stopped from inside: as SIGTERM stops it; and without
+    its terminal spinner, which at log level warning or above sets the root logger to DEBUG, so
+    that every library's debug line would be built and formatted (13% of a Faust agent's CPU)."""
+
+    def _setup_spinner_handler(self, logger: logging.Logger, level: int) -> None:
+        self.spinner = None
 
     def stop_soon(self) -> None:
         """Stop as mode's SIGTERM handler does (``_schedule_shutdown``), without logging a
