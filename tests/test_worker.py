@@ -253,9 +253,12 @@ async def test_graceful_restart_continues_every_memory(
         stack.stop_all()
 
 
+@pytest.mark.parametrize("kafka_broker", ["tansu_broker"], ids=["tansu"], indirect=True)
 async def test_cli_publishes_tails_and_queries_memory(
     stack: StreamSlice, worker: WorkerProcess, tmp_path: Path
 ) -> None:
+    """On Tansu only (each command is a process: ~28 s a broker): tests/test_formats.py runs
+    publish and tail against Apache Kafka, with the binary format."""
     entities = {"cli-1", "cli/2"}
     lines = [event(e, [0.1 * k, 0.2, -0.3, 0.4])[1] for k in range(3) for e in sorted(entities)]
     events_file = tmp_path / "events.jsonl"
@@ -266,7 +269,7 @@ async def test_cli_publishes_tails_and_queries_memory(
     assert "published 6 events" in published.stderr
     predictions = await stack.predictions(6, entities=entities)
 
-    tailed = stack.cli("tail", "--from-beginning", "--idle-timeout-s", "3")
+    tailed = stack.cli("tail", "--from-beginning", "--idle-timeout-s", "2")
     assert tailed.returncode == 0, tailed.stderr
     ours = [p for p in map(orjson.loads, tailed.stdout.splitlines()) if p["entity_id"] in entities]
     assert sorted(ours, key=str) == sorted(predictions, key=str)
