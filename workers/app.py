@@ -126,6 +126,8 @@ class StreamWorker:
             output_topic=settings.output_topic,
             dead_letter_topic=settings.dead_letter_topic,
             max_event_bytes=settings.max_event_bytes,
+            event_format=settings.event_format,
+            prediction_format=settings.prediction_format,
         )
         self.failure: BaseException | None = None  # what stopped the stream, if anything did
         self._worker: _Worker | None = None

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import numpy as np
@@ -51,7 +51,7 @@ from stream_lstm.exceptions import (
 )
 from stream_lstm.memories import Fences, Memories
 from stream_lstm.model import StreamModel
-from stream_lstm.schema import Event, Prediction, Source, fast_struct
+from stream_lstm.schema import PACKED, Event, Format, Prediction, Source, fast_struct
 
 logger = logging.getLogger(__name__)
 
@@ -192,13 +192,20 @@ class Emitter(Protocol):
     async def emit(self, topic: str, messages: Sequence[tuple[bytes | None, bytes]]) -> None: ...
 
 
-def check(records: Sequence[Consumed], input_size: int, max_event_bytes: int) -> Checked:
+def check(
+    records: Sequence[Consumed],
+    input_size: int,
+    max_event_bytes: int,
+    event_format: Format = "json",
+) -> Checked:
     """Parse and validate each record; the bad ones become dead letters with the reason.
 
     Well-formed events take a fast path (a msgspec decoder at least as strict as the schema);
     anything else goes through the ``Event`` schema itself, which accepts it or says exactly
-    what is wrong.
+    what is wrong. Binary (msgpack) events: ``_check_packed``.
     """
+    if event_format == "msgpack":
+        return _check_packed(records, input_size, max_event_bytes)
     fast = _fast_decoder(input_size)
     entity_ids: list[str] = []
     features: list[list[float]] = []
@@ -244,6 +251,91 @@ def check(records: Sequence[Consumed], input_size: int, max_event_bytes: int) ->
     )
 
 
+def _check_packed(records: Sequence[Consumed], input_size: int, max_event_bytes: int) -> Checked:
+    """``check`` for msgpack events (schema.py: the features packed as float32): decoded and
+    checked in C by a struct derived from the ``Event`` schema, then the features' finiteness
+    on the whole batch's array."""
+    decode = _packed_decoder(input_size)
+    entity_ids: list[str] = []
+    packed: list[bytes] = []
+    reset: list[bool] = []
+    event_ids: list[str | None] = []
+    good: list[Consumed] = []
+    dead: list[DeadLetter] = []
+    for record in records:
+        value = record.value or b""
+        if len(value) > max_event_bytes:
+            dead.append(
+                DeadLetter(record, "oversized", f"{len(value)} bytes; at most {max_event_bytes}")
+            )
+            continue
+        try:
+            event = decode(value)
+        except msgspec.ValidationError as e:
+            root = str(e).startswith("Expected `object`") and " - at `" not in str(e)
+            dead.append(DeadLetter(record, "not_object" if root else "invalid_event", str(e)))
+            continue
+        except msgspec.DecodeError as e:
+            dead.append(DeadLetter(record, "not_msgpack", f"not valid msgpack: {e}"))
+            continue
+        key_error = _key_error(record.key, event.entity_id)
+        if key_error:
+            dead.append(DeadLetter(record, "key_mismatch", key_error))
+            continue
+        entity_ids.append(event.entity_id)
+        packed.append(event.features)
+        reset.append(event.reset)
+        event_ids.append(event.event_id)
+        good.append(record)
+    features = np.frombuffer(b"".join(packed), PACKED).astype(np.float32)  # a writable copy
+    features = features.reshape(len(good), input_size)
+    finite = np.isfinite(features).all(axis=1)  # (N,)
+    if not finite.all():
+        for n in np.flatnonzero(~finite).tolist():
+            k = int(np.flatnonzero(~np.isfinite(features[n]))[0])
+            error = f"features.{k}: not a finite number ({features[n, k]})"
+            dead.append(DeadLetter(good[n], "invalid_event", error))
+        keep = np.flatnonzero(finite).tolist()
+        entity_ids = [entity_ids[n] for n in keep]
+        reset = [reset[n] for n in keep]
+        event_ids = [event_ids[n] for n in keep]
+        good = [good[n] for n in keep]
+        features = features[keep]
+    ids, rows = entity_rows(entity_ids)
+    return Checked(
+        entity_ids,
+        ids,
+        rows.numpy(),
+        features,
+        np.array(reset, dtype=np.bool_),
+        event_ids,
+        good,
+        dead,
+    )
+
+
+class _PackedEvent(Protocol):
+    """What ``_check_packed`` reads of a msgpack event."""
+
+    @property
+    def entity_id(self) -> str: ...
+    @property
+    def features(self) -> bytes: ...
+    @property
+    def event_id(self) -> str | None: ...
+    @property
+    def reset(self) -> bool: ...
+
+
+@functools.cache
+def _packed_decoder(input_size: int) -> Callable[[bytes], _PackedEvent]:
+    """A msgpack decoder for events of ``input_size`` packed features (``fast_struct``)."""
+    decoder: msgspec.msgpack.Decoder[_PackedEvent] = msgspec.msgpack.Decoder(
+        fast_struct(Event, {"features": input_size}, packed={"features"})
+    )
+    return decoder.decode
+
+
 class _EventFields(Protocol):
     """What ``check`` reads of an event, from the fast decoder or from the schema."""
 
@@ -272,7 +364,12 @@ def _fast_decoder(input_size: int) -> Callable[[bytes], _EventFields]:
     return decoder.decode
 
 
-def apply(model: StreamModel, checked: Checked, memories: Memories) -> Applied:
+def apply(
+    model: StreamModel,
+    checked: Checked,
+    memories: Memories,
+    prediction_format: Format = "json",
+) -> Applied:
     """Drop events already applied, step the rest in one call, and build what to send and store.
 
     ``memories`` holds the stored memories of exactly ``checked.ids``, in that order.
@@ -305,7 +402,9 @@ def apply(model: StreamModel, checked: Checked, memories: Memories) -> Applied:
         entity_ids, event_ids = [entity_ids[i] for i in at], [event_ids[i] for i in at]
         predicted = [records[i] for i in at]
         output, event_steps = result.output[at], result.step[at]
-    predictions = _predictions(model, entity_ids, event_ids, predicted, output, event_steps)
+    predictions = _predictions(
+        model, entity_ids, event_ids, predicted, output, event_steps, prediction_format
+    )
 
     last = np.full(len(ids), -1, dtype=np.int64)  # (E,) last fresh event of each entity
     np.maximum.at(last, rows, np.arange(len(rows)))
@@ -533,8 +632,12 @@ class BatchProcessor:
         output_topic: str,
         dead_letter_topic: str,
         max_event_bytes: int,
+        event_format: Format = "json",
+        prediction_format: Format = "json",
     ) -> None:
         self.model = model
+        self.event_format = event_format
+        self.prediction_format = prediction_format
         self.store = store
         self.emitter = emitter
         self.output_topic = output_topic
@@ -555,7 +658,7 @@ class BatchProcessor:
         """Check, load and step a batch. ``in_flight``: the updates of batches still finishing,
         oldest first, which this one starts from whether or not they have reached Redis yet."""
         clock = _Stages()
-        checked = check(records, self.model.input_size, self.max_event_bytes)
+        checked = check(records, self.model.input_size, self.max_event_bytes, self.event_format)
         _log(checked.dead)
         clock.done("check")
         loaded = await self.retry(
@@ -573,7 +676,7 @@ class BatchProcessor:
         for updates in in_flight:
             loaded.memories.overlay(updates)
         clock.done("load")
-        applied = apply(self.model, checked, loaded.memories)
+        applied = apply(self.model, checked, loaded.memories, self.prediction_format)
         _log(applied.dead)
         clock.done("step")
         self._prepared += 1
@@ -655,7 +758,7 @@ class BatchProcessor:
         loaded = await self.retry(
             "load memories", lambda: self.store.load_many(again.ids, self.model.shape)
         )
-        applied = apply(self.model, again, loaded.memories)
+        applied = apply(self.model, again, loaded.memories, self.prediction_format)
         _log(applied.dead)
         letters = [(d.key, d.encode()) for d in applied.dead]
         await self.retry("emit", lambda: self.emitter.emit(self.dead_letter_topic, letters))
@@ -722,8 +825,11 @@ class _Stages:
 _Source = fast_struct(Source)
 _Prediction = fast_struct(Prediction)
 """``Prediction`` as the hot path encodes it: msgspec writes a Struct faster than orjson a dict."""
+_PackedPrediction = fast_struct(Prediction, packed={"output"})
+"""``Prediction`` in the binary format: msgpack, the output packed."""
 
 _encode = msgspec.json.Encoder().encode
+_encode_packed = msgspec.msgpack.Encoder().encode
 
 
 def _predictions(
@@ -733,17 +839,23 @@ def _predictions(
     records: list[Consumed],
     output: torch.Tensor,
     steps: torch.Tensor,
+    prediction_format: Format = "json",
 ) -> list[tuple[bytes | None, bytes]]:
     """Each event's prediction, keyed as its event was (a key equal to the entity id)."""
-    outputs = output.tolist()  # (N, O) as floats: float32 values print exactly
+    outputs: list[Any]
+    if prediction_format == "msgpack":
+        rows = output.numpy().astype(PACKED, copy=False)  # (N, O)
+        outputs, make, encode = [row.tobytes() for row in rows], _PackedPrediction, _encode_packed
+    else:
+        outputs, make, encode = output.tolist(), _Prediction, _encode  # float32 prints exactly
     labels = model.labels
     names = [labels[k] for k in output.argmax(dim=1).tolist()] if labels else [None] * len(records)
     version = model.version
     return [
         (
             record.key,
-            _encode(
-                _Prediction(
+            encode(
+                make(
                     entity_id=entity_id,
                     event_id=event_id,
                     step=n_step,

@@ -127,11 +127,12 @@ def worker(**flags: Any) -> None:
 
 @main.command()
 @click.argument("file", type=click.File("rb"))
-@settings_options("input_topic", kafka=True)
+@settings_options("input_topic", "event_format", kafka=True)
 @fail_clearly
 @quietly
 def publish(file: IO[bytes], **flags: Any) -> None:
-    """Send JSONL events from FILE (or - for stdin), each keyed by its entity_id.
+    """Send JSONL events from FILE (or - for stdin), each keyed by its entity_id; with
+    --event-format msgpack, each in the binary format (features packed as float32).
 
     A line that is not an event with an entity_id is sent as is, without a key: the worker
     puts it on the dead-letter topic with the reason.
@@ -141,7 +142,9 @@ def publish(file: IO[bytes], **flags: Any) -> None:
     settings = Settings.load(**flags)
     lines = [line for line in file.read().splitlines() if line.strip()]
     sent = asyncio.run(_publish(settings, lines))
-    click.echo(f"published {sent} events to {settings.input_topic}", err=True)
+    click.echo(
+        f"published {sent} events to {settings.input_topic} ({settings.event_format})", err=True
+    )
 
 
 async def _publish(settings: Settings, lines: list[bytes]) -> int:
@@ -152,8 +155,9 @@ async def _publish(settings: Settings, lines: list[bytes]) -> int:
         with click.progressbar(length=len(lines), label="publishing", file=sys.stderr) as bar:
             pending = []
             for line in lines:
+                value = _packed(line) if settings.event_format == "msgpack" else line
                 pending.append(
-                    await producer.send(settings.input_topic, line, key=_entity_key(line))
+                    await producer.send(settings.input_topic, value, key=_entity_key(line))
                 )
                 bar.update(1)
             await asyncio.gather(*pending)
@@ -172,8 +176,25 @@ def _entity_key(line: bytes) -> bytes | None:
     return entity.encode() if isinstance(entity, str) else None
 
 
+def _packed(line: bytes) -> bytes:
+    """A JSON event in the binary format: msgpack, its features packed as float32. A line that
+    is not an object with a list of numbers as features is sent as is, to be dead-lettered."""
+    import msgspec
+    import numpy as np
+    import orjson
+
+    try:
+        event = orjson.loads(line)
+        features = np.asarray(event["features"], dtype="<f4")
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+        return line
+    if not isinstance(event, dict) or features.ndim != 1:
+        return line
+    return msgspec.msgpack.encode({**event, "features": features.tobytes()})
+
+
 @main.command()
-@settings_options("output_topic", kafka=True)
+@settings_options("output_topic", "prediction_format", kafka=True)
 @click.option(
     "--from-beginning", is_flag=True, help="Start at the oldest prediction, not the newest."
 )
@@ -186,7 +207,8 @@ def _entity_key(line: bytes) -> bytes | None:
 def tail(
     from_beginning: bool, limit: int | None, idle_timeout_s: float | None, **flags: Any
 ) -> None:
-    """Print the prediction stream as JSONL on stdout, until Ctrl-C (or --limit / idle timeout)."""
+    """Print the prediction stream as JSONL on stdout, until Ctrl-C (or --limit / idle timeout);
+    binary (msgpack) predictions too, with --prediction-format msgpack."""
     from workers.settings import Settings
 
     settings = Settings.load(**flags)
@@ -214,13 +236,30 @@ async def _tail(
             if not batches and idle_timeout_s is not None:
                 return
             for record in _in_order(batches):
-                sys.stdout.buffer.write(record.value + b"\n")
+                value = record.value
+                if settings.prediction_format == "msgpack":
+                    value = _unpacked(value)
+                sys.stdout.buffer.write(value + b"\n")
                 printed += 1
                 if limit is not None and printed >= limit:
                     break
             sys.stdout.flush()
     finally:
         await consumer.stop()
+
+
+def _unpacked(value: bytes) -> bytes:
+    """A binary prediction as JSON (its output as numbers); a value that is not one, as is."""
+    import msgspec
+    import numpy as np
+    import orjson
+
+    try:
+        prediction = msgspec.msgpack.decode(value)
+        prediction["output"] = np.frombuffer(prediction["output"], "<f4").tolist()
+    except (msgspec.DecodeError, TypeError, KeyError, ValueError):
+        return value
+    return orjson.dumps(prediction)
 
 
 def _in_order(batches: dict[Any, list[Any]]) -> Iterator[Any]:

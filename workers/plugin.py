@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from state import MemoryStore
 from stream_lstm.exceptions import UsageError
 from stream_lstm.model import StreamModel
+from stream_lstm.schema import Format
 from workers.batch import BatchProcessor, Consumed, Prepared, Record
 from workers.connection import KafkaConnection
 from workers.topics import claim_input_topic
@@ -73,8 +74,9 @@ class Processor:
     ``store``: the memories, namespaced by ``model.version`` (``MemoryStore(...,
     model_version=model.version, cache_entities=...)``: a cache is right here, since ``assign``
     and ``revoke`` tell the store when another process may write). Fences count one topic's
-    offsets, so a processor takes one ``input_topic``. Redis outages are retried until they
-    end, as the worker does.
+    offsets, so a processor takes one ``input_topic``. ``event_format`` and
+    ``prediction_format``: JSON, or the binary format (``stream_lstm.schema``). Redis outages
+    are retried until they end, as the worker does.
     """
 
     def __init__(
@@ -84,6 +86,8 @@ class Processor:
         *,
         input_topic: str,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        event_format: Format = "json",
+        prediction_format: Format = "json",
     ) -> None:
         if model.version != store.model_version:
             raise UsageError(
@@ -99,6 +103,8 @@ class Processor:
             output_topic="predictions",
             dead_letter_topic="dead letters",
             max_event_bytes=max_event_bytes,
+            event_format=event_format,
+            prediction_format=prediction_format,
         )
         self._store = store
         self._owned: set[Partition] = set()

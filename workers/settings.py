@@ -32,6 +32,7 @@ from stream_lstm.exceptions import (
     StoreRefusedError,
     StreamLSTMError,
 )
+from stream_lstm.schema import Format
 from workers.connection import (
     SECURITY_FIELDS,
     KafkaConnection,
@@ -135,6 +136,16 @@ class Settings(BaseSettings):
     )
     max_event_bytes: int = Field(
         65_536, ge=64, le=10_000_000, description="larger events are dead-lettered as oversized"
+    )
+    event_format: Format = Field(
+        "json",
+        description="how events on the input topic are encoded: json, or msgpack with the "
+        "features packed as float32 (stream_lstm/schema.py); publish writes it too",
+    )
+    prediction_format: Format = Field(
+        "json",
+        description="how predictions are encoded: json, or msgpack with the output packed as "
+        "float32; tail prints either as JSON",
     )
     session_timeout_s: float = Field(
         10.0,
