@@ -136,6 +136,9 @@ PACKED = np.dtype("<f4")
 def _struct(
     model: type[BaseModel], lengths: Mapping[str, int], packed: Collection[str] = ()
 ) -> type[msgspec.Struct]:
+    unknown = set(packed) - set(model.model_fields)
+    if unknown:
+        raise TypeError(f"{model.__name__}: no field {sorted(unknown)} to pack")
     decorators = model.__pydantic_decorators__
     unseen_decorators = (
         decorators.model_validators,
@@ -165,6 +168,8 @@ def _struct(
         if name in packed:
             if get_origin(field.annotation) is not list:
                 raise TypeError(f"{model.__name__}.{name}: only a list of floats is packed")
+            if metadata and name not in lengths:
+                raise TypeError(f"{model.__name__}.{name}: packed, its length needs lengths")
             size = PACKED.itemsize * lengths[name] if name in lengths else None
             kind: Any = Annotated[bytes, msgspec.Meta(min_length=size, max_length=size)]
         else:

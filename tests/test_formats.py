@@ -3,6 +3,7 @@ JSON, bad input a dead letter with its reason, and a worker on them end to end."
 
 from __future__ import annotations
 
+import base64
 import random
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ import torch
 from fakeredis import FakeAsyncRedis, FakeServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, Field
 from torch import nn
 
 from state import MemoryStore
+from stream_lstm.exceptions import UsageError
 from stream_lstm.memories import Memories
 from stream_lstm.model import StreamModel
+from stream_lstm.schema import Event, fast_struct
 from tests.stack import StreamSlice, check_against_offline, random_stream, save_model
 from workers.batch import Record, apply, check
 from workers.cli import _packed, _unpacked
@@ -77,7 +81,9 @@ def test_a_binary_event_is_checked_as_its_json_twin(
         (b"\xc1", b"a", "not_msgpack", "not valid msgpack"),
         (b"", b"a", "not_msgpack", "not valid msgpack"),
         (packed("a", [1.0, 2.0, 3.0]) + b"\x00", b"a", "not_msgpack", "not valid msgpack"),
-        (msgspec.msgpack.encode([1, 2]), b"a", "not_object", "Expected `object`"),
+        (msgspec.msgpack.encode([1, 2]), b"a", "not_object", "must be a msgpack map"),
+        (b'{"entity_id": "a", "features": [1, 2, 3]}', b"a", "not_msgpack", "looks like JSON"),
+        (b"[1, 2]", b"a", "not_msgpack", "looks like JSON"),
         (packed("a", [1.0, 2.0]), b"a", "invalid_event", "features"),
         (
             msgspec.msgpack.encode({"entity_id": "a", "features": [1.0, 2.0, 3.0]}),
@@ -123,12 +129,52 @@ def test_a_binary_prediction_is_its_json_twin() -> None:
 
 
 def test_publish_packs_an_event_and_leaves_anything_else_as_is() -> None:
-    line = orjson.dumps({"entity_id": "a", "features": [0.1, 2, -3.5], "reset": True})
+    line = orjson.dumps({"entity_id": "a", "features": [0.1, 2.0, -3.5], "reset": True})
     event = msgspec.msgpack.decode(_packed(line))
     assert np.frombuffer(event.pop("features"), "<f4").tolist() == pytest.approx([0.1, 2, -3.5])
     assert event == {"entity_id": "a", "reset": True}
-    for other in (b"{not json", b"[1, 2]", b'{"entity_id": "a"}', b'{"features": ["x"]}'):
+    refused = [  # what the JSON schema refuses is not packed into something the worker takes
+        b"{not json",
+        b"[1, 2]",
+        b'{"entity_id": "a"}',
+        b'{"entity_id": "a", "features": ["x"]}',
+        b'{"entity_id": "a", "features": [true, false]}',
+        b'{"entity_id": "a", "features": ["1.5", "2"]}',
+        b'{"entity_id": "a", "features": [3.4028235e38, 2.0]}',
+        b'{"entity_id": "a", "features": [null, 2.0]}',
+    ]
+    for other in refused:
         assert _packed(other) == other
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        msgspec.msgpack.encode({"output": b"", "x": b"\x00"}),
+        msgspec.msgpack.encode({1: 2, "output": b""}),
+        msgspec.msgpack.encode([1, 2]),
+        b"\x91" * 200_000 + b"\xc0",
+        b"\xc1",
+        b"not\na prediction",
+    ],
+)
+def test_tail_prints_any_value_as_one_line_of_json(value: bytes) -> None:
+    printed = _unpacked(value)
+    assert b"\n" not in printed
+    assert orjson.loads(printed) == {"not_a_prediction": base64.b64encode(value).decode()}
+
+
+def test_an_unknown_format_is_refused_not_read_as_json() -> None:
+    with pytest.raises(ValueError, match="event format 'MsgPack'"):
+        check([record(packed("a", [1.0, 2.0, 3.0]))], 3, 4096, "MsgPack")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="no field"):
+        fast_struct(Event, packed={"feature"})
+
+    class Bounded(BaseModel):
+        xs: list[float] = Field(min_length=1)
+
+    with pytest.raises(TypeError, match="needs lengths"):
+        fast_struct(Bounded, packed={"xs"})  # its min_length would be lost
 
 
 @pytest.mark.slow
@@ -146,8 +192,8 @@ async def test_a_worker_on_binary_events_and_predictions_equals_nn_lstm_offline(
         published = stack.cli("publish", str(events_file), "--event-format", "msgpack")
         assert published.returncode == 0, published.stderr
         (letter,) = await stack.dead_letters(1)
-        assert letter["reason"] == "not_object"  # the line that was not an event, sent as is:
-        # "{" is msgpack's integer 123
+        assert letter["reason"] == "not_msgpack"  # the line that was not an event, sent as is
+        assert "looks like JSON" in letter["error"]
         tailed = stack.cli(
             "tail", "--from-beginning", "--idle-timeout-s", "3", "--prediction-format", "msgpack"
         )
@@ -175,4 +221,6 @@ async def test_the_processing_api_takes_and_makes_the_binary_format() -> None:
         assert (prediction["entity_id"], prediction["step"]) == ("a", 1)
         assert len(np.frombuffer(prediction["output"], "<f4")) == 2
         (letter,) = (orjson.loads(value) for _, value in processed.dead_letters)
-        assert letter["reason"] == "not_object"  # b"{" is msgpack's integer 123
+        assert letter["reason"] == "not_msgpack"
+        with pytest.raises(UsageError, match="event_format 'MsgPack'"):
+            Processor(model, store, input_topic=TOPIC, event_format="MsgPack")  # type: ignore[arg-type]

@@ -112,7 +112,8 @@ class DeadLetter:
     """A record that cannot become an event, and why."""
 
     record: Consumed
-    reason: str  # oversized | not_json | not_object | invalid_event | key_mismatch | non_finite
+    reason: str  # oversized | not_json | not_msgpack | not_object | invalid_event | key_mismatch
+    # | non_finite
     error: str
 
     @property
@@ -206,6 +207,8 @@ def check(
     """
     if event_format == "msgpack":
         return _check_packed(records, input_size, max_event_bytes)
+    if event_format != "json":
+        raise ValueError(f"event format {event_format!r}: json or msgpack")
     fast = _fast_decoder(input_size)
     entity_ids: list[str] = []
     features: list[list[float]] = []
@@ -271,12 +274,8 @@ def _check_packed(records: Sequence[Consumed], input_size: int, max_event_bytes:
             continue
         try:
             event = decode(value)
-        except msgspec.ValidationError as e:
-            root = str(e).startswith("Expected `object`") and " - at `" not in str(e)
-            dead.append(DeadLetter(record, "not_object" if root else "invalid_event", str(e)))
-            continue
-        except msgspec.DecodeError as e:
-            dead.append(DeadLetter(record, "not_msgpack", f"not valid msgpack: {e}"))
+        except msgspec.DecodeError as e:  # ValidationError too: the value decoded, or not
+            dead.append(DeadLetter(record, *_packed_reason(value, e)))
             continue
         key_error = _key_error(record.key, event.entity_id)
         if key_error:
@@ -312,6 +311,20 @@ def _check_packed(records: Sequence[Consumed], input_size: int, max_event_bytes:
         good,
         dead,
     )
+
+
+def _packed_reason(value: bytes, error: msgspec.DecodeError) -> tuple[str, str]:
+    """Name what is wrong with a value the msgpack decoder refused."""
+    if value[:1] in (b"{", b"["):  # a JSON object or array: msgpack's integers 123 and 91
+        return "not_msgpack", (
+            "looks like JSON, not msgpack: this topic's events are in the binary format "
+            "(STREAM_LSTM_EVENT_FORMAT)"
+        )
+    if not isinstance(error, msgspec.ValidationError):
+        return "not_msgpack", f"not valid msgpack: {error}"
+    if str(error).startswith("Expected `object`") and " - at `" not in str(error):
+        return "not_object", "the value must be a msgpack map"
+    return "invalid_event", str(error)
 
 
 class _PackedEvent(Protocol):
@@ -843,6 +856,8 @@ def _predictions(
 ) -> list[tuple[bytes | None, bytes]]:
     """Each event's prediction, keyed as its event was (a key equal to the entity id)."""
     outputs: list[Any]
+    if prediction_format not in ("json", "msgpack"):
+        raise ValueError(f"prediction format {prediction_format!r}: json or msgpack")
     if prediction_format == "msgpack":
         rows = output.numpy().astype(PACKED, copy=False)  # (N, O)
         outputs, make, encode = [row.tobytes() for row in rows], _PackedPrediction, _encode_packed

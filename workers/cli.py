@@ -177,20 +177,21 @@ def _entity_key(line: bytes) -> bytes | None:
 
 
 def _packed(line: bytes) -> bytes:
-    """A JSON event in the binary format: msgpack, its features packed as float32. A line that
-    is not an object with a list of numbers as features is sent as is, to be dead-lettered."""
+    """A JSON event in the binary format: msgpack, its features packed as float32. A line the
+    event schema refuses is sent as is, for the worker to dead-letter (as not msgpack)."""
     import msgspec
     import numpy as np
-    import orjson
+    from pydantic import ValidationError
+
+    from stream_lstm.schema import PACKED, Event
 
     try:
-        event = orjson.loads(line)
-        features = np.asarray(event["features"], dtype="<f4")
-    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+        event = Event.model_validate_json(line)
+    except ValidationError:
         return line
-    if not isinstance(event, dict) or features.ndim != 1:
-        return line
-    return msgspec.msgpack.encode({**event, "features": features.tobytes()})
+    fields = event.model_dump(exclude_defaults=True)
+    fields["features"] = np.asarray(event.features, PACKED).tobytes()
+    return msgspec.msgpack.encode(fields)
 
 
 @main.command()
@@ -249,7 +250,10 @@ async def _tail(
 
 
 def _unpacked(value: bytes) -> bytes:
-    """A binary prediction as JSON (its output as numbers); a value that is not one, as is."""
+    """A binary prediction as JSON (its output as numbers); a value that is not one as a JSON
+    object holding it in base64, so that every line printed is JSON."""
+    import base64
+
     import msgspec
     import numpy as np
     import orjson
@@ -257,9 +261,9 @@ def _unpacked(value: bytes) -> bytes:
     try:
         prediction = msgspec.msgpack.decode(value)
         prediction["output"] = np.frombuffer(prediction["output"], "<f4").tolist()
-    except (msgspec.DecodeError, TypeError, KeyError, ValueError):
-        return value
-    return orjson.dumps(prediction)
+        return orjson.dumps(prediction)
+    except Exception:  # any value at all may come: none stops tail
+        return orjson.dumps({"not_a_prediction": base64.b64encode(value).decode()})
 
 
 def _in_order(batches: dict[Any, list[Any]]) -> Iterator[Any]:

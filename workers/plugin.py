@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import get_args
 
 from state import MemoryStore
 from stream_lstm.exceptions import UsageError
@@ -94,6 +95,12 @@ class Processor:
                 f"the store holds memories of model {store.model_version}, the model is "
                 f"{model.version}: open the store with model_version=model.version"
             )
+        for name, value in (
+            ("event_format", event_format),
+            ("prediction_format", prediction_format),
+        ):
+            if value not in get_args(Format):
+                raise UsageError(f"{name} {value!r}: one of {', '.join(get_args(Format))}")
         self.input_topic = input_topic
         self._letters = _Forwarded()
         self._batches = BatchProcessor(
