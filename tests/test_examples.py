@@ -122,24 +122,25 @@ async def test_an_example_loop_serves_predictions_equal_to_nn_lstm_offline(
     await create_topics(stack)
     messages, history = random_stream(random.Random(5), [f"{name}-{k}" for k in range(20)], 8)
     bad = (b"broken", b"{not json")
-    instances = [Example(name, stack, k) for k in range(3)]
-    one, two, three = instances
+    # Three instances of the aiokafka loop (the rebalance where its first version deadlocked
+    # needed a third joining a live stream); two of the others, whose client calls its
+    # rebalance callbacks between batches (confluent-kafka) or has Faust drive them.
+    instances = [Example(name, stack, k) for k in range(3 if name == "aiokafka_loop" else 2)]
     try:
-        one.start()
-        await stack.publish([bad])
-        stream = asyncio.ensure_future(publish_live(stack, messages))
-        await group_settles(stack, 1)
-        two.start()  # instances join and leave while events flow: rebalances, each going on
-        await group_settles(stack, 2)  # from what the others committed
-        three.start()
-        await group_settles(stack, 3)
-        assert two.stop() == 0, two.log()
-        await group_settles(stack, 2)
+        for joined, example in enumerate(instances, start=1):
+            example.start()  # instances join while events flow: rebalances, each going on
+            if joined == 1:  # from what the others committed
+                await stack.publish([bad])
+                stream = asyncio.ensure_future(publish_live(stack, messages))
+            await group_settles(stack, joined)
+        first, *others = instances
+        assert first.stop() == 0, first.log()  # and one leaves
+        await group_settles(stack, len(others))
         await stream
         predictions = await stack.predictions(len(messages))
         (letter,) = await stack.dead_letters(1)
         assert letter["reason"] == "not_json"
-        for example in (one, three):
+        for example in others:
             assert example.stop() == 0, example.log()
     finally:
         for example in instances:
