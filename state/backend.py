@@ -13,6 +13,7 @@ mapped to one StoreError subclass a caller can act on, the URL's passwords kept 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -38,7 +39,7 @@ from stream_lstm.exceptions import (
 )
 from stream_lstm.memories import I64, Memories, Shape
 
-__all__ = ["Backend", "Loaded"]
+__all__ = ["Backend", "HandOver", "Loaded"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,38 @@ class Loaded:
     """The namespace's count of writes no partition owner sees coming, as the load read it."""
     cached: int = 0
     """How many of the memories came from the worker's memory cache, not from Redis."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """An app id's take-over record: the deployment that took its stream over, and the input
+    offsets (per partition) from which that deployment emits, once it has taken over."""
+
+    by: str
+    """The app id of the deployment that took over (or is taking over)."""
+    offsets: Mapping[int, int] | None = None
+    """Per input partition, the first offset whose predictions are the new deployment's:
+    where the old deployment's committed offsets stopped. None: the claim is made and the old
+    deployment's group is not yet seen empty after it."""
+
+    def encode(self) -> bytes:
+        record: dict[str, Any] = {"by": self.by}
+        if self.offsets is not None:
+            record["offsets"] = {str(p): o for p, o in sorted(self.offsets.items())}
+        return json.dumps(record, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> HandOver:
+        """Raises StoreError when the value is not a take-over record."""
+        try:
+            record = json.loads(value)
+            offsets = record.get("offsets")
+            return cls(
+                str(record["by"]),
+                None if offsets is None else {int(p): int(o) for p, o in offsets.items()},
+            )
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise StoreError(f"the take-over record is not stream-lstm's: {error}") from None
 
 
 class Backend(ABC, Generic[Client]):
@@ -93,6 +126,7 @@ class Backend(ABC, Generic[Client]):
         self.code = code  # the dtype commits store memories in (codec.CODES)
         self.commit_script = redis.register_script(scripts.COMMIT)
         self.reset_script = redis.register_script(scripts.RESET)
+        self.take_over_script = redis.register_script(scripts.TAKE_OVER)
 
     @abstractmethod
     async def load(
@@ -173,6 +207,20 @@ class Backend(ABC, Generic[Client]):
                 "claim_topic", lambda: self.redis.set(key, identity, nx=True, get=True)
             )
         return None if recorded is None else cast("bytes", recorded).decode()
+
+    async def taken_over(self, keys: KeyLayout) -> HandOver | None:
+        key = keys.taken_over
+        value: Any = await self.call("read the take-over record", lambda: self.redis.get(key))
+        return None if value is None else HandOver.decode(cast("bytes", value))
+
+    async def take_over(self, old: KeyLayout, offsets: Mapping[int, int] | None) -> HandOver:
+        key = old.taken_over
+        claim = HandOver(self.keys.namespace).encode()
+        record = HandOver(self.keys.namespace, offsets).encode()
+        value: Any = await self.call(
+            "record the take-over", lambda: self.take_over_script(keys=[key], args=[claim, record])
+        )
+        return HandOver.decode(cast("bytes", value))
 
     async def call(
         self, what: str, operation: Callable[[], Awaitable[T]], budget_s: float | None = None

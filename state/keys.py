@@ -42,6 +42,9 @@ DURABLE = "durable"
 """The key kind of the durability marker: every wait for durability writes it first."""
 TOPIC = "topic"
 """The key kind of the input topic's identity: the topic whose offsets the fences count."""
+TAKEN_OVER = "taken-over"
+"""The key kind of the take-over record: which deployment took this app id's stream over, and
+from which input offsets it emits (workers/takeover.py)."""
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -107,6 +110,13 @@ class KeyLayout:
         fence counts: another topic's offsets are not comparable with them. Read and written
         alone, so it needs no hash tag on a cluster."""
         return f"{self.namespace}:{TOPIC}:{self.model_version}"
+
+    @property
+    def taken_over(self) -> str:
+        """The key of the namespace's take-over record, one per namespace whatever the model
+        version: once another deployment has taken the stream over, no worker of this namespace
+        may emit again. Read and written alone, so it needs no hash tag on a cluster."""
+        return f"{self.namespace}:{TAKEN_OVER}"
 
     def memories(self, entity_ids: Sequence[str]) -> list[str]:
         """The keys of many entities' memories, in order."""

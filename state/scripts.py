@@ -1,8 +1,8 @@
 """The Lua scripts the store runs in Redis (``lua/*.lua``), with the codec's layout filled in.
 
-Each script is ``header.lua`` (reading a stored value's header and fences) followed by its own
-file; ``%(name)s`` placeholders take the codec's constants, so the layout is defined once, in
-codec.py. Each file's comment says what its KEYS and ARGV are and what it returns.
+Each memory script is ``header.lua`` (reading a stored value's header and fences) followed by
+its own file; ``%(name)s`` placeholders take the codec's constants, so the layout is defined
+once, in codec.py. Each file's comment says what its KEYS and ARGV are and what it returns.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from importlib.resources import files
 from state import codec
 from stream_lstm.memories import RESETS
 
-__all__ = ["COMMIT", "RESET"]
+__all__ = ["COMMIT", "RESET", "TAKE_OVER"]
 
 _CONSTANTS = {
     "header": codec.HEADER_SIZE,
@@ -43,3 +43,6 @@ COMMIT = _script("commit")
 """Fenced writes of a batch's memories (on one server, also its partitions' fences)."""
 RESET = _script("reset")
 """Zeroes one entity's memories, keeping its fences."""
+TAKE_OVER = files("state").joinpath("lua", "take_over.lua").read_text()
+"""Records a deployment's take-over of an app id, unless another's is recorded (no stored
+value is read: no header)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -37,7 +37,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from state import codec
-from state.backend import APPLIED, MOVED, STALE, Backend, Loaded
+from state.backend import APPLIED, MOVED, STALE, Backend, HandOver, Loaded
 from state.cache import MemoryCache
 from state.cluster import Cluster
 from state.codec import StoredMemory
@@ -48,7 +48,7 @@ from state.one_server import OneServer
 from stream_lstm.exceptions import ConfigError, StoreError
 from stream_lstm.memories import Memories, Shape
 
-__all__ = ["APPLIED", "MOVED", "STALE", "CommitResult", "Loaded", "MemoryStore"]
+__all__ = ["APPLIED", "MOVED", "STALE", "CommitResult", "HandOver", "Loaded", "MemoryStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -298,6 +298,23 @@ class MemoryStore:
         atomic command, so of two workers starting on two topics only one records its own.
         """
         return await self._backend.claim_topic(identity)
+
+    async def taken_over(self, app_id: str | None = None) -> HandOver | None:
+        """Whether another deployment took this app id's stream over (``take_over``; another
+        app id's with ``app_id``): then no worker of that app id may emit again. None: no
+        take-over recorded."""
+        namespace = self._backend.keys.namespace if app_id is None else app_id
+        return await self._backend.taken_over(KeyLayout(namespace, self.model_version))
+
+    async def take_over(
+        self, old_app_id: str, offsets: Mapping[int, int] | None = None
+    ) -> HandOver:
+        """Record that this store's app id (its namespace) takes ``old_app_id``'s stream over:
+        the claim (``offsets`` None), then the input offsets the hand-over starts from. Writes
+        only when nothing is recorded or only this app id's claim, in one atomic script, and
+        returns what is recorded then: another app id's record means another deployment took
+        it over first; one with offsets, where the hand-over starts, whoever wrote it first."""
+        return await self._backend.take_over(KeyLayout(old_app_id, self.model_version), offsets)
 
     def forget_cached(self) -> None:
         """Drop every cached memory: another process may write them from now on."""

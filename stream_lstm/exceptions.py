@@ -7,6 +7,7 @@
     ├── BrokerError           a broker is missing, failed or did not answer, or refused a topic
     │   └── BrokerRefusedError      the broker refused us: credentials, TLS trust, protocol
     ├── TopicChangedError     the stored memories count offsets of another input topic
+    ├── TakenOverError        another deployment took this app id's stream over
     ├── UsageError            the processing API was called out of order (workers/plugin.py)
     └── StoreError            the memory store failed or holds a value that does not decode
         ├── StoreUnavailableError   Redis did not answer within the retry budget
@@ -56,6 +57,12 @@ class TopicChangedError(StreamLSTMError):
     (it was deleted and recreated, or renamed): their fences count that topic's offsets, and
     this one's events at offsets below them would be dropped as replays. The message says what
     to do."""
+
+
+class TakenOverError(StreamLSTMError):
+    """Another deployment (a new model's, started with STREAM_LSTM_TAKES_OVER) took this app
+    id's stream over: it emits the predictions now, so a worker of this app id must not. The
+    message names it and says what to do."""
 
 
 class UsageError(StreamLSTMError):

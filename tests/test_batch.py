@@ -26,6 +26,8 @@ from workers.batch import (
     DEAD_LETTER_MAX_BYTES,
     DEAD_PAYLOAD_MAX,
     Checked,
+    DeadLetter,
+    EmitFrom,
     Record,
     _fast_decoder,
     apply,
@@ -188,6 +190,27 @@ def test_apply_predicts_each_event_and_fences_each_entity(model: StreamModel) ->
     assert applied.updates.fence_offset.tolist() == [12, 11]
     assert applied.updates.step.tolist() == [2, 1]
     assert applied.replayed == 0
+
+
+def test_a_take_over_sends_the_predictions_of_events_from_its_offsets_only(
+    model: StreamModel,
+) -> None:
+    records = [record(event("a"), partition=p, offset=o) for p in (0, 1, 2) for o in (4, 5, 6)]
+    checked = check(records, 2, 1024)
+
+    def sent(emit_from: EmitFrom) -> list[tuple[int, int]]:
+        applied = apply(model, checked, empty_memory(checked, model), emit_from=emit_from)
+        sources = [orjson.loads(v)["source"] for _, v in applied.predictions]
+        assert applied.updates.step.tolist() == [9]  # every event applied all the same
+        return [(s["partition"], s["offset"]) for s in sources]
+
+    assert sent(EmitFrom()) == []  # warming
+    assert sent(EmitFrom({0: 5, 1: 0})) == [(0, 5), (0, 6), (1, 4), (1, 5), (1, 6)]
+    everything = [(r.partition, r.offset) for r in records]
+    assert sent(EmitFrom({0: 5, 1: 0}, others=True)) == everything[1:]
+    letter = DeadLetter(record(b"{", partition=0, offset=4), "not_json", "")
+    assert not EmitFrom({0: 5}).sends(letter.record)
+    assert EmitFrom({0: 4}).sends(letter.record)
 
 
 def test_apply_drops_events_whose_fence_is_stored(model: StreamModel) -> None:

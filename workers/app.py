@@ -135,6 +135,10 @@ class StreamWorker:
             settings, self.processor, self.emitter, self.metrics, failed=self._stop_after
         )
         self.metrics.redis_full.set_function(lambda: float(self.processor.redis_full))
+        take_over = self.consumer.take_over
+        if take_over is not None:
+            self.metrics.warming.set_function(lambda: float(take_over.handed_over is None))
+            self.metrics.behind_live.set_function(lambda: float(take_over.behind))
         self.app.service(cast(Any, self.consumer))
         self.app.page("/entities/{entity_id:[^/]+}/memory")(self._memory_view())
         self.app.page("/health")(self._health_view())
@@ -215,7 +219,16 @@ class StreamWorker:
             async def get(self, request: Request) -> Response:
                 checks = await worker.health()
                 ready = all(checks.values())
-                return self.json({"ready": ready, "checks": checks}, status=200 if ready else 503)
+                body: dict[str, Any] = {"ready": ready, "checks": checks}
+                take_over = worker.consumer.take_over
+                if take_over is not None:
+                    body["take_over"] = {
+                        "from": take_over.old,
+                        "state": take_over.state,
+                        "behind": take_over.behind,
+                        "lag": worker.consumer.lag,
+                    }
+                return self.json(body, status=200 if ready else 503)
 
         return HealthView
 

@@ -22,8 +22,8 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -185,6 +185,24 @@ class Applied:
     updates: Memories  # of the entities stepped, each with the fences of its last event
     replayed: int  # events whose fence was already stored: dropped
     dead: list[DeadLetter]  # events whose step was not finite (overflow): not applied
+
+
+@dataclass(frozen=True, slots=True)
+class EmitFrom:
+    """Whose predictions and dead letters a processor sends, by where their event was read: a
+    take-over deployment (takeover.py) sends none while it warms on the stream's history, then
+    those of events from where the old deployment's consumer group stopped, which sent the
+    others. A processor without one sends all."""
+
+    offsets: Mapping[int, int] = field(default_factory=dict)
+    """Per input partition, the first offset sent."""
+    others: bool = False
+    """Whether partitions ``offsets`` does not name are sent: not while warming; after the
+    hand-over they are all the new deployment's (the old one committed nothing there)."""
+
+    def sends(self, record: Consumed) -> bool:
+        first = self.offsets.get(record.partition)
+        return self.others if first is None else record.offset >= first
 
 
 class Emitter(Protocol):
@@ -382,10 +400,12 @@ def apply(
     checked: Checked,
     memories: Memories,
     prediction_format: Format = "json",
+    emit_from: EmitFrom | None = None,
 ) -> Applied:
     """Drop events already applied, step the rest in one call, and build what to send and store.
 
-    ``memories`` holds the stored memories of exactly ``checked.ids``, in that order.
+    ``memories`` holds the stored memories of exactly ``checked.ids``, in that order;
+    ``emit_from``: the events whose predictions are sent (None: all).
     """
     ids, rows = checked.ids, checked.rows  # (N,)
     partitions = np.fromiter((r.partition for r in checked.records), np.int64, len(rows))  # (N,)
@@ -415,6 +435,11 @@ def apply(
         entity_ids, event_ids = [entity_ids[i] for i in at], [event_ids[i] for i in at]
         predicted = [records[i] for i in at]
         output, event_steps = result.output[at], result.step[at]
+    if emit_from is not None:  # a take-over deployment: not those the old deployment sent
+        at = np.flatnonzero([emit_from.sends(record) for record in predicted])
+        entity_ids, event_ids = [entity_ids[i] for i in at], [event_ids[i] for i in at]
+        predicted = [predicted[i] for i in at]
+        output, event_steps = output[at], event_steps[at]
     predictions = _predictions(
         model, entity_ids, event_ids, predicted, output, event_steps, prediction_format
     )
@@ -657,6 +682,7 @@ class BatchProcessor:
         self.dead_letter_topic = dead_letter_topic
         self.max_event_bytes = max_event_bytes
         self.redis_full = False  # the last commit was refused: maxmemory, until one succeeds
+        self.emit_from: EmitFrom | None = None  # a take-over deployment's (takeover.py)
         self._prepared = 0  # batches prepared so far
         self._started_unwritten = 0  # batches prepared up to here may have started from updates
         # that were not written as they were (stale, moved): they must commit by script
@@ -689,7 +715,9 @@ class BatchProcessor:
         for updates in in_flight:
             loaded.memories.overlay(updates)
         clock.done("load")
-        applied = apply(self.model, checked, loaded.memories, self.prediction_format)
+        applied = apply(
+            self.model, checked, loaded.memories, self.prediction_format, self.emit_from
+        )
         _log(applied.dead)
         clock.done("step")
         self._prepared += 1
@@ -771,20 +799,26 @@ class BatchProcessor:
         loaded = await self.retry(
             "load memories", lambda: self.store.load_many(again.ids, self.model.shape)
         )
-        applied = apply(self.model, again, loaded.memories, self.prediction_format)
+        applied = apply(self.model, again, loaded.memories, self.prediction_format, self.emit_from)
         _log(applied.dead)
-        letters = [(d.key, d.encode()) for d in applied.dead]
+        letters = [(d.key, d.encode()) for d in self._sent(applied.dead)]
         await self.retry("emit", lambda: self.emitter.emit(self.dead_letter_topic, letters))
         return await self.retry(
             "commit memories", lambda: self.store.commit_many(applied.updates), commit=True
         )
 
     async def _emit(self, applied: Applied, dead: list[DeadLetter]) -> None:
-        letters = [(d.key, d.encode()) for d in dead]
+        letters = [(d.key, d.encode()) for d in self._sent(dead)]
         await asyncio.gather(
             self.emitter.emit(self.output_topic, applied.predictions),
             self.emitter.emit(self.dead_letter_topic, letters),
         )
+
+    def _sent(self, letters: list[DeadLetter]) -> list[DeadLetter]:
+        """The dead letters this processor sends: a take-over deployment's old one sent the
+        others (``emit_from``)."""
+        emit_from = self.emit_from
+        return letters if emit_from is None else [d for d in letters if emit_from.sends(d.record)]
 
     async def retry(
         self, what: str, attempt: Callable[[], Awaitable[T]], *, commit: bool = False

@@ -111,7 +111,7 @@ def worker(**flags: Any) -> None:
     """
     import torch
 
-    from stream_lstm.exceptions import TopicChangedError
+    from stream_lstm.exceptions import TakenOverError, TopicChangedError
     from workers.app import StreamWorker
     from workers.preflight import preflight
     from workers.settings import Settings
@@ -122,7 +122,8 @@ def worker(**flags: Any) -> None:
     asyncio.run(preflight(settings, model))
     failure = StreamWorker(settings, model).run()
     if failure is not None:  # logged where it happened, with the batch it stopped
-        sys.exit(EXIT_REFUSED if isinstance(failure, TopicChangedError) else EXIT_SOFTWARE)
+        refused = isinstance(failure, (TopicChangedError, TakenOverError))
+        sys.exit(EXIT_REFUSED if refused else EXIT_SOFTWARE)
 
 
 @main.command()

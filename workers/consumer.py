@@ -44,12 +44,13 @@ from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
 from aiokafka.protocol.admin import ApiVersionRequest
 from murmurhash2 import murmurhash2
 
-from stream_lstm.exceptions import TopicChangedError
+from stream_lstm.exceptions import TakenOverError, TopicChangedError
 from workers.batch import BatchProcessor, Consumed
 from workers.connection import KafkaConnection
 from workers.metrics import Metrics
 from workers.pipeline import Batch, Finished, Pipeline
 from workers.settings import Settings
+from workers.takeover import TakeOver, check_not_taken_over
 from workers.topics import check_input_topic, topic_id
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ SHUTDOWN_GRACE_S = 6.0
 """How long a stop waits for the batches in hand; the whole stop must stay under 10 s."""
 TOPIC_CHECK_S = 2.0
 """How often the input topic is checked besides (one metadata request and one Redis command)."""
+TAKE_OVER_POLL_S = 0.5
+"""How often a take-over deployment reads the live group's state and offsets (two requests)."""
 BATCH_BYTES = 512 * 1024
 """Producer batch size: a whole micro-batch's predictions go out in a few requests."""
 KAFKA_MURMUR2_SEED = 0x9747B28C
@@ -181,6 +184,7 @@ class BatchConsumer(mode.Service):
         self._topic_id: uuid.UUID | None = None  # the input topic's id, as last checked
         self._progress_at = time.monotonic()  # a batch finished, or nothing waited
         self._consumer: AIOKafkaConsumer | None = None
+        self.take_over = TakeOver(settings, processor) if settings.takes_over else None
         super().__init__(**kwargs)
 
     @property
@@ -203,6 +207,8 @@ class BatchConsumer(mode.Service):
         )
         self.consumer.subscribe([self.settings.input_topic], listener=_WaitForBatch(self))
         await self.consumer.start()
+        if self.take_over is not None:
+            await self.take_over.start()
         # torch, the model and the clients are ~200k long-lived objects: a full collection
         # walking them stalled the loop for 95-200 ms, straight into the latency tail.
         gc.freeze()
@@ -235,6 +241,8 @@ class BatchConsumer(mode.Service):
         # which waits for the lock.
         await self.consumer.stop()  # leaves the group: its partitions move at once
         await self.emitter.stop()
+        if self.take_over is not None:
+            await self.take_over.stop()
 
     def _stop_after(self, failure: BaseException) -> None:
         """The pipeline failed: drop the batch in hand (it may be retrying a load for as long
@@ -255,6 +263,8 @@ class BatchConsumer(mode.Service):
             except Exception as error:  # not retriable by the client: authorization, say
                 self.pipeline.fail(error)
                 return
+            if self.take_over is not None:  # only what the live deployment has emitted for
+                fetched = self.take_over.hold(fetched, self.consumer)
             if fetched:
                 work = asyncio.ensure_future(self._run(fetched, time.time(), self.revocations))
                 self._work = work
@@ -284,7 +294,7 @@ class BatchConsumer(mode.Service):
             records: list[Consumed] = messages
             try:
                 await self._check_topic(fetched)
-            except TopicChangedError as error:
+            except (TopicChangedError, TakenOverError) as error:
                 self.pipeline.fail(error)
                 return
             except Exception as error:
@@ -307,12 +317,15 @@ class BatchConsumer(mode.Service):
 
     async def check_topic(self) -> None:
         """``check_input_topic`` until the broker and Redis answer it; TopicChangedError when
-        the memories were made from another topic."""
+        the memories were made from another topic, TakenOverError when another deployment took
+        this app id's stream over."""
+        store = self.processor.store
         self._topic_id = await self.processor.retry(
             "check the input topic",
-            lambda: check_input_topic(
-                self.emitter.producer.client, self.processor.store, self.settings
-            ),
+            lambda: check_input_topic(self.emitter.producer.client, store, self.settings),
+        )
+        await self.processor.retry(
+            "check the take-over record", lambda: check_not_taken_over(store, self.settings)
         )
 
     def _observe(self, finished: Finished) -> None:
@@ -336,13 +349,14 @@ class BatchConsumer(mode.Service):
         """The lag of each assigned partition, every second, as of the broker's last answer
         to a fetch (the high watermark it reported): it counts what waits even when no batch
         finishes. Never fails the worker: a rebalance can move a partition mid-way."""
-        lag = 0
+        lag, dones = 0, {}
         try:
             for tp in self.consumer.assignment():
                 highwater = self.consumer.highwater(tp)
                 done = self._done.get(tp)
                 if done is None:
                     done = await self.consumer.position(tp)
+                dones[tp] = done
                 if highwater is not None:
                     behind = max(0, highwater - done)
                     self.metrics.lag.labels(str(tp.partition)).set(behind)
@@ -351,8 +365,27 @@ class BatchConsumer(mode.Service):
             logger.debug("lag not measured this time: %r", e)
             return
         self.lag = lag
+        if self.take_over is not None:
+            self.take_over.observe(dones)
         if lag == 0:
             self._progress_at = time.monotonic()
+
+    @mode.Service.timer(TAKE_OVER_POLL_S)
+    async def _watch_old_group(self) -> None:
+        """A take-over deployment: read the live group's offsets, take over once it is empty,
+        and resume the partitions they have passed. Only a take-over recorded by another
+        deployment fails the worker: the broker or Redis away is asked again next time."""
+        take_over = self.take_over
+        if take_over is None or take_over.handed_over is not None:
+            return
+        try:
+            await take_over.poll()
+        except TakenOverError as error:
+            self.pipeline.fail(error)
+            return
+        except Exception as e:
+            logger.debug("the live deployment's group not read this time: %r", e)
+        take_over.release(self.consumer)
 
     @mode.Service.timer(TOPIC_CHECK_S)
     async def _watch_topic(self) -> None:
@@ -378,6 +411,8 @@ class BatchConsumer(mode.Service):
         group has assigned partitions again)."""
         self.revocations += 1
         self._revoked_at |= dict.fromkeys(revoked, self.revocations)
+        if self.take_over is not None:
+            self.take_over.forget(revoked)
         for tp in revoked:
             self._done.pop(tp, None)
             self._next.pop(tp, None)
@@ -423,5 +458,5 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
         if assigned and self.service.pipeline.failure is None:  # before any of them is fetched
             try:
                 await self.service.check_topic()
-            except TopicChangedError as error:
+            except (TopicChangedError, TakenOverError) as error:
                 self.service.pipeline.fail(error)

@@ -90,6 +90,18 @@ class Metrics:
             "1 while Redis refuses the worker's writes at its maxmemory (the worker waits)",
             registry=self.registry,
         )
+        self.warming = Gauge(
+            "stream_lstm_warming",
+            "1 while a take-over deployment (TAKES_OVER) builds memories without emitting, until "
+            "the live deployment's workers stop; 0 otherwise",
+            registry=self.registry,
+        )
+        self.behind_live = Gauge(
+            "stream_lstm_warming_behind_events",
+            "A warming take-over deployment: events of this worker's partitions before the live "
+            "deployment's committed offsets not yet through a finished batch",
+            registry=self.registry,
+        )
         self.lag = Gauge(
             "stream_lstm_consumer_lag",
             "Events behind the high watermark, per input partition: not yet through a finished "

@@ -18,6 +18,7 @@ from state.durability import Durability
 from stream_lstm.exceptions import BrokerError, ConfigError, StoreUnavailableError
 from stream_lstm.model import StreamModel
 from workers.settings import Settings
+from workers.takeover import check_not_taken_over, check_take_over
 from workers.topics import check_input_topic
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,11 @@ async def preflight(settings: Settings, model: StreamModel) -> None:
     A refusal (a wrong password, an untrusted certificate) raises BrokerRefusedError or
     StoreRefusedError at once: retrying cannot help, and the clients would otherwise retry it
     as if the broker or Redis were down. Memories of another input topic (``check_input_topic``)
-    raise TopicChangedError. A broker that does not answer is waited for (up to
-    ``TOPICS_WAIT_S``); a Redis that does not answer yet is the worker's to wait out. A Redis
-    that cannot give REDIS_DURABILITY raises ConfigError (``check_durability``).
+    raise TopicChangedError; an app id another deployment took over, TakenOverError; a take-over
+    of no live deployment, ConfigError (``check_take_over``). A broker that does not answer is
+    waited for (up to ``TOPICS_WAIT_S``); a Redis that does not answer yet is the worker's to
+    wait out. A Redis that cannot give REDIS_DURABILITY raises ConfigError
+    (``check_durability``).
     """
     if settings.serves_demo_model:
         logger.warning(
@@ -62,6 +65,8 @@ async def preflight(settings: Settings, model: StreamModel) -> None:
         await ensure_topics(settings)  # the topic check needs the topic
         if answers:
             await _check_input_topic(settings, store)
+            await check_not_taken_over(store, settings)
+            await check_take_over(settings, store)
             policy = await store.eviction_policy()
             if policy is not None and policy != "noeviction":
                 logger.warning(

@@ -93,6 +93,15 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9._-]{1,100}$",
         description="consumer group id and memory namespace",
     )
+    takes_over: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,100}$",
+        description=(
+            "app id of the live deployment this one replaces: warm memories from the input "
+            "topic's earliest offsets without emitting, then emit from where that deployment's "
+            "group stopped once its workers are stopped (README: Upgrading the model)"
+        ),
+    )
     input_topic: TopicName = Field("stream-lstm-events", description="events to read")
     output_topic: TopicName = Field("stream-lstm-predictions", description="predictions to write")
     dead_letter_topic: TopicName = Field(
@@ -252,6 +261,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"{', '.join(given)} set, but the protocol is {protocol}")
         if self.kafka_ssl_keyfile is not None and self.kafka_ssl_certfile is None:
             raise ValueError(f"{_names('kafka_ssl_keyfile')} needs {_names('kafka_ssl_certfile')}")
+        return self
+
+    @model_validator(mode="after")
+    def _takes_over_another(self) -> Settings:
+        if self.takes_over == self.app_id:
+            raise ValueError(
+                f"{_names('takes_over')} names this deployment's own {_names('app_id')} "
+                f"{self.app_id!r}: give the new deployment an app id of its own"
+            )
         return self
 
     @model_validator(mode="after")

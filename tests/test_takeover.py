@@ -1,0 +1,256 @@
+"""A model upgrade by take-over, with real processes: the live deployment serves, a new model's
+deployment warms on the whole history without emitting, the live one stops, and from there on
+the new one emits. Every event is predicted by exactly one model version, the new one's equal
+to offline ``nn.LSTM`` of the new model on each entity's full history."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+
+from state import HandOver, MemoryStore
+from stream_lstm.model import StreamModel
+from tests.conftest import StoreBackend
+from tests.offline import offline
+from tests.stack import History, StreamSlice, random_stream, save_model
+from workers.dev.apache_kafka import ApacheKafka
+from workers.dev.redis_server import RedisServer
+from workers.dev.stack import WorkerProcess
+from workers.dev.tansu import TansuBroker
+
+ENTITIES = [f"user-{i}" for i in range(12)]
+
+
+async def everything(stack: StreamSlice, topic: str, quiet_s: float = 3.0) -> list[dict[str, Any]]:
+    """Every message of the topic, read until none has come for ``quiet_s``."""
+    consumer = stack.connection.consumer(
+        topic, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    found: list[dict[str, Any]] = []
+    last = time.monotonic()
+    try:
+        while time.monotonic() - last < quiet_s:
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                found.extend(orjson.loads(r.value) for r in records)
+                last = time.monotonic()
+    finally:
+        await consumer.stop()
+    return found
+
+
+def wait_for_state(worker: WorkerProcess, state: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The take-over section of the worker's /health once it says ``state``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, health = worker.http("GET", "/health")
+        if health.get("take_over", {}).get("state") == state:
+            return dict(health["take_over"])
+        assert time.monotonic() < deadline, f"never {state}: {health}\n{worker.log_tail()}"
+        time.sleep(0.2)
+
+
+def extend(history: History, more: History) -> None:
+    for entity_id, events in more.items():
+        history.setdefault(entity_id, []).extend(events)
+
+
+def check_versions(
+    predictions: list[dict[str, Any]],
+    history: History,
+    old: StreamModel,
+    new: StreamModel,
+    hand_over: dict[int, int],
+) -> int:
+    """Each event has the new model's prediction from the hand-over offsets on, and the old
+    one's before them, each equal to its model offline on the entity's whole history; no version
+    predicts an event twice. Returns how many events after the hand-over the old model predicted
+    as well (a live worker killed after emitting them, before committing their offsets)."""
+    sources: dict[str, set[tuple[int, int]]] = {}
+    for p in predictions:
+        source = p["source"]["partition"], p["source"]["offset"]
+        sources.setdefault(p["entity_id"], set()).add(source)
+    assert sorted(sources) == sorted(history)
+    wants = {}
+    for entity_id, events in history.items():
+        assert len(sources[entity_id]) == len(events), f"{entity_id}: an event never predicted"
+        tensors = [(torch.tensor(x, dtype=torch.float32), reset) for x, reset in events]
+        wants[entity_id] = {
+            old.version: offline(old, tensors)[0],
+            new.version: offline(new, tensors)[0],
+        }
+    index = {e: {s: k for k, s in enumerate(sorted(found))} for e, found in sources.items()}
+    seen: set[tuple[str, int, int]] = set()
+    twice = 0
+    for p in predictions:
+        entity_id, version = p["entity_id"], p["model_version"]
+        partition, offset = p["source"]["partition"], p["source"]["offset"]
+        assert (version, partition, offset) not in seen, f"predicted twice by one version: {p}"
+        seen.add((version, partition, offset))
+        handed = offset >= hand_over.get(partition, 0)
+        twice += handed and version == old.version
+        k = index[entity_id][partition, offset]
+        torch.testing.assert_close(
+            torch.tensor(p["output"]), wants[entity_id][version][k], atol=1e-4, rtol=0
+        )
+    for entity_id, found in sources.items():
+        for partition, offset in found:
+            handed = offset >= hand_over.get(partition, 0)
+            version = (new if handed else old).version
+            assert (version, partition, offset) in seen, f"{entity_id}@{offset}: no {version}"
+    return twice
+
+
+async def test_the_take_over_record_is_claimed_once_and_its_offsets_written_once(
+    backend: StoreBackend,
+) -> None:
+    old, new, other = (f"{backend.namespace}-{name}" for name in ("old", "new", "other"))
+    async with (
+        backend.store(namespace=old) as live,
+        backend.store("v2", namespace=new) as taking,
+        backend.store("v3", namespace=other) as late,
+    ):
+        assert await live.taken_over() is None
+        assert await taking.take_over(old) == HandOver(new)
+        assert await late.take_over(old) == HandOver(new)  # another's claim: not written
+        assert await taking.take_over(old, {0: 5, 3: 0}) == HandOver(new, {0: 5, 3: 0})
+        assert await taking.take_over(old, {0: 9}) == HandOver(new, {0: 5, 3: 0})  # once
+        assert await late.take_over(old, {0: 9}) == HandOver(new, {0: 5, 3: 0})
+        assert await live.taken_over() == HandOver(new, {0: 5, 3: 0})
+        assert await late.taken_over(old) == HandOver(new, {0: 5, 3: 0})
+        assert await taking.taken_over() is None
+
+
+async def test_a_new_model_takes_over_with_warm_memories_and_no_gap_or_duplicate(
+    apache_kafka: ApacheKafka, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    old_model = save_model(tmp_path / "old.pt", seed=1)
+    new_model = save_model(tmp_path / "new.pt", seed=2, hidden=12)
+    stack = StreamSlice(apache_kafka, redis_server, old_model, tmp_path)
+    new_app = f"{stack.name}-v2"
+    rng = random.Random(18)
+    history: History = {}
+    try:
+        live = stack.start_worker(session_timeout_s="10")
+        first, more = random_stream(rng, ENTITIES, 8)
+        extend(history, more)
+        await stack.publish([*first, (b"user-0", b"{not json")])
+        await stack.predictions(len(first))
+
+        # The new deployment warms on the history while events keep coming to the live one.
+        warming = stack.start_worker(app_id=new_app, model=str(new_model), takes_over=stack.name)
+        second, more = random_stream(rng, ENTITIES, 8)
+        extend(history, more)
+        await stack.publish(second)
+        warm = await asyncio.to_thread(wait_for_state, warming, "warm")
+        assert warm["from"] == stack.name
+        assert warming.metric("stream_lstm_warming") == 1
+
+        # Events the live deployment never gets to, while the new one would: they must wait for
+        # the hand-over (the live one frozen for less than its session timeout, then stopped).
+        live.process.send_signal(signal.SIGSTOP)
+        late, more = random_stream(rng, ENTITIES, 2)
+        extend(history, more)
+        await stack.publish(late)
+        await asyncio.sleep(1.5)
+        live.process.send_signal(signal.SIGTERM)
+        live.process.send_signal(signal.SIGCONT)
+        assert live.stop() == 0  # SIGTERM: the live deployment finishes its batch and leaves
+        await asyncio.to_thread(wait_for_state, warming, "emitting")
+        assert warming.metric("stream_lstm_warming") == 0
+        third, more = random_stream(rng, ENTITIES, 8)
+        extend(history, more)
+        await stack.publish([*third, (b"user-1", b"[]")])
+        await stack.predictions(len(first) + len(second) + len(late) + len(third))
+
+        async with MemoryStore(redis_server.url, new_app, "any") as store:
+            recorded = await store.taken_over(stack.name)
+        assert recorded is not None
+        assert recorded.by == new_app
+        assert recorded.offsets is not None
+        predictions = await everything(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"])
+        sources = [(p["source"]["partition"], p["source"]["offset"]) for p in predictions]
+        assert len(sources) == len(set(sources)), "an event predicted twice"
+        models = StreamModel.load(old_model), StreamModel.load(new_model)
+        assert check_versions(predictions, history, *models, dict(recorded.offsets)) == 0
+        assert {p["model_version"] for p in predictions} == {m.version for m in models}
+        letters = await everything(stack, stack.env["STREAM_LSTM_DEAD_LETTER_TOPIC"], 1.0)
+        assert sorted(letter["payload"] for letter in letters) == ["[]", "{not json"]
+
+        # The old deployment started again refuses: its stream is the new one's now.
+        again = WorkerProcess(stack.env, tmp_path / "again.log").start()
+        assert again.process.wait(timeout=60) == 2
+        assert f"was taken over by the deployment '{new_app}'" in again.log_tail()
+    finally:
+        stack.stop_all()
+
+
+async def test_a_take_over_of_no_live_deployment_stops_the_start(
+    apache_kafka: ApacheKafka, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    stack = StreamSlice(apache_kafka, redis_server, save_model(tmp_path / "m.pt", seed=1), tmp_path)
+    result = stack.cli("worker", "--app-id", f"{stack.name}-v2", "--takes-over", "no-such-app")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("stream-lstm: error: STREAM_LSTM_TAKES_OVER / --takes-over:"), last
+    assert "consumer group 'no-such-app' has committed no offsets" in last
+
+
+async def test_a_live_deployment_killed_is_taken_over_once_its_session_times_out(
+    apache_kafka: ApacheKafka, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Killed, not stopped: the live worker may have emitted predictions after its last offset
+    commit. The new deployment takes over when the group's session times out, from the committed
+    offsets: those events get the new model's predictions as well, and none is lost."""
+    old_model = save_model(tmp_path / "old.pt", seed=3)
+    new_model = save_model(tmp_path / "new.pt", seed=4)
+    stack = StreamSlice(apache_kafka, redis_server, old_model, tmp_path)
+    new_app = f"{stack.name}-v2"
+    rng = random.Random(19)
+    history: History = {}
+    try:
+        live = stack.start_worker()
+        first, more = random_stream(rng, ENTITIES, 6)
+        extend(history, more)
+        await stack.publish(first)
+        await stack.predictions(len(first))
+        warming = stack.start_worker(app_id=new_app, model=str(new_model), takes_over=stack.name)
+        await asyncio.to_thread(wait_for_state, warming, "warm")
+
+        second, more = random_stream(rng, ENTITIES, 20)
+        extend(history, more)
+        publishing = asyncio.ensure_future(stack.publish(second))
+        await stack.predictions(len(first) + len(second) // 3)
+        live.stop(signal.SIGKILL)  # mid-stream
+        await publishing
+        await asyncio.to_thread(wait_for_state, warming, "emitting")
+        await stack.predictions(len(first) + len(second))
+
+        async with MemoryStore(redis_server.url, new_app, "any") as store:
+            recorded = await store.taken_over(stack.name)
+        assert recorded is not None
+        assert recorded.offsets is not None
+        predictions = await everything(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"])
+        models = StreamModel.load(old_model), StreamModel.load(new_model)
+        twice = check_versions(predictions, history, *models, dict(recorded.offsets))
+        assert twice < len(second)  # at most what the live worker emitted since its last commit
+    finally:
+        stack.stop_all()
+
+
+async def test_a_take_over_needs_a_broker_that_describes_groups(
+    tansu_broker: TansuBroker, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    stack = StreamSlice(tansu_broker, redis_server, save_model(tmp_path / "m.pt", seed=1), tmp_path)
+    result = stack.cli("worker", "--app-id", f"{stack.name}-v2", "--takes-over", stack.name)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("stream-lstm: error: STREAM_LSTM_TAKES_OVER / --takes-over:"), last
+    assert "Tansu does not" in last

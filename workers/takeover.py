@@ -1,0 +1,235 @@
+"""A take-over deployment: a new model warms its memories on the stream's history, then takes the
+output over from the live deployment exactly where that one's consumer group stopped.
+
+Memories are namespaced by model version, so a new model would start every entity from zeros.
+Instead, a deployment of it with its own app id and ``STREAM_LSTM_TAKES_OVER=<live app id>``:
+
+1. **Warms.** Its consumer group reads the input topic from the earliest retained offset and
+   builds memories as any worker does, but its processor sends nothing (``EmitFrom``). Each
+   partition is read only up to the live group's committed offsets, which the live deployment
+   has emitted for (it commits offsets after its predictions are stored): an event past them is
+   held, its partition paused, until those offsets pass it. So whatever the new deployment has
+   processed, the live one has emitted.
+2. **Takes over** once the live group is empty (its workers stopped with SIGTERM, each after
+   committing the batch in hand): it records its claim in the live app id's take-over record in
+   Redis, sees the group still empty after it, and records the group's committed offsets there.
+   From them on it emits: every event gets its predictions from exactly one model version. A
+   worker of the old app id that (re)joins its group afterwards finds the record when its
+   partitions are assigned, before it fetches anything, and stops (``TakenOverError``). A
+   restarted new worker reads the offsets from the record.
+
+A live worker killed (SIGKILL, a lost machine) rather than stopped may have emitted predictions
+for events after its last offset commit: its group empties when its session times out, and
+those events get the new model's predictions as well (at-least-once, as for any crash).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError, for_code
+
+from state import HandOver, MemoryStore
+from state.keys import KeyLayout
+from stream_lstm.exceptions import BrokerError, ConfigError, TakenOverError
+from workers.batch import BatchProcessor, EmitFrom
+from workers.settings import Settings, env_name
+
+__all__ = ["TakeOver", "check_not_taken_over", "check_take_over"]
+
+logger = logging.getLogger(__name__)
+
+EMPTY_STATES = frozenset({"Empty", "Dead"})
+"""Consumer group states without members (Dead: the group is gone, or never existed)."""
+
+
+class TakeOver:
+    """One worker's side of a take-over: the live group's offsets it may process up to, the
+    partitions it holds back, and the hand-over."""
+
+    def __init__(self, settings: Settings, processor: BatchProcessor) -> None:
+        if settings.takes_over is None:
+            raise ValueError("a take-over needs TAKES_OVER")
+        self.old = settings.takes_over
+        self.settings = settings
+        self.processor = processor
+        processor.emit_from = EmitFrom()  # nothing while warming
+        self.bounds: dict[int, int] = {}  # the live group's committed offsets, as last read
+        self.handed_over: HandOver | None = None
+        self.behind = 0  # events of this worker's partitions before ``bounds`` not yet done
+        self.warm = False
+        self._held: dict[TopicPartition, int] = {}  # paused partitions: the offset they wait at
+        self._admin: AIOKafkaAdminClient | None = None
+
+    @property
+    def state(self) -> str:
+        """``warming``, ``warm`` (caught up with the live deployment) or ``emitting``."""
+        if self.handed_over is not None:
+            return "emitting"
+        return "warm" if self.warm else "warming"
+
+    async def start(self) -> None:
+        self._admin = self.settings.kafka.admin()
+        await self._admin.start()
+        recorded = await self.processor.store.taken_over(self.old)
+        if recorded is not None and recorded.by == self.settings.app_id and recorded.offsets:
+            self._hand_over(recorded)
+        logger.info(
+            "taking over from %s: warming memories without emitting, up to its group's "
+            "committed offsets, until its workers stop",
+            self.old,
+        )
+
+    async def stop(self) -> None:
+        if self._admin is not None:
+            await self._admin.close()
+
+    async def poll(self) -> None:
+        """Read the live group's committed offsets; take over once the group is empty."""
+        if self.handed_over is not None or self._admin is None:
+            return
+        empty, self.bounds = await _group(self._admin, self.old, self.settings.input_topic)
+        if not empty:
+            return
+        store, own = self.processor.store, self.settings.app_id
+        recorded = await store.take_over(self.old)  # the claim
+        if recorded.by != own:
+            raise _taken_by_another(self.old, recorded)
+        if recorded.offsets is None:
+            empty, offsets = await _group(self._admin, self.old, self.settings.input_topic)
+            if not empty:
+                # A worker of it joined before the claim: it serves until it is stopped (one
+                # joining from now on finds the claim and stops).
+                return
+            recorded = await store.take_over(self.old, offsets)
+        self._hand_over(recorded)
+
+    def _hand_over(self, recorded: HandOver) -> None:
+        offsets = dict(recorded.offsets or {})
+        self.processor.emit_from = EmitFrom(offsets, others=True)
+        self.handed_over = recorded
+        self.bounds = offsets
+        logger.info(
+            "took over from %s: emitting the predictions of model %s from its group's committed "
+            "offsets %s",
+            self.old,
+            self.processor.model.version,
+            {p: offsets[p] for p in sorted(offsets)},
+        )
+
+    def hold(
+        self, fetched: dict[TopicPartition, list[Any]], consumer: AIOKafkaConsumer
+    ) -> dict[TopicPartition, list[Any]]:
+        """The fetched records the live deployment has emitted for; each partition's others are
+        held: it is paused and will be read again from its first held record."""
+        if self.handed_over is not None:
+            return fetched
+        kept: dict[TopicPartition, list[Any]] = {}
+        for tp, records in fetched.items():
+            bound = self.bounds.get(tp.partition, 0)
+            n = next((i for i, r in enumerate(records) if r.offset >= bound), len(records))
+            if n < len(records) and tp in consumer.assignment():
+                consumer.seek(tp, records[n].offset)
+                consumer.pause(tp)
+                self._held[tp] = records[n].offset
+            if n:
+                kept[tp] = records[:n]
+        return kept
+
+    def release(self, consumer: AIOKafkaConsumer) -> None:
+        """Resume the held partitions the live group's offsets have passed (all, once taken
+        over)."""
+        for tp, offset in list(self._held.items()):
+            if self.handed_over is not None or offset < self.bounds.get(tp.partition, 0):
+                del self._held[tp]
+                if tp in consumer.assignment():
+                    consumer.resume(tp)
+
+    def forget(self, revoked: list[TopicPartition]) -> None:
+        """Partitions another worker owns now (a reassigned partition starts unpaused)."""
+        for tp in revoked:
+            self._held.pop(tp, None)
+
+    def observe(self, done: dict[TopicPartition, int]) -> None:
+        """How far this worker's partitions are (the next offset of each) behind the live
+        group's committed offsets; logs once when it has caught up."""
+        if self.handed_over is not None:
+            self.behind = 0
+            return
+        self.behind = sum(max(0, self.bounds.get(tp.partition, 0) - n) for tp, n in done.items())
+        warm = self.behind <= self.settings.max_batch
+        if warm and not self.warm:
+            logger.info(
+                "warm: caught up with %s's committed offsets; stop its workers (SIGTERM) to hand "
+                "the stream over",
+                self.old,
+            )
+        self.warm = warm
+
+
+async def check_take_over(settings: Settings, store: MemoryStore) -> None:
+    """Before a take-over deployment starts: the app id it takes over was not taken over by
+    another, and its consumer group has committed offsets on the input topic (else it names no
+    live deployment, and taking over would emit the whole history again): ConfigError naming
+    TAKES_OVER."""
+    old = settings.takes_over
+    if old is None:
+        return
+    recorded = await store.taken_over(old)
+    if recorded is not None and recorded.by != settings.app_id:
+        raise _taken_by_another(old, recorded)
+    if recorded is not None and recorded.offsets is not None:
+        return  # taken over already: this is a restart
+    admin = settings.kafka.admin()
+    try:
+        await admin.start()
+        _, offsets = await _group(admin, old, settings.input_topic)
+    except KafkaError as error:
+        raise BrokerError(
+            f"{env_name('takes_over')} / --takes-over: the broker at {settings.broker} did not "
+            f"describe consumer group {old!r} ({error!r}); a take-over reads the live group's "
+            "state and committed offsets (Apache Kafka answers; Tansu does not)"
+        ) from error
+    finally:
+        await admin.close()
+    if not offsets:
+        raise ConfigError(
+            f"{env_name('takes_over')} / --takes-over: consumer group {old!r} has committed no "
+            f"offsets on {settings.input_topic!r}, so it is no live deployment of this stream "
+            "(set the app id of the deployment to replace)"
+        )
+
+
+async def check_not_taken_over(store: MemoryStore, settings: Settings) -> None:
+    """TakenOverError when another deployment took this app id's stream over: a worker of it
+    must not emit again."""
+    recorded = await store.taken_over()
+    if recorded is not None:
+        key = KeyLayout(settings.app_id, store.model_version).taken_over
+        raise TakenOverError(
+            f"app id {settings.app_id!r} was taken over by the deployment {recorded.by!r} "
+            f"({env_name('takes_over')}), which emits its stream's predictions now: run this "
+            f"model under another app id (or delete the Redis key {key!r} to serve as "
+            f"{settings.app_id!r} again)"
+        )
+
+
+def _taken_by_another(old: str, recorded: HandOver) -> TakenOverError:
+    return TakenOverError(
+        f"{env_name('takes_over')} / --takes-over: {old!r} was taken over by the deployment "
+        f"{recorded.by!r} already"
+    )
+
+
+async def _group(admin: AIOKafkaAdminClient, group: str, topic: str) -> tuple[bool, dict[int, int]]:
+    """Whether the consumer group has no member, and its committed offsets on ``topic``."""
+    (response,) = await admin.describe_consumer_groups([group])
+    error_code, _, state = response.groups[0][:3]
+    if error_code:
+        raise for_code(error_code)(f"describing consumer group {group!r}")
+    committed = await admin.list_consumer_group_offsets(group)
+    offsets = {tp.partition: at.offset for tp, at in committed.items() if tp.topic == topic}
+    return state in EMPTY_STATES, {p: o for p, o in offsets.items() if o >= 0}
