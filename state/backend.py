@@ -68,18 +68,21 @@ class Loaded:
 
 @dataclass(frozen=True, slots=True)
 class HandOver:
-    """An app id's take-over record: the deployment that took its stream over, and the input
-    offsets (per partition) from which that deployment emits, once it has taken over."""
+    """An app id's take-over record: the deployment that took its stream over and the input
+    offsets (per partition) from which it emits; or, for a moment, one worker's claim."""
 
     by: str
     """The app id of the deployment that took over (or is taking over)."""
     offsets: Mapping[int, int] | None = None
     """Per input partition, the first offset whose predictions are the new deployment's:
-    where the old deployment's committed offsets stopped. None: the claim is made and the old
-    deployment's group is not yet seen empty after it."""
+    where the old deployment's committed offsets stopped. None: a claim."""
+    claim: str | None = None
+    """A claim's token: the one worker that may record the offsets (or release it)."""
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {"by": self.by}
+        if self.claim is not None:
+            record["claim"] = self.claim
         if self.offsets is not None:
             record["offsets"] = {str(p): o for p, o in sorted(self.offsets.items())}
         return json.dumps(record, separators=(",", ":")).encode()
@@ -90,9 +93,11 @@ class HandOver:
         try:
             record = json.loads(value)
             offsets = record.get("offsets")
+            claim = record.get("claim")
             return cls(
                 str(record["by"]),
                 None if offsets is None else {int(p): int(o) for p, o in offsets.items()},
+                None if claim is None else str(claim),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise StoreError(f"the take-over record is not stream-lstm's: {error}") from None
@@ -213,14 +218,15 @@ class Backend(ABC, Generic[Client]):
         value: Any = await self.call("read the take-over record", lambda: self.redis.get(key))
         return None if value is None else HandOver.decode(cast("bytes", value))
 
-    async def take_over(self, old: KeyLayout, offsets: Mapping[int, int] | None) -> HandOver:
+    async def take_over(
+        self, old: KeyLayout, action: str, claim: HandOver, argument: bytes | int
+    ) -> HandOver | None:
         key = old.taken_over
-        claim = HandOver(self.keys.namespace).encode()
-        record = HandOver(self.keys.namespace, offsets).encode()
         value: Any = await self.call(
-            "record the take-over", lambda: self.take_over_script(keys=[key], args=[claim, record])
+            f"{action} the take-over",
+            lambda: self.take_over_script(keys=[key], args=[action, claim.encode(), argument]),
         )
-        return HandOver.decode(cast("bytes", value))
+        return None if value is None else HandOver.decode(cast("bytes", value))
 
     async def call(
         self, what: str, operation: Callable[[], Awaitable[T]], budget_s: float | None = None

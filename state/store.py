@@ -300,21 +300,37 @@ class MemoryStore:
         return await self._backend.claim_topic(identity)
 
     async def taken_over(self, app_id: str | None = None) -> HandOver | None:
-        """Whether another deployment took this app id's stream over (``take_over``; another
-        app id's with ``app_id``): then no worker of that app id may emit again. None: no
-        take-over recorded."""
+        """Whether another deployment took this app id's stream over, or one of its workers
+        is claiming it (``claim_take_over``; another app id's with ``app_id``): then no worker
+        of that app id may emit again. None: nothing recorded."""
         namespace = self._backend.keys.namespace if app_id is None else app_id
         return await self._backend.taken_over(KeyLayout(namespace, self.model_version))
 
-    async def take_over(
-        self, old_app_id: str, offsets: Mapping[int, int] | None = None
-    ) -> HandOver:
-        """Record that this store's app id (its namespace) takes ``old_app_id``'s stream over:
-        the claim (``offsets`` None), then the input offsets the hand-over starts from. Writes
-        only when nothing is recorded or only this app id's claim, in one atomic script, and
-        returns what is recorded then: another app id's record means another deployment took
-        it over first; one with offsets, where the hand-over starts, whoever wrote it first."""
-        return await self._backend.take_over(KeyLayout(old_app_id, self.model_version), offsets)
+    async def claim_take_over(self, old_app_id: str, token: str, ttl_s: float) -> HandOver:
+        """Claim the right to record this store's app id (its namespace) as the deployment that
+        takes ``old_app_id``'s stream over, for ``ttl_s`` (a claimant that dies lets go): written
+        only when nothing is recorded, atomically. Returns what is recorded: the claim with
+        ``token`` when it is this caller's."""
+        claim = HandOver(self._backend.keys.namespace, claim=token)
+        ttl_ms = max(1, round(ttl_s * 1000))
+        recorded = await self._backend.take_over(self._old(old_app_id), "claim", claim, ttl_ms)
+        assert recorded is not None, "a claim leaves a record"
+        return recorded
+
+    async def record_take_over(
+        self, old_app_id: str, claim: HandOver, offsets: Mapping[int, int]
+    ) -> HandOver | None:
+        """Record the take-over with the offsets its new deployment emits from, in place of
+        ``claim``, if that claim is still what is recorded; returns what is recorded then."""
+        record = HandOver(claim.by, dict(offsets)).encode()
+        return await self._backend.take_over(self._old(old_app_id), "record", claim, record)
+
+    async def release_take_over(self, old_app_id: str, claim: HandOver) -> None:
+        """Delete ``claim`` if it is still what is recorded."""
+        await self._backend.take_over(self._old(old_app_id), "release", claim, 0)
+
+    def _old(self, app_id: str) -> KeyLayout:
+        return KeyLayout(app_id, self.model_version)
 
     def forget_cached(self) -> None:
         """Drop every cached memory: another process may write them from now on."""

@@ -227,6 +227,7 @@ class StreamWorker:
                         "state": take_over.state,
                         "behind": take_over.behind,
                         "lag": worker.consumer.lag,
+                        "error": take_over.error,
                     }
                 return self.json(body, status=200 if ready else 503)
 

@@ -451,12 +451,19 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.service.joined = True
+        # aiokafka may fetch the partitions from their assignment on, before this callback ends:
+        # paused (before any await), none is read until they are checked.
+        consumer = self.service.consumer
+        consumer.pause(*assigned)
         # Even with nothing revoked: between this worker's last batch of a partition and now,
         # another owner may have had it.
         self.service.processor.store.forget_cached()
         logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
-        if assigned and self.service.pipeline.failure is None:  # before any of them is fetched
-            try:
-                await self.service.check_topic()
-            except (TopicChangedError, TakenOverError) as error:
-                self.service.pipeline.fail(error)
+        if not assigned or self.service.pipeline.failure is not None:
+            return
+        try:
+            await self.service.check_topic()
+        except Exception as error:  # a refusal, a value not ours: unchecked, they are not read
+            self.service.pipeline.fail(error)
+            return
+        consumer.resume(*(tp for tp in assigned if tp in consumer.assignment()))

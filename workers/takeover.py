@@ -11,12 +11,15 @@ Instead, a deployment of it with its own app id and ``STREAM_LSTM_TAKES_OVER=<li
    held, its partition paused, until those offsets pass it. So whatever the new deployment has
    processed, the live one has emitted.
 2. **Takes over** once the live group is empty (its workers stopped with SIGTERM, each after
-   committing the batch in hand): it records its claim in the live app id's take-over record in
-   Redis, sees the group still empty after it, and records the group's committed offsets there.
-   From them on it emits: every event gets its predictions from exactly one model version. A
-   worker of the old app id that (re)joins its group afterwards finds the record when its
-   partitions are assigned, before it fetches anything, and stops (``TakenOverError``). A
-   restarted new worker reads the offsets from the record.
+   committing the batch in hand): one of its workers claims the live app id's take-over record
+   in Redis (atomically, only when nothing is recorded; the claim expires, should that worker
+   die), sees the group still empty after it with every offset it has seen, and records the
+   group's committed offsets in place of its claim (else it deletes its claim and waits again).
+   From them on every worker of it emits: each event gets its predictions from exactly one model
+   version. A worker of the old app id that (re)joins its group afterwards finds the claim or the
+   record when its partitions are assigned, while they are paused, before anything of them is
+   fetched, and stops (``TakenOverError``). A restarted new worker reads the offsets from the
+   record.
 
 A live worker killed (SIGKILL, a lost machine) rather than stopped may have emitted predictions
 for events after its last offset commit: its group empties when its session times out, and
@@ -26,6 +29,7 @@ those events get the new model's predictions as well (at-least-once, as for any 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -44,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 EMPTY_STATES = frozenset({"Empty", "Dead"})
 """Consumer group states without members (Dead: the group is gone, or never existed)."""
+CLAIM_TTL_S = 30.0
+"""How long a worker's claim to record the hand-over lasts: one that dies mid-way lets go."""
 
 
 class TakeOver:
@@ -61,6 +67,9 @@ class TakeOver:
         self.handed_over: HandOver | None = None
         self.behind = 0  # events of this worker's partitions before ``bounds`` not yet done
         self.warm = False
+        self.polled = False  # ``bounds`` read at least once
+        self.error: str | None = None  # why the last poll failed, until one succeeds
+        self._token = uuid.uuid4().hex  # this worker's claims
         self._held: dict[TopicPartition, int] = {}  # paused partitions: the offset they wait at
         self._admin: AIOKafkaAdminClient | None = None
 
@@ -88,24 +97,53 @@ class TakeOver:
             await self._admin.close()
 
     async def poll(self) -> None:
-        """Read the live group's committed offsets; take over once the group is empty."""
+        """Read the take-over record and the live group's committed offsets; take over once the
+        group is empty. Raises TakenOverError when another deployment took it over."""
         if self.handed_over is not None or self._admin is None:
             return
-        empty, self.bounds = await _group(self._admin, self.old, self.settings.input_topic)
-        if not empty:
+        try:
+            await self._poll(self._admin)
+        except TakenOverError:
+            raise
+        except Exception as error:
+            if self.error is None:
+                logger.warning("could not read %s's group or take-over record: %r", self.old, error)
+            self.error = repr(error)
             return
-        store, own = self.processor.store, self.settings.app_id
-        recorded = await store.take_over(self.old)  # the claim
-        if recorded.by != own:
-            raise _taken_by_another(self.old, recorded)
-        if recorded.offsets is None:
-            empty, offsets = await _group(self._admin, self.old, self.settings.input_topic)
-            if not empty:
-                # A worker of it joined before the claim: it serves until it is stopped (one
-                # joining from now on finds the claim and stops).
-                return
-            recorded = await store.take_over(self.old, offsets)
-        self._hand_over(recorded)
+        if self.error is not None:
+            logger.info("reading %s's group and take-over record again", self.old)
+            self.error = None
+
+    async def _poll(self, admin: AIOKafkaAdminClient) -> None:
+        store, own, topic = self.processor.store, self.settings.app_id, self.settings.input_topic
+        recorded = await store.taken_over(self.old)
+        if recorded is not None and recorded.offsets is not None:  # another worker took over
+            if recorded.by != own:
+                raise _taken_by_another(self.old, recorded)
+            self._hand_over(recorded)
+            return
+        empty, self.bounds = await _group(admin, self.old, topic)
+        self.polled = True
+        if not empty or (recorded is not None and recorded.claim != self._token):
+            return  # serving, or another worker is claiming it
+        claim = await store.claim_take_over(self.old, self._token, CLAIM_TTL_S)
+        if claim.claim != self._token:
+            return
+        # Claimed: a worker of the old group that joins from now on finds the claim before it
+        # fetches anything. One that joined before it shows in the group.
+        empty, offsets = await _group(admin, self.old, topic)
+        passed = [p for p, at in self.bounds.items() if offsets.get(p, -1) < at]
+        if not empty or passed:
+            await store.release_take_over(self.old, claim)
+            logger.warning(
+                "%s's group %s just after it was seen empty: not taking over yet",
+                self.old,
+                f"lost offsets of partitions {passed}" if passed else "has members again",
+            )
+            return
+        recorded = await store.record_take_over(self.old, claim, offsets)
+        if recorded is not None and recorded.offsets is not None and recorded.by == own:
+            self._hand_over(recorded)
 
     def _hand_over(self, recorded: HandOver) -> None:
         offsets = dict(recorded.offsets or {})
@@ -160,7 +198,7 @@ class TakeOver:
             self.behind = 0
             return
         self.behind = sum(max(0, self.bounds.get(tp.partition, 0) - n) for tp, n in done.items())
-        warm = self.behind <= self.settings.max_batch
+        warm = self.polled and self.behind <= self.settings.max_batch
         if warm and not self.warm:
             logger.info(
                 "warm: caught up with %s's committed offsets; stop its workers (SIGTERM) to hand "
@@ -186,7 +224,7 @@ async def check_take_over(settings: Settings, store: MemoryStore) -> None:
     admin = settings.kafka.admin()
     try:
         await admin.start()
-        _, offsets = await _group(admin, old, settings.input_topic)
+        empty, offsets = await _group(admin, old, settings.input_topic)
     except KafkaError as error:
         raise BrokerError(
             f"{env_name('takes_over')} / --takes-over: the broker at {settings.broker} did not "
@@ -195,6 +233,13 @@ async def check_take_over(settings: Settings, store: MemoryStore) -> None:
         ) from error
     finally:
         await admin.close()
+    if offsets and empty:
+        logger.warning(
+            "consumer group %r has no members: the stream is handed over at once, from its "
+            "committed offsets; is %s the app id of the deployment serving now?",
+            old,
+            env_name("takes_over"),
+        )
     if not offsets:
         raise ConfigError(
             f"{env_name('takes_over')} / --takes-over: consumer group {old!r} has committed no "
