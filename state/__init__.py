@@ -2,6 +2,6 @@
 
 from state.codec import StoredMemory
 from state.connection import without_password
-from state.store import CommitResult, Loaded, MemoryStore
+from state.store import CommitResult, Loaded, MemoryStore, Sweep
 
-__all__ = ["CommitResult", "Loaded", "MemoryStore", "StoredMemory", "without_password"]
+__all__ = ["CommitResult", "Loaded", "MemoryStore", "StoredMemory", "Sweep", "without_password"]

@@ -24,10 +24,11 @@ StoreRefusedError at once. Errors and logs name the URL without its passwords.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
@@ -43,12 +44,12 @@ from state.cluster import Cluster
 from state.codec import StoredMemory
 from state.connection import connect, passwords, user_of, without_password
 from state.durability import TIMEOUT_MAX_S, Durability
-from state.keys import KeyLayout
+from state.keys import KeyLayout, NamespaceKeys
 from state.one_server import OneServer
 from stream_lstm.exceptions import ConfigError, StoreError
 from stream_lstm.memories import Memories, Shape
 
-__all__ = ["APPLIED", "MOVED", "STALE", "CommitResult", "Loaded", "MemoryStore"]
+__all__ = ["APPLIED", "MOVED", "STALE", "CommitResult", "Loaded", "MemoryStore", "Sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,15 @@ class CommitResult:
 
     def _ids(self, code: int) -> list[str]:
         return [self.entity_ids[i] for i in np.flatnonzero(self.codes == code).tolist()]
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """What ``MemoryStore.gc`` removed (or, in a dry run, would remove) and kept: keys per
+    model version of the namespace."""
+
+    removed: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
 
 
 class MemoryStore:
@@ -198,6 +208,11 @@ class MemoryStore:
     def model_version(self) -> str:
         """The model version whose memories this store holds."""
         return self._backend.keys.model_version
+
+    @property
+    def namespace(self) -> str:
+        """The namespace (a worker's app id) whose memories this store holds."""
+        return self._backend.keys.namespace
 
     async def __aenter__(self) -> Self:
         return self
@@ -320,3 +335,83 @@ class MemoryStore:
         ``retry_s``. On a cluster every primary must answer.
         """
         await self._backend.ping(timeout_s)
+
+    async def erase(self, entity_id: str) -> list[str]:
+        """Delete the entity's memory under every model version of this namespace (not only
+        this store's version): the versions it had one under, sorted; [] when none.
+
+        The keys are found by one SCAN over a pattern (O(all keys)) and checked one by one. On
+        one server the deletion counts as an outside write of each of those versions, in the
+        same transaction, so no worker's memory cache writes a memory back; on a cluster there
+        is no cache. A batch a worker had already loaded the entity for may still commit it
+        afterwards: erase once the entity's events have stopped.
+        """
+        namespace = NamespaceKeys(self.namespace)
+        found: dict[bytes, str] = {}
+        async for keys in self._backend.scan(namespace.entity_pattern(entity_id)):
+            for key in keys:
+                version = namespace.version_of_memory(key, entity_id)
+                if version is not None:
+                    found[key] = version
+        versions = sorted(set(found.values()))
+        counters = [namespace.layout(version).outside_writes for version in versions]
+        await self._backend.unlink(list(found), counters)
+        return versions
+
+    async def has_memories(self, model_version: str | None = None) -> bool:
+        """Whether any memory is stored under this namespace and ``model_version`` (this
+        store's when None): a SCAN that stops at the first one (O(all keys) when none is)."""
+        layout = KeyLayout(self.namespace, model_version or self.model_version)
+        scan = self._backend.scan(layout.memory_pattern)
+        async with contextlib.aclosing(scan):
+            async for keys in scan:
+                if any(layout.entity_id(key) is not None for key in keys):
+                    return True
+        return False
+
+    async def gc(
+        self,
+        keep: Collection[str] = (),
+        *,
+        dry_run: bool = False,
+        chunk: int = 1000,
+        progress: Callable[[Sweep], None] | None = None,
+    ) -> Sweep:
+        """Remove every key of this namespace under any model version but this store's and
+        ``keep``: memories, partition fences, outside-writes counters, durability markers and
+        recorded topics (keys.py). ``dry_run``: count them, delete nothing.
+
+        One SCAN of the namespace's keys (O(all keys), never another namespace's, nor a key of
+        it stream-lstm does not write), deleting them with UNLINK about ``chunk`` at a time (on
+        a cluster one UNLINK per key, a pipeline per node). ``progress`` is called with the
+        counts so far after each chunk. For versions no worker runs any more: one still running
+        a removed version loses its memories (those it has cached it may write back). Raises
+        ConfigError for a version in ``keep`` that is no valid model version.
+        """
+        namespace = NamespaceKeys(self.namespace)
+        for name in keep:
+            namespace.layout(name)  # ConfigError for a name no version has
+        kept = {self.model_version, *keep}
+        sweep = Sweep()
+        doomed: list[bytes] = []
+
+        async def remove() -> None:
+            if not dry_run:
+                await self._backend.unlink(doomed)
+            doomed.clear()
+            if progress is not None:
+                progress(sweep)
+
+        async for keys in self._backend.scan(namespace.pattern):
+            for key in keys:
+                version = namespace.version_of(key)
+                if version is None:
+                    continue
+                tally = sweep.kept if version in kept else sweep.removed
+                tally[version] = tally.get(version, 0) + 1
+                if version not in kept:
+                    doomed.append(key)
+            if len(doomed) >= chunk:
+                await remove()
+        await remove()
+        return sweep

@@ -109,6 +109,7 @@ def test_public_api_is_pinned() -> None:
         "Loaded",
         "MemoryStore",
         "StoredMemory",
+        "Sweep",
         "without_password",
     ]
 
