@@ -187,6 +187,10 @@ class Backend(ABC, Generic[Client]):
             raise StoreError(f"entity {entity_id!r}: stored value is not a stream-lstm memory")
         return code == 1
 
+    async def recorded_topic(self) -> str | None:
+        recorded: Any = await self.call("recorded_topic", lambda: self.redis.get(self.keys.topic))
+        return None if recorded is None else cast("bytes", recorded).decode()
+
     async def claim_topic(self, identity: str) -> str | None:
         key = self.keys.topic
         recorded: Any = await self.call("claim_topic", lambda: self.redis.get(key))

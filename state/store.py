@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -305,6 +305,10 @@ class MemoryStore:
         may refuse it) or the store is on a cluster."""
         return await self._backend.info()
 
+    async def recorded_topic(self) -> str | None:
+        """The input topic recorded as the one the fences count (``claim_topic``), or None."""
+        return await self._backend.recorded_topic()
+
     async def claim_topic(self, identity: str) -> str | None:
         """Record ``identity`` as the input topic whose offsets the fences count, unless one is
         recorded already: return that one (None: this call recorded it).
@@ -335,6 +339,64 @@ class MemoryStore:
         ``retry_s``. On a cluster every primary must answer.
         """
         await self._backend.ping(timeout_s)
+
+    async def export_chunks(
+        self, shape: Shape, chunk: int = 1000
+    ) -> AsyncIterator[tuple[list[str], list[bytes]]]:
+        """Every memory stored under this namespace and model version, as Redis holds it (the
+        codec's bytes: states, step, fences, updated_at), about ``chunk`` entities at a time.
+
+        SCAN, then one MGET a chunk, so memory stays bounded whatever the keyspace. Each value
+        is checked to decode to ``shape``, the model's: StoreError naming the entity, so that
+        nothing exported is refused on import. Not a snapshot: each memory is as its MGET read
+        it; a key that expired or was deleted since SCAN found it is left out, and a key SCAN
+        returned twice (while Redis resized its table) comes twice.
+        """
+        layout = self._backend.keys
+        entity_ids: list[str] = []
+        async for keys in self._backend.scan(layout.memory_pattern):
+            entity_ids += [e for e in map(layout.entity_id, keys) if e is not None]
+            while len(entity_ids) >= chunk:
+                read = await self._read_stored(entity_ids[:chunk], shape)
+                del entity_ids[:chunk]
+                if read[0]:
+                    yield read
+        if entity_ids:
+            read = await self._read_stored(entity_ids, shape)
+            if read[0]:
+                yield read
+
+    async def _read_stored(
+        self, entity_ids: list[str], shape: Shape
+    ) -> tuple[list[str], list[bytes]]:
+        """What is stored of these entities, checked: those found and their values."""
+        values = await self._backend.read(self._backend.keys.memories(entity_ids))
+        codec.decode_many(entity_ids, values, shape, self._backend.code)
+        found = [(e, v) for e, v in zip(entity_ids, values, strict=True) if v is not None]
+        return [e for e, _ in found], [v for _, v in found]
+
+    async def import_chunk(
+        self,
+        entity_ids: Sequence[str],
+        values: Sequence[bytes],
+        shape: Shape,
+        *,
+        replace: bool = False,
+    ) -> npt.NDArray[np.bool_]:
+        """Store these values (as ``export_chunks`` read them) as the entities' memories, with
+        the store's TTL: an entity that already has a memory keeps it unless ``replace``.
+        Returns (E,) which were written.
+
+        Each value is checked to decode to ``shape`` first: StoreError naming the entity, and
+        nothing written. On one server the writes count as one outside write, in the same
+        transaction, so every worker's memory cache lets go of the entities they replace.
+        """
+        if not entity_ids:
+            return np.zeros(0, dtype=np.bool_)
+        codec.decode_many(entity_ids, values, shape, self._backend.code)
+        keys = self._backend.keys.memories(entity_ids)
+        written = await self._backend.write(keys, list(values), replace=replace)
+        return np.asarray(written, dtype=np.bool_)
 
     async def erase(self, entity_id: str) -> list[str]:
         """Delete the entity's memory under every model version of this namespace (not only

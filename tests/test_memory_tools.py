@@ -1,18 +1,27 @@
-"""Erase and gc of memories, on a real server and a 3-primary Redis Cluster: one entity erased
-under every version and nothing else, other versions collected and nothing else.
+"""Export and import, erase and gc of memories, on a real server and a 3-primary Redis Cluster:
+bit-exact round trips both ways, files refused whole, one entity erased under every version and
+nothing else, other versions collected and nothing else.
 """
 
 from __future__ import annotations
 
+import io
+import struct
 import uuid
+import zlib
+from collections.abc import Sequence
 
+import numpy as np
+import orjson
 import pytest
 
 from state import MemoryStore
+from state.archive import CheckedExport, check_export, export_memories, import_memories
 from state.connection import connect
 from state.keys import KeyLayout, NamespaceKeys
-from stream_lstm.memories import Shape
-from tests.test_store import make_updates
+from stream_lstm.exceptions import ArchiveError, StoreError, TopicChangedError
+from stream_lstm.memories import Memories, Shape
+from tests.test_store import AWKWARD_IDS, make_updates
 from workers.dev.redis_server import RedisClusterServer, RedisServer
 
 SHAPE = Shape(2, 2, 4)
@@ -35,11 +44,278 @@ def url(
     return urls(redis_server, redis_cluster)[request.param]
 
 
+def odd_updates(entity_ids: Sequence[str], offset: int, seed: int) -> Memories:
+    """Updates with random memories and the floats a careless copy would change: -0.0, NaN
+    payloads, infinities, subnormals."""
+    updates = make_updates(entity_ids, offset, layers=SHAPE.layers, hidden=SHAPE.hidden)
+    rng = np.random.default_rng(seed)
+    odd = np.array([-0.0, np.inf, -np.inf, 1e-45], np.float32).view(np.uint32).tolist()
+    odd.append(0x7FC00123)  # a NaN with a payload
+    for state in updates.states:
+        state[...] = rng.normal(size=state.shape).astype(np.float32)
+        state.reshape(-1).view(np.uint32)[: len(odd)] = odd
+    return updates
+
+
+async def filled(url: str, version: str = "v1") -> str:
+    """A new namespace holding memories of every awkward id in float32, of others in float16,
+    one with fences on three partitions and a reset (format 2), and the input topic recorded."""
+    ns = namespace()
+    async with (
+        MemoryStore(url, ns, version) as store,
+        MemoryStore(url, ns, version, dtype="float16") as halves,
+    ):
+        await store.commit_many(odd_updates(AWKWARD_IDS, 7, seed=1))
+        await halves.commit_many(odd_updates([f"half-{n}" for n in range(30)], 9, seed=2))
+        fenced = odd_updates(["fenced"], 11, seed=3)
+        fenced.other_fences[0] = {1: 40, 3: 2}
+        await store.commit_many(fenced)
+        assert await store.reset("fenced")
+        assert await store.claim_topic(TOPIC) is None
+    return ns
+
+
+FILLED = len(AWKWARD_IDS) + 31
+
+
+async def stored(url: str, ns: str, version: str = "v1") -> dict[str, bytes]:
+    """Every memory of a namespace and version, as Redis holds it, by entity id."""
+    layout = KeyLayout(ns, version)
+    async with connect(url, 5.0) as client:
+        keys = [key async for key in client.scan_iter(match=layout.memory_pattern)]
+        values = [await client.get(key) for key in keys]
+    found = {layout.entity_id(key): value for key, value in zip(keys, values, strict=True)}
+    return {entity_id: value for entity_id, value in found.items() if entity_id is not None}
+
+
 async def every_key(url: str, ns: str) -> set[bytes]:
     """The keys of a namespace and of those whose names it begins (never expiring ones of
     other tests)."""
     async with connect(url, 5.0) as client:
         return {key async for key in client.scan_iter(match=f"{ns}*")}
+
+
+async def exported(url: str, ns: str, version: str = "v1", shape: Shape = SHAPE) -> bytes:
+    async with MemoryStore(url, ns, version) as store:
+        file = io.BytesIO()
+        assert await export_memories(store, file, shape, chunk=7) == len(
+            await stored(url, ns, version)
+        )
+        return file.getvalue()
+
+
+def checked(data: bytes, version: str = "v1", *, any_version: bool = False) -> CheckedExport:
+    return check_export(
+        io.BytesIO(data),
+        "memories.bin",
+        model_version=version,
+        shape=SHAPE,
+        any_version=any_version,
+    )
+
+
+def export_file(records: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """An export made by hand, for files an export never writes."""
+    header = {"format": 1, "namespace": "ns", "model_version": "v1", "shape": list(SHAPE)}
+    header |= {"topic": None, "created_at": "2025-01-01T00:00:00+00:00"}
+    body = b"".join(
+        struct.pack("<I", len(e)) + e + struct.pack("<I", len(v)) + v for e, v in records
+    )
+    end = struct.pack("<IQI", 0, len(records), zlib.crc32(body))
+    return b"stream-lstm memories\n" + orjson.dumps(header) + b"\n" + body + end
+
+
+class Pipe(io.BytesIO):
+    """A file that cannot be read twice, as stdin from a pipe."""
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        raise io.UnsupportedOperation("a pipe")
+
+
+# --- export and import -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("source", "target"), [("server", "cluster"), ("cluster", "server")])
+async def test_an_export_imports_bit_exact_from_one_server_to_a_cluster_and_back(
+    source: str, target: str, redis_server: RedisServer, redis_cluster: RedisClusterServer
+) -> None:
+    where = urls(redis_server, redis_cluster)
+    ns, copy = await filled(where[source]), namespace()
+    data = await exported(where[source], ns)
+    counts: list[tuple[int, int]] = []
+    async with MemoryStore(where[target], copy, "v1") as store:
+        done = await import_memories(
+            store, checked(data), chunk=7, progress=lambda c: counts.append((c.written, c.kept))
+        )
+        assert await store.recorded_topic() == TOPIC
+    original = await stored(where[source], ns)
+    assert len(original) == FILLED
+    formats = {(value[4], value[5]) for value in original.values()}  # (format, dtype code)
+    assert formats == {(1, 1), (1, 2), (2, 1)}  # float32, float16, more fences
+    assert await stored(where[target], copy) == original  # every byte of every value
+    assert (done.written, done.kept) == (FILLED, 0)
+    assert counts == [(min(n, FILLED), 0) for n in range(7, FILLED + 7, 7)]
+
+
+async def test_a_file_from_a_pipe_is_checked_whole_then_imported(redis_server: RedisServer) -> None:
+    ns, copy = await filled(redis_server.url), namespace()
+    data = await exported(redis_server.url, ns)
+    pipe = check_export(Pipe(data), "stdin", model_version="v1", shape=SHAPE)
+    try:
+        async with MemoryStore(redis_server.url, copy, "v1") as store:
+            await import_memories(store, pipe)
+    finally:
+        pipe.close()
+    assert await stored(redis_server.url, copy) == await stored(redis_server.url, ns)
+    with pytest.raises(ArchiveError, match="stdin is truncated"):
+        check_export(Pipe(data[:-1]), "stdin", model_version="v1", shape=SHAPE)
+
+
+async def test_an_empty_namespace_exports_a_file_of_no_memories(url: str) -> None:
+    data = await exported(url, namespace())
+    assert checked(data).count == 0
+    async with MemoryStore(url, namespace(), "v1") as store:
+        assert (await import_memories(store, checked(data))).written == 0
+        assert await store.recorded_topic() is None
+
+
+async def test_a_foreign_value_stops_an_export_naming_its_entity(url: str) -> None:
+    ns = namespace()
+    async with connect(url, 5.0) as client:
+        await client.set(KeyLayout(ns, "v1").memory("junk"), b"junk")
+    with pytest.raises(StoreError, match="entity 'junk': value of 4 bytes is shorter"):
+        await exported(url, ns)
+
+
+async def test_another_model_version_is_refused_unless_any_version(
+    redis_server: RedisServer,
+) -> None:
+    ns = await filled(redis_server.url)
+    data = await exported(redis_server.url, ns, "v1")
+    with pytest.raises(ArchiveError, match="model version v1, not of the configured model's v2"):
+        checked(data, "v2")
+    async with MemoryStore(redis_server.url, ns, "v2") as store:
+        await import_memories(store, checked(data, "v2", any_version=True))
+    assert await stored(redis_server.url, ns, "v2") == await stored(redis_server.url, ns, "v1")
+    with pytest.raises(ArchiveError, match=r"2 states of \(layers 2, hidden 4\); the config"):
+        check_export(
+            io.BytesIO(data), "f", model_version="v2", shape=Shape(2, 1, 4), any_version=True
+        )
+
+
+async def test_a_value_of_another_shape_is_refused_naming_its_entity(
+    redis_server: RedisServer,
+) -> None:
+    ns = namespace()
+    async with MemoryStore(redis_server.url, ns, "v1") as store:
+        await store.commit_many(make_updates(["wide"], 3, layers=2, hidden=4))
+        await store.commit_many(make_updates(["narrow"], 3, layers=1, hidden=4))
+    values = await stored(redis_server.url, ns)
+    data = export_file([(b"wide", values["wide"]), ("нарро".encode(), values["narrow"])])
+    with pytest.raises(ArchiveError, match="entity 'нарро': stored memory has 2 states of"):
+        checked(data, "v2", any_version=True)
+
+
+def damaged(data: bytes) -> dict[str, tuple[bytes, str]]:
+    """Files an import must refuse, each with what the refusal says."""
+    first = data.index(b"\n", len(b"stream-lstm memories\n")) + 1  # the first record
+    (id_length,) = struct.unpack_from("<I", data, first)
+    value = first + 4 + id_length + 4
+    flipped = bytearray(data)
+    flipped[value + 44] ^= 0x01  # a state's bit: it still decodes, the checksum says no
+    return {
+        "empty": (b"", "is not a stream-lstm memory export"),
+        "garbage": (bytes(range(256)) * 4, "is not a stream-lstm memory export"),
+        "json": (b'{"entity_id": "a"}\n', "is not a stream-lstm memory export"),
+        "no header": (data[: first - 5], "its header is not an export's"),
+        "cut in a value": (data[: value + 3], "is truncated: it ends in a value after 0 memories"),
+        "cut before the end": (data[:-16], "is truncated: it ends in a record after"),
+        "cut in the end": (data[:-3], "is truncated: it ends in the end after"),
+        "a bit flipped": (bytes(flipped), "its checksum does not match"),
+        "more after the end": (data + b"\0", "goes on after the end of its records"),
+        "a count that lies": (data[:-12] + struct.pack("<QI", 3, 0), "says it holds 3"),
+        "a foreign value": (export_file([(b"x", b"not a memory")]), "entity 'x': value of 12"),
+        "an id not UTF-8": (export_file([(b"\xff", b"")]), "the entity id is not UTF-8"),
+    }
+
+
+async def test_a_damaged_file_is_refused_in_one_line_and_nothing_is_written(
+    redis_server: RedisServer,
+) -> None:
+    ns, target = await filled(redis_server.url), namespace()
+    data = await exported(redis_server.url, ns)
+    for case, (file, says) in damaged(data).items():
+        with pytest.raises(ArchiveError, match=says) as refused:
+            checked(file)
+        assert "\n" not in str(refused.value), case
+    assert not await every_key(redis_server.url, target)
+
+
+async def test_an_import_keeps_stored_memories_unless_replace(url: str) -> None:
+    ns = namespace()
+    async with MemoryStore(url, ns, "v1") as store:
+        await store.commit_many(make_updates(["a", "b"], 5))
+        data = await exported(url, ns)
+        await store.commit_many(make_updates(["a"], 6))
+        await store.erase("b")
+        newer = await stored(url, ns)
+        done = await import_memories(store, checked(data))
+        assert (done.written, done.kept) == (1, 1)
+        assert (await stored(url, ns))["a"] == newer["a"]  # kept: the one stored
+        done = await import_memories(store, checked(data), replace=True)
+        assert (done.written, done.kept) == (2, 0)
+        assert await stored(url, ns) == {e: checked_value(data, e) for e in ("a", "b")}
+
+
+def checked_value(data: bytes, entity_id: str) -> bytes:
+    """The value an export holds for one entity."""
+    for entity_ids, values in checked(data).chunks():
+        if entity_id in entity_ids:
+            return values[entity_ids.index(entity_id)]
+    raise AssertionError(f"{entity_id!r} is not in the export")
+
+
+async def test_imported_memories_expire_as_the_store_s_own_writes_do(url: str) -> None:
+    ns = namespace()
+    async with MemoryStore(url, ns, "v1") as store:
+        await store.commit_many(make_updates(["a"], 5))
+        data = await exported(url, ns)
+    async with MemoryStore(url, ns, "v1", ttl_s=60) as store:
+        await import_memories(store, checked(data), replace=True)
+    async with connect(url, 5.0) as client:
+        assert 0 < await client.pttl(KeyLayout(ns, "v1").memory("a")) <= 60_000
+
+
+async def test_an_import_clears_the_memory_caches_of_running_workers(
+    redis_server: RedisServer,
+) -> None:
+    ns = namespace()
+    async with (
+        MemoryStore(redis_server.url, ns, "v1", cache_entities=100) as worker,
+        MemoryStore(redis_server.url, ns, "v1") as cli,
+    ):
+        await cli.commit_many(make_updates(["a"], 5))
+        data = await exported(redis_server.url, ns)
+        await worker.load_many(["a"], SHAPE)  # the worker has read the counter
+        await worker.commit_many(make_updates(["a"], 8))  # and cached a at 8
+        await import_memories(cli, checked(data), replace=True)
+        loaded = (await worker.load_many(["a"], SHAPE)).memories
+    assert loaded.fence_offset.tolist() == [5]  # what was imported, not what was cached
+
+
+async def test_an_import_refuses_memories_of_another_input_topic(
+    redis_server: RedisServer,
+) -> None:
+    ns, target = await filled(redis_server.url), namespace()
+    data = await exported(redis_server.url, ns)
+    async with MemoryStore(redis_server.url, target, "v1") as store:
+        await store.claim_topic('{"topic": "events", "topic_id": "another"}')
+        with pytest.raises(TopicChangedError, match="fences count another topic's offsets"):
+            await import_memories(store, checked(data))
+    assert len(await every_key(redis_server.url, target)) == 1  # the topic alone
 
 
 # --- erase -----------------------------------------------------------------------------------
