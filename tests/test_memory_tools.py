@@ -1,19 +1,24 @@
 """Export and import, erase and gc of memories, on a real server and a 3-primary Redis Cluster:
 bit-exact round trips both ways, files refused whole, one entity erased under every version and
-nothing else, other versions collected and nothing else.
+nothing else, other versions collected and nothing else; and the same through the command line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
+import subprocess
+import sys
 import uuid
 import zlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
+from click.testing import CliRunner, Result
 
 from state import MemoryStore
 from state.archive import CheckedExport, check_export, export_memories, import_memories
@@ -21,7 +26,10 @@ from state.connection import connect
 from state.keys import KeyLayout, NamespaceKeys
 from stream_lstm.exceptions import ArchiveError, StoreError, TopicChangedError
 from stream_lstm.memories import Memories, Shape
+from stream_lstm.model import StreamModel
+from tests.stack import save_model
 from tests.test_store import AWKWARD_IDS, make_updates
+from workers.cli import main
 from workers.dev.redis_server import RedisClusterServer, RedisServer
 
 SHAPE = Shape(2, 2, 4)
@@ -410,3 +418,92 @@ async def test_gc_counts_in_a_dry_run_then_removes_other_versions_only(url: str)
     assert sweep.kept == {"v1": 3 + extra, "v2": 4 + extra}
     names = NamespaceKeys(ns)
     assert await every_key(url, ns) == {key for key in before if names.version_of(key) != "v3"}
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_the_command_line_exports_imports_erases_and_collects(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    path = save_model(tmp_path / "model.pt", seed=0, hidden=SHAPE.hidden, layers=SHAPE.layers)
+    version = StreamModel.load(path).version
+    ns, copy = asyncio.run(filled(redis_server.url, version)), namespace()
+    redis = ["--redis-url", redis_server.url]
+
+    command = [sys.executable, "-m", "workers.cli", "memory", "export", "-"]
+    export = subprocess.run(  # the command itself, its binary stdout
+        [*command, "--app-id", ns, *redis, "--model", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    assert export.returncode == 0, export.stderr
+    assert export.stderr.decode() == f"exported {FILLED} memories of model {version} to stdout\n"
+
+    runner = CliRunner()
+
+    def cli(*args: str, app_id: str = ns, model: Path = path, input: bytes | None = None) -> Result:
+        flags = ["--app-id", app_id, *redis, "--model", str(model)]
+        return runner.invoke(main, ["memory", *args, *flags], input=input)
+
+    done = cli("import", "-", app_id=copy, input=export.stdout)
+    assert done.exit_code == 0, done.output
+    assert done.stderr.endswith(
+        f"{FILLED} written, 0 kept (already stored; --replace overwrites them)\n"
+    )
+    assert asyncio.run(stored(redis_server.url, copy, version)) == asyncio.run(
+        stored(redis_server.url, ns, version)
+    )
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(export.stdout[:-1])
+    refused = cli("import", str(cut), app_id=copy)
+    assert (refused.exit_code, refused.stdout) == (2, "")
+    assert refused.stderr == (
+        f"stream-lstm: error: {cut} is truncated: it ends in the end after {FILLED} memories "
+        "(an export interrupted, or a copy cut short)\n"
+    )
+
+    file = tmp_path / "memories.bin"
+    assert cli("export", str(file)).exit_code == 0
+    with file.open("rb") as written:
+        assert check_export(written, "f", model_version=version, shape=SHAPE).count == FILLED
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.bin", "memories.bin", "model.pt"]
+    assert file.stat().st_mode & 0o777 == 0o600  # memories may be personal data
+
+    erased = cli("erase", "🧠 emoji ünïcödé 漢字")
+    assert erased.exit_code == 0, erased.output
+    assert erased.stderr == f"erased the memory of '🧠 emoji ünïcödé 漢字' of model {version}\n"
+    assert cli("erase", "🧠 emoji ünïcödé 漢字").exit_code == 1
+    assert cli("erase", "").exit_code == 2
+
+    other = save_model(tmp_path / "other.pt", seed=1, hidden=SHAPE.hidden, layers=SHAPE.layers)
+    retrained = StreamModel.load(other).version
+    refused = cli("import", str(file), model=other)
+    assert refused.exit_code == 2
+    assert refused.stderr == (
+        f"stream-lstm: error: {file} holds memories of model version {version}, not of the "
+        f"configured model's {retrained} (--any-version imports them under {retrained} when "
+        "they have its shape)\n"
+    )
+    moved = cli("import", str(file), "--any-version", model=other)
+    assert moved.exit_code == 0, moved.output
+    assert len(asyncio.run(stored(redis_server.url, ns, retrained))) == FILLED
+
+    def gc(*args: str) -> Result:
+        return runner.invoke(main, ["memory", "gc", *args, "--app-id", ns, *redis])
+
+    assert gc().exit_code == 2  # no --keep
+    typo = gc("--keep", version[:-1])
+    assert (typo.exit_code, typo.stdout) == (2, "")
+    assert f"holds no memory of model version {version[:-1]}" in typo.stderr
+    dry = gc("--keep", retrained, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert dry.stdout == (
+        # Besides memories, a partition fence, the topic, the outside-writes counter; the
+        # import recorded the topic and counted itself an outside write.
+        f"model {version}: would remove {FILLED - 1 + 3} keys\n"
+        f"model {retrained}: kept {FILLED + 2} keys\n"
+    )
+    swept = gc("--keep", retrained)
+    assert swept.stdout == dry.stdout.replace("would remove", "removed")
+    assert asyncio.run(stored(redis_server.url, ns, version)) == {}
