@@ -2,7 +2,7 @@
 
 from state.codec import StoredMemory
 from state.connection import without_password
-from state.store import CommitResult, HandOver, Loaded, MemoryStore
+from state.store import CommitResult, HandOver, Loaded, MemoryStore, Sweep
 
 __all__ = [
     "CommitResult",
@@ -10,5 +10,6 @@ __all__ = [
     "Loaded",
     "MemoryStore",
     "StoredMemory",
+    "Sweep",
     "without_password",
 ]

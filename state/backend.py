@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
@@ -159,6 +159,28 @@ class Backend(ABC, Generic[Client]):
         """Entities stored under this namespace and model version (SCAN)."""
 
     @abstractmethod
+    def scan(self, pattern: str) -> AsyncGenerator[list[bytes], None]:
+        """The keys matching ``pattern`` (on a cluster, those of every primary), a SCAN reply
+        at a time, each SCAN call within the retry budget. A key present throughout comes at
+        least once; one may come twice (while Redis resizes its table)."""
+
+    @abstractmethod
+    async def read(self, keys: list[str]) -> list[bytes | None]:
+        """The values of these keys (None: no such key), in order."""
+
+    @abstractmethod
+    async def write(self, keys: list[str], values: list[bytes], *, replace: bool) -> list[bool]:
+        """Set each key to its value, with the store's TTL; a key that exists is kept unless
+        ``replace``. Which keys were written, in order. On one server the writes and a count of
+        them as an outside write go in one transaction, so that every worker's cache lets go
+        of what they replace."""
+
+    @abstractmethod
+    async def unlink(self, keys: Sequence[bytes], outside_writes: Collection[str] = ()) -> int:
+        """Delete these keys; how many existed. On one server, in one transaction with an
+        increment of each of the ``outside_writes`` counters (a cluster has no cache to tell)."""
+
+    @abstractmethod
     async def ping(self, timeout_s: float) -> None:
         """Return when Redis answers within ``timeout_s``."""
 
@@ -203,6 +225,10 @@ class Backend(ABC, Generic[Client]):
         if code < 0:
             raise StoreError(f"entity {entity_id!r}: stored value is not a stream-lstm memory")
         return code == 1
+
+    async def recorded_topic(self) -> str | None:
+        recorded: Any = await self.call("recorded_topic", lambda: self.redis.get(self.keys.topic))
+        return None if recorded is None else cast("bytes", recorded).decode()
 
     async def claim_topic(self, identity: str) -> str | None:
         key = self.keys.topic

@@ -16,14 +16,16 @@ only for what that node has not answered.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from redis.asyncio.cluster import RedisCluster
+from redis.cluster import PRIMARY
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
@@ -188,6 +190,63 @@ class Cluster(Backend[RedisCluster]):
             return total
 
         return await self.call("count", scan)
+
+    async def scan(self, pattern: str) -> AsyncGenerator[list[bytes], None]:
+        """Each primary's keys in turn, by its own cursor. A retried SCAN call goes to the node
+        of the same name under a fresh slot map; a node gone from the cluster (failed over to
+        its replica) fails the scan, since its replica's cursors are not its own."""
+        await self.call("scan", self.redis.initialize)
+        for name in [node.name for node in self.redis.get_primaries()]:
+            cursor = 0
+            while True:
+                cursor, keys = await self.call(
+                    f"scan of {pattern!r} on {name}",
+                    functools.partial(self._scan_node, name, cursor, pattern),
+                )
+                yield keys
+                if cursor == 0:
+                    break
+
+    async def _scan_node(self, name: str, cursor: int, pattern: str) -> tuple[int, list[bytes]]:
+        await self.redis.initialize()  # after a failed call the client was closed
+        node = self.redis.get_node(node_name=name)
+        if node is None or node.server_type != PRIMARY:
+            raise StoreError(
+                f"Redis Cluster node {name} stopped being a primary during a SCAN; "
+                "run the command again"
+            )
+        reply: Any = await self.redis.scan(
+            cursor, match=pattern, count=SCAN_COUNT, target_nodes=node
+        )
+        cursors, keys = reply  # the cursor of each node asked, and the keys
+        return int(cursors[name]), keys
+
+    async def read(self, keys: list[str]) -> list[bytes | None]:
+        values = await self.call(
+            f"read of {len(keys)} keys", lambda: self.redis.mget_nonatomic(keys)
+        )
+        return cast("list[bytes | None]", values)
+
+    async def write(self, keys: list[str], values: list[bytes], *, replace: bool) -> list[bool]:
+        async def write() -> list[Any]:
+            pipe = self.redis.pipeline()  # one round trip per node; each key is its own slot
+            for key, value in zip(keys, values, strict=True):
+                pipe.set(key, value, nx=not replace, px=self.ttl_ms or None)
+            replies: list[Any] = await pipe.execute()
+            return replies
+
+        replies = await self.call(f"write of {len(keys)} memories", write)
+        return [bool(reply) for reply in replies]
+
+    async def unlink(self, keys: Sequence[bytes], outside_writes: Collection[str] = ()) -> int:
+        async def unlink() -> int:
+            pipe = self.redis.pipeline()  # keys of many slots: one UNLINK each, per node
+            for key in keys:
+                pipe.execute_command("UNLINK", key)
+            replies: list[Any] = await pipe.execute()
+            return sum(int(reply) for reply in replies)
+
+        return await self.call(f"unlink of {len(keys)} keys", unlink) if keys else 0
 
     async def ping(self, timeout_s: float) -> None:
         await self.call(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -301,6 +301,42 @@ class OneServer(Backend[Redis]):
             total += len(keys)
             if cursor == 0:
                 return total
+
+    async def scan(self, pattern: str) -> AsyncGenerator[list[bytes], None]:
+        cursor = 0
+        while True:
+            scan = functools.partial(self.redis.scan, cursor, match=pattern, count=SCAN_COUNT)
+            cursor, keys = await self.call(f"scan of {pattern!r}", scan)
+            yield cast("list[bytes]", keys)
+            if cursor == 0:
+                return
+
+    async def read(self, keys: list[str]) -> list[bytes | None]:
+        values = await self.call(f"read of {len(keys)} keys", lambda: self.redis.mget(keys))
+        return cast("list[bytes | None]", values)
+
+    async def write(self, keys: list[str], values: list[bytes], *, replace: bool) -> list[bool]:
+        async def write() -> list[Any]:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for key, value in zip(keys, values, strict=True):
+                    pipe.set(key, value, nx=not replace, px=self.ttl_ms or None)
+                pipe.incr(self.keys.outside_writes)
+                replies: list[Any] = await pipe.execute()
+            return replies
+
+        replies = await self.call(f"write of {len(keys)} memories", write)
+        return [bool(reply) for reply in replies[:-1]]
+
+    async def unlink(self, keys: Sequence[bytes], outside_writes: Collection[str] = ()) -> int:
+        async def unlink() -> int:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.unlink(*keys)
+                for counter in outside_writes:
+                    pipe.incr(counter)
+                replies: list[Any] = await pipe.execute()
+            return int(replies[0])
+
+        return await self.call(f"unlink of {len(keys)} keys", unlink) if keys else 0
 
     async def ping(self, timeout_s: float) -> None:
         await self.call("ping", self.redis.ping, budget_s=timeout_s)

@@ -24,10 +24,11 @@ StoreRefusedError at once. Errors and logs name the URL without its passwords.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
@@ -43,12 +44,21 @@ from state.cluster import Cluster
 from state.codec import StoredMemory
 from state.connection import connect, passwords, user_of, without_password
 from state.durability import TIMEOUT_MAX_S, Durability
-from state.keys import KeyLayout
+from state.keys import KeyLayout, NamespaceKeys
 from state.one_server import OneServer
 from stream_lstm.exceptions import ConfigError, StoreError
 from stream_lstm.memories import Memories, Shape
 
-__all__ = ["APPLIED", "MOVED", "STALE", "CommitResult", "HandOver", "Loaded", "MemoryStore"]
+__all__ = [
+    "APPLIED",
+    "MOVED",
+    "STALE",
+    "CommitResult",
+    "HandOver",
+    "Loaded",
+    "MemoryStore",
+    "Sweep",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +102,15 @@ class CommitResult:
 
     def _ids(self, code: int) -> list[str]:
         return [self.entity_ids[i] for i in np.flatnonzero(self.codes == code).tolist()]
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """What ``MemoryStore.gc`` removed (or, in a dry run, would remove) and kept: keys per
+    model version of the namespace."""
+
+    removed: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
 
 
 class MemoryStore:
@@ -199,6 +218,11 @@ class MemoryStore:
         """The model version whose memories this store holds."""
         return self._backend.keys.model_version
 
+    @property
+    def namespace(self) -> str:
+        """The namespace (a worker's app id) whose memories this store holds."""
+        return self._backend.keys.namespace
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -290,6 +314,10 @@ class MemoryStore:
         may refuse it) or the store is on a cluster."""
         return await self._backend.info()
 
+    async def recorded_topic(self) -> str | None:
+        """The input topic recorded as the one the fences count (``claim_topic``), or None."""
+        return await self._backend.recorded_topic()
+
     async def claim_topic(self, identity: str) -> str | None:
         """Record ``identity`` as the input topic whose offsets the fences count, unless one is
         recorded already: return that one (None: this call recorded it).
@@ -353,3 +381,141 @@ class MemoryStore:
         ``retry_s``. On a cluster every primary must answer.
         """
         await self._backend.ping(timeout_s)
+
+    async def export_chunks(
+        self, shape: Shape, chunk: int = 1000
+    ) -> AsyncIterator[tuple[list[str], list[bytes]]]:
+        """Every memory stored under this namespace and model version, as Redis holds it (the
+        codec's bytes: states, step, fences, updated_at), about ``chunk`` entities at a time.
+
+        SCAN, then one MGET a chunk, so memory stays bounded whatever the keyspace. Each value
+        is checked to decode to ``shape``, the model's: StoreError naming the entity, so that
+        nothing exported is refused on import. Not a snapshot: each memory is as its MGET read
+        it; a key that expired or was deleted since SCAN found it is left out, and a key SCAN
+        returned twice (while Redis resized its table) comes twice.
+        """
+        layout = self._backend.keys
+        entity_ids: list[str] = []
+        async for keys in self._backend.scan(layout.memory_pattern):
+            entity_ids += [e for e in map(layout.entity_id, keys) if e is not None]
+            while len(entity_ids) >= chunk:
+                read = await self._read_stored(entity_ids[:chunk], shape)
+                del entity_ids[:chunk]
+                if read[0]:
+                    yield read
+        if entity_ids:
+            read = await self._read_stored(entity_ids, shape)
+            if read[0]:
+                yield read
+
+    async def _read_stored(
+        self, entity_ids: list[str], shape: Shape
+    ) -> tuple[list[str], list[bytes]]:
+        """What is stored of these entities, checked: those found and their values."""
+        values = await self._backend.read(self._backend.keys.memories(entity_ids))
+        codec.decode_many(entity_ids, values, shape, self._backend.code)
+        found = [(e, v) for e, v in zip(entity_ids, values, strict=True) if v is not None]
+        return [e for e, _ in found], [v for _, v in found]
+
+    async def import_chunk(
+        self,
+        entity_ids: Sequence[str],
+        values: Sequence[bytes],
+        shape: Shape,
+        *,
+        replace: bool = False,
+    ) -> npt.NDArray[np.bool_]:
+        """Store these values (as ``export_chunks`` read them) as the entities' memories, with
+        the store's TTL: an entity that already has a memory keeps it unless ``replace``.
+        Returns (E,) which were written.
+
+        Each value is checked to decode to ``shape`` first: StoreError naming the entity, and
+        nothing written. On one server the writes count as one outside write, in the same
+        transaction, so every worker's memory cache lets go of the entities they replace.
+        """
+        if not entity_ids:
+            return np.zeros(0, dtype=np.bool_)
+        codec.decode_many(entity_ids, values, shape, self._backend.code)
+        keys = self._backend.keys.memories(entity_ids)
+        written = await self._backend.write(keys, list(values), replace=replace)
+        return np.asarray(written, dtype=np.bool_)
+
+    async def erase(self, entity_id: str) -> list[str]:
+        """Delete the entity's memory under every model version of this namespace (not only
+        this store's version): the versions it had one under, sorted; [] when none.
+
+        The keys are found by one SCAN over a pattern (O(all keys)) and checked one by one. On
+        one server the deletion counts as an outside write of each of those versions, in the
+        same transaction, so no worker's memory cache writes a memory back; on a cluster there
+        is no cache. A batch a worker had already loaded the entity for may still commit it
+        afterwards: erase once the entity's events have stopped.
+        """
+        namespace = NamespaceKeys(self.namespace)
+        found: dict[bytes, str] = {}
+        async for keys in self._backend.scan(namespace.entity_pattern(entity_id)):
+            for key in keys:
+                version = namespace.version_of_memory(key, entity_id)
+                if version is not None:
+                    found[key] = version
+        versions = sorted(set(found.values()))
+        counters = [namespace.layout(version).outside_writes for version in versions]
+        await self._backend.unlink(list(found), counters)
+        return versions
+
+    async def has_memories(self, model_version: str | None = None) -> bool:
+        """Whether any memory is stored under this namespace and ``model_version`` (this
+        store's when None): a SCAN that stops at the first one (O(all keys) when none is)."""
+        layout = KeyLayout(self.namespace, model_version or self.model_version)
+        scan = self._backend.scan(layout.memory_pattern)
+        async with contextlib.aclosing(scan):
+            async for keys in scan:
+                if any(layout.entity_id(key) is not None for key in keys):
+                    return True
+        return False
+
+    async def gc(
+        self,
+        keep: Collection[str] = (),
+        *,
+        dry_run: bool = False,
+        chunk: int = 1000,
+        progress: Callable[[Sweep], None] | None = None,
+    ) -> Sweep:
+        """Remove every key of this namespace under any model version but this store's and
+        ``keep``: memories, partition fences, outside-writes counters, durability markers and
+        recorded topics (keys.py). ``dry_run``: count them, delete nothing.
+
+        One SCAN of the namespace's keys (O(all keys), never another namespace's, nor a key of
+        it stream-lstm does not write), deleting them with UNLINK about ``chunk`` at a time (on
+        a cluster one UNLINK per key, a pipeline per node). ``progress`` is called with the
+        counts so far after each chunk. For versions no worker runs any more: one still running
+        a removed version loses its memories (those it has cached it may write back). Raises
+        ConfigError for a version in ``keep`` that is no valid model version.
+        """
+        namespace = NamespaceKeys(self.namespace)
+        for name in keep:
+            namespace.layout(name)  # ConfigError for a name no version has
+        kept = {self.model_version, *keep}
+        sweep = Sweep()
+        doomed: list[bytes] = []
+
+        async def remove() -> None:
+            if not dry_run:
+                await self._backend.unlink(doomed)
+            doomed.clear()
+            if progress is not None:
+                progress(sweep)
+
+        async for keys in self._backend.scan(namespace.pattern):
+            for key in keys:
+                version = namespace.version_of(key)
+                if version is None:
+                    continue
+                tally = sweep.kept if version in kept else sweep.removed
+                tally[version] = tally.get(version, 0) + 1
+                if version not in kept:
+                    doomed.append(key)
+            if len(doomed) >= chunk:
+                await remove()
+        await remove()
+        return sweep

@@ -9,6 +9,7 @@
     ├── TopicChangedError     the stored memories count offsets of another input topic
     ├── TakenOverError        another deployment took this app id's stream over
     ├── UsageError            the processing API was called out of order (workers/plugin.py)
+    ├── ArchiveError          a memory export file is not one, truncated, corrupt or refused
     └── StoreError            the memory store failed or holds a value that does not decode
         ├── StoreUnavailableError   Redis did not answer within the retry budget
         │   └── StoreFullError      Redis is at maxmemory and refuses writes
@@ -69,6 +70,12 @@ class UsageError(StreamLSTMError):
     """The processing API (``workers.plugin.Processor``) was called in an order that would break
     its guarantees: committing before delivering, twice, a batch of partitions the caller does
     not own. Nothing was done; the message says what the right order is."""
+
+
+class ArchiveError(StreamLSTMError):
+    """A file of exported memories cannot be imported: it is not an export, it is truncated or
+    corrupt, a value in it does not decode to the model's memories, or it holds another model
+    version's. Nothing was written; the message names the file and says why."""
 
 
 class StoreError(StreamLSTMError):

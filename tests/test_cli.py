@@ -36,6 +36,10 @@ COMMANDS = [
     ["memory"],
     ["memory", "get"],
     ["memory", "reset"],
+    ["memory", "erase"],
+    ["memory", "export"],
+    ["memory", "import"],
+    ["memory", "gc"],
 ]
 
 

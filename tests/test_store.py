@@ -106,9 +106,11 @@ def stored_fences(stored: StoredMemory) -> tuple[int, int, int]:
 def test_public_api_is_pinned() -> None:
     assert state.__all__ == [
         "CommitResult",
+        "HandOver",
         "Loaded",
         "MemoryStore",
         "StoredMemory",
+        "Sweep",
         "without_password",
     ]
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import click
 from stream_lstm.exceptions import StreamLSTMError
 
 if TYPE_CHECKING:
+    from state import MemoryStore
     from stream_lstm.model import StreamModel
     from workers.settings import Settings
 
@@ -36,6 +38,10 @@ EXIT_SOFTWARE = 70
 """An error the worker cannot retry: the batch is replayed on restart."""
 CLI_WAIT_S = 3.0
 """How long a command waits for a broker or Redis that does not answer: a person is waiting."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C, as a shell reports it."""
+PROGRESS_S = 2.0
+"""How often a long command (export, import, gc) prints its counts."""
 
 
 def settings_options(*names: str, kafka: bool = False) -> Callable[[F], F]:
@@ -375,11 +381,17 @@ def _stopped_by_sigterm() -> Iterator[None]:
 
 @main.group()
 def memory() -> None:
-    """Read or reset an entity's stored memory directly in Redis."""
+    """Read, reset or erase stored memories directly in Redis; export, import, collect garbage."""
+
+
+def _entity_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value:
+        raise click.BadParameter("an entity id is not empty")
+    return value
 
 
 @memory.command("get")
-@click.argument("entity_id")
+@click.argument("entity_id", callback=_entity_id)
 @settings_options("redis_url", "app_id", "model", "device")
 @fail_clearly
 @quietly
@@ -405,7 +417,7 @@ def memory_get(entity_id: str, **flags: Any) -> None:
 
 
 @memory.command("reset")
-@click.argument("entity_id")
+@click.argument("entity_id", callback=_entity_id)
 @settings_options("redis_url", "app_id", "model", "device")
 @fail_clearly
 @quietly
@@ -424,6 +436,258 @@ def memory_reset(entity_id: str, **flags: Any) -> None:
         click.echo(f"no memory stored for {entity_id!r} (model {model.version})", err=True)
         sys.exit(1)
     click.echo(f"reset {entity_id!r}", err=True)
+
+
+@memory.command("erase")
+@click.argument("entity_id", callback=_entity_id)
+@settings_options("redis_url", "app_id", "model", "device")
+@fail_clearly
+@quietly
+def memory_erase(entity_id: str, **flags: Any) -> None:
+    """Delete ENTITY_ID's memories under every model version of the app id (right to erasure);
+    exit 1 when none is stored.
+
+    Running workers' memory caches let go of it. Its events arriving later start it again from
+    zeros; predictions already on the output topic are not erased. A batch a worker had already
+    loaded it for may still write it back: erase once its events have stopped.
+    """
+    from workers.settings import Settings
+
+    settings = Settings.load(**flags)
+    model = load_model(settings)
+
+    async def erase() -> list[str]:
+        async with _plain_store(settings, model.version) as store:
+            return await store.erase(entity_id)
+
+    versions = asyncio.run(erase())
+    if not versions:
+        click.echo(
+            f"no memory stored for {entity_id!r} under any model version of app id "
+            f"{settings.app_id}",
+            err=True,
+        )
+        sys.exit(1)
+    for version in versions:
+        click.echo(f"erased the memory of {entity_id!r} of model {version}", err=True)
+
+
+@memory.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, writable=True, allow_dash=True))
+@settings_options("redis_url", "app_id", "model", "device")
+@fail_clearly
+@quietly
+def memory_export(file: str, **flags: Any) -> None:
+    """Write every memory of the app id and model to FILE (- for stdout), as stored: states,
+    steps and fences, bit-exact, for stream-lstm memory import.
+
+    SCANs Redis a thousand memories at a time, so memory stays bounded; counts go to stderr.
+    FILE appears only once complete (an interrupted export leaves none; on stdout it lacks
+    the end, and an import refuses it). Not a snapshot: memories that workers write
+    meanwhile are exported as each was read.
+    """
+    from state.archive import export_memories
+    from workers.settings import Settings
+
+    if file == "-" and sys.stdout.isatty():
+        raise click.UsageError("an export is binary: redirect stdout, or name a FILE")
+    settings = Settings.load(**flags)
+    model = load_model(settings)
+    shown = "stdout" if file == "-" else file
+    progress = _Progress()
+    count = [0]
+
+    def exported(n: int) -> None:
+        count[0] = n
+        progress(f"exported {n} memories so far")
+
+    async def export(out: IO[bytes]) -> int:
+        async with _plain_store(settings, model.version) as store:
+            return await export_memories(store, out, model.shape, progress=exported)
+
+    try:
+        with _written_whole(file) as out:
+            total = asyncio.run(export(out))
+    except KeyboardInterrupt:
+        where = "stdout's copy lacks its end" if file == "-" else f"{file} not written"
+        click.echo(f"stream-lstm: export interrupted after {count[0]} memories: {where}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint
+        click.echo(f"stream-lstm: error: stdout closed after {count[0]} memories", err=True)
+        sys.exit(EXIT_REFUSED)
+    except OSError as error:  # no such directory, disk full: FILE is not written
+        click.echo(f"stream-lstm: error: cannot write {shown}: {error.strerror or error}", err=True)
+        sys.exit(EXIT_REFUSED)
+    click.echo(f"exported {total} memories of model {model.version} to {shown}", err=True)
+
+
+@contextlib.contextmanager
+def _written_whole(file: str) -> Iterator[IO[bytes]]:
+    """Stdout for -, else a temporary file beside FILE (readable by its owner alone) that
+    becomes FILE once written whole, and is removed otherwise."""
+    if file == "-":
+        yield sys.stdout.buffer
+        return
+    path = Path(file)
+    partial = tempfile.NamedTemporaryFile(  # noqa: SIM115 (renamed or removed below)
+        dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False
+    )
+    try:
+        with partial:
+            yield partial
+            os.fsync(partial.fileno())
+        os.replace(partial.name, path)
+    except BaseException:
+        Path(partial.name).unlink(missing_ok=True)
+        raise
+
+
+@memory.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option(
+    "--replace", is_flag=True, help="Overwrite memories already stored (by default they stay)."
+)
+@click.option(
+    "--any-version",
+    is_flag=True,
+    help="Import a file of another model version under the configured model's version (its "
+    "memories must have the configured model's shape).",
+)
+@settings_options("redis_url", "app_id", "model", "device", "memory_ttl_s")
+@fail_clearly
+@quietly
+def memory_import(file: str, replace: bool, any_version: bool, **flags: Any) -> None:
+    """Load the memories stream-lstm memory export wrote to FILE (- for stdin) into Redis, under the
+    app id and model version configured.
+
+    All of FILE is checked before anything is written: a file that is not an export, is
+    truncated or holds a value that does not decode is refused (exit 2), and so is one of
+    another model version, unless --any-version. An entity that already has a memory keeps it,
+    unless --replace. Running workers' memory caches let go of what is written. With
+    MEMORY_TTL_S, imported memories expire as workers' writes do.
+    """
+    from state.archive import Imported, check_export, import_memories
+    from workers.settings import Settings
+
+    if file == "-" and sys.stdin.isatty():
+        raise click.UsageError("an export is binary: redirect stdin, or name a FILE")
+    settings = Settings.load(**flags)
+    model = load_model(settings)
+    shown = "stdin" if file == "-" else file
+    with contextlib.ExitStack() as stack:
+        source = sys.stdin.buffer if file == "-" else stack.enter_context(open(file, "rb"))
+        checked = check_export(
+            source, shown, model_version=model.version, shape=model.shape, any_version=any_version
+        )
+        stack.callback(checked.close)
+        header = checked.header
+        click.echo(
+            f"checked {shown}: {checked.count} memories of model {header.model_version}, "
+            f"exported from app id {header.namespace} at {header.created_at}",
+            err=True,
+        )
+        progress = _Progress()
+        so_far = [Imported(0, 0)]
+
+        def imported(counts: Imported) -> None:
+            so_far[0] = counts
+            progress(f"imported {counts.written + counts.kept} memories so far")
+
+        async def load() -> Imported:
+            async with _plain_store(settings, model.version) as store:
+                return await import_memories(store, checked, replace=replace, progress=imported)
+
+        try:
+            counts = asyncio.run(load())
+        except KeyboardInterrupt:
+            click.echo(
+                f"stream-lstm: import interrupted after {so_far[0].written} memories were "
+                "written; importing again keeps them (or --replace overwrites them)",
+                err=True,
+            )
+            sys.exit(EXIT_INTERRUPTED)
+    kept = (
+        f", {counts.kept} kept (already stored; --replace overwrites them)" if not replace else ""
+    )
+    click.echo(
+        f"imported {checked.count} memories of model {model.version} from {shown}: "
+        f"{counts.written} written{kept}",
+        err=True,
+    )
+
+
+@memory.command("gc")
+@click.option(
+    "--keep",
+    multiple=True,
+    required=True,
+    help="A model version whose keys stay; repeat for more. The others' keys go.",
+)
+@click.option("--dry-run", is_flag=True, help="Count each model version's keys; delete nothing.")
+@settings_options("redis_url", "app_id")
+@fail_clearly
+@quietly
+def memory_gc(keep: tuple[str, ...], dry_run: bool, **flags: Any) -> None:
+    """Remove every key of the app id's model versions but those named by --keep: memories,
+    fences, counters, recorded topics. Never another app id's keys.
+
+    A model version to keep must hold memories (a typo would remove the version meant); run
+    with --dry-run first to see each version's keys. SCANs Redis and deletes a thousand keys at
+    a time, so memory stays bounded; counts go to stderr.
+    """
+    from state import Sweep
+    from stream_lstm.exceptions import ConfigError
+    from workers.settings import Settings
+
+    settings = Settings.load(**flags)
+    progress = _Progress()
+    verb = "counted" if dry_run else "removed"
+
+    def swept(sweep: Sweep) -> None:
+        progress(f"{verb} {sum(sweep.removed.values())} keys so far")
+
+    async def gc() -> Sweep:
+        async with _plain_store(settings, keep[0]) as store:
+            if not dry_run:
+                for version in keep:
+                    if not await store.has_memories(version):
+                        raise ConfigError(
+                            f"--keep {version}: app id {settings.app_id} holds no memory of "
+                            f"model version {version} (a typo would remove the version meant); "
+                            "nothing removed. --dry-run lists each version's keys"
+                        )
+            return await store.gc(keep, dry_run=dry_run, progress=swept)
+
+    sweep = asyncio.run(gc())
+    would = "would remove" if dry_run else "removed"
+    for version, keys in sorted(sweep.removed.items()):
+        click.echo(f"model {version}: {would} {keys} keys")
+    for version in sorted({*keep, *sweep.kept}):
+        click.echo(f"model {version}: kept {sweep.kept.get(version, 0)} keys")
+    click.echo(
+        f"{would} {sum(sweep.removed.values())} keys of {len(sweep.removed)} other model "
+        f"versions of app id {settings.app_id}",
+        err=True,
+    )
+
+
+def _plain_store(settings: Settings, model_version: str) -> MemoryStore:
+    """The store a command reads and writes through: no cache, a person's patience."""
+    return settings.memory_store(model_version, retry_s=CLI_WAIT_S, cache_entities=0)
+
+
+class _Progress:
+    """Prints a long command's counts on stderr, at most every PROGRESS_S."""
+
+    def __init__(self) -> None:
+        self.due = time.monotonic() + PROGRESS_S
+
+    def __call__(self, line: str) -> None:
+        now = time.monotonic()
+        if now >= self.due:
+            click.echo(line, err=True)
+            self.due = now + PROGRESS_S
 
 
 def load_model(settings: Settings) -> StreamModel:
