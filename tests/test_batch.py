@@ -208,6 +208,16 @@ def test_a_take_over_sends_the_predictions_of_events_from_its_offsets_only(
     assert sent(EmitFrom({0: 5, 1: 0})) == [(0, 5), (0, 6), (1, 4), (1, 5), (1, 6)]
     everything = [(r.partition, r.offset) for r in records]
     assert sent(EmitFrom({0: 5, 1: 0}, others=True)) == everything[1:]
+    shadowed = apply(model, checked, empty_memory(checked, model), emit_from=EmitFrom({1: 5}))
+    assert shadowed.shadowed == []  # none without a shadow
+    shadowed = apply(
+        model, checked, empty_memory(checked, model), emit_from=EmitFrom({1: 5}), shadow=True
+    )
+    held = [
+        (orjson.loads(v)["source"]["partition"], orjson.loads(v)["source"]["offset"])
+        for _, v in shadowed.shadowed
+    ]
+    assert held == [r for r in everything if r not in ((1, 5), (1, 6))]
     letter = DeadLetter(record(b"{", partition=0, offset=4), "not_json", "")
     assert not EmitFrom({0: 5}).sends(letter.record)
     assert EmitFrom({0: 4}).sends(letter.record)

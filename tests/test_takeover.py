@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import torch
 
 from state import HandOver, MemoryStore
+from stream_lstm.exceptions import ConfigError
 from stream_lstm.model import StreamModel
 from tests.conftest import StoreBackend
 from tests.offline import offline
@@ -24,6 +26,7 @@ from workers.dev.apache_kafka import ApacheKafka
 from workers.dev.redis_server import RedisServer
 from workers.dev.stack import WorkerProcess
 from workers.dev.tansu import TansuBroker
+from workers.settings import Settings
 
 ENTITIES = [f"user-{i}" for i in range(12)]
 
@@ -62,6 +65,10 @@ def extend(history: History, more: History) -> None:
         history.setdefault(entity_id, []).extend(events)
 
 
+def source(prediction: dict[str, Any]) -> tuple[int, int]:
+    return prediction["source"]["partition"], prediction["source"]["offset"]
+
+
 def check_versions(
     predictions: list[dict[str, Any]],
     history: History,
@@ -75,8 +82,7 @@ def check_versions(
     as well (a live worker killed after emitting them, before committing their offsets)."""
     sources: dict[str, set[tuple[int, int]]] = {}
     for p in predictions:
-        source = p["source"]["partition"], p["source"]["offset"]
-        sources.setdefault(p["entity_id"], set()).add(source)
+        sources.setdefault(p["entity_id"], set()).add(source(p))
     assert sorted(sources) == sorted(history)
     wants = {}
     for entity_id, events in history.items():
@@ -106,6 +112,36 @@ def check_versions(
             version = (new if handed else old).version
             assert (version, partition, offset) in seen, f"{entity_id}@{offset}: no {version}"
     return twice
+
+
+def offline_by_source(
+    predictions: list[dict[str, Any]], history: History, model: StreamModel
+) -> dict[tuple[int, int], torch.Tensor]:
+    """The model's offline output for each event the predictions name, by (partition, offset)."""
+    sources: dict[str, set[tuple[int, int]]] = {}
+    for p in predictions:
+        sources.setdefault(p["entity_id"], set()).add(source(p))
+    found = {}
+    for entity_id, events in history.items():
+        tensors = [(torch.tensor(x, dtype=torch.float32), reset) for x, reset in events]
+        want = offline(model, tensors)[0]
+        found |= {source: want[k] for k, source in enumerate(sorted(sources[entity_id]))}
+    return found
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"takes_over": "live", "app_id": "live"}, "names this deployment's own"),
+        ({"shadow_topic": "shadow"}, "STREAM_LSTM_SHADOW_TOPIC / --shadow-topic needs"),
+        ({"takes_over": "live", "shadow_topic": "stream-lstm-predictions"}, "a topic of its own"),
+    ],
+)
+def test_a_take_over_setting_that_cannot_work_stops_the_start(
+    settings: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        Settings.load(**settings)
 
 
 async def test_one_worker_claims_the_take_over_and_only_its_claim_records_the_offsets(
@@ -161,16 +197,36 @@ async def test_a_new_model_takes_over_with_warm_memories_and_no_gap_or_duplicate
         first, more = random_stream(rng, ENTITIES, 8)
         extend(history, more)
         await stack.publish([*first, (b"user-0", b"{not json")])
-        await stack.predictions(len(first))
+        before = {source(p) for p in await stack.predictions(len(first))}
 
         # The new deployment warms on the history while events keep coming to the live one.
-        warming = stack.start_worker(app_id=new_app, model=str(new_model), takes_over=stack.name)
+        shadow_topic = f"{stack.name}-shadow"
+        warming = stack.start_worker(
+            app_id=new_app, model=str(new_model), takes_over=stack.name, shadow_topic=shadow_topic
+        )
         second, more = random_stream(rng, ENTITIES, 8)
         extend(history, more)
         await stack.publish(second)
         warm = await asyncio.to_thread(wait_for_state, warming, "warm")
         assert warm["from"] == stack.name
         assert warming.metric("stream_lstm_warming") == 1
+        # Its shadow: each event of the second part compared with the live model's prediction.
+        deadline = time.monotonic() + 30
+        while (shadow := warming.http("GET", "/health")[1]["take_over"]["shadow"])[
+            "compared"
+        ] < len(second):
+            assert time.monotonic() < deadline, shadow
+            await asyncio.sleep(0.2)
+        assert shadow["compared"] == len(second)
+        live_labels = {
+            source(p): p["label"]
+            for p in await everything(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"], 1.0)
+            if source(p) not in before
+        }
+        shadow_labels = {source(p): p["label"] for p in await everything(stack, shadow_topic, 1.0)}
+        assert len(live_labels) == len(second)
+        agree = sum(label == shadow_labels[at] for at, label in live_labels.items())
+        assert shadow["same_label"] == agree
 
         # Events the live deployment never gets to, while the new one would: they must wait for
         # the hand-over (the live one frozen for less than its session timeout, then stopped).
@@ -195,11 +251,24 @@ async def test_a_new_model_takes_over_with_warm_memories_and_no_gap_or_duplicate
         assert recorded.by == new_app
         assert recorded.offsets is not None
         predictions = await everything(stack, stack.env["STREAM_LSTM_OUTPUT_TOPIC"])
-        sources = [(p["source"]["partition"], p["source"]["offset"]) for p in predictions]
+        sources = [source(p) for p in predictions]
         assert len(sources) == len(set(sources)), "an event predicted twice"
         models = StreamModel.load(old_model), StreamModel.load(new_model)
         assert check_versions(predictions, history, *models, dict(recorded.offsets)) == 0
         assert {p["model_version"] for p in predictions} == {m.version for m in models}
+        # The shadow topic: the new model's prediction of each event the old one predicted.
+        shadowed = await everything(stack, shadow_topic, 1.0)
+        handed = {s: o for s, o in recorded.offsets.items()}
+        old_sources = {source(p) for p in predictions if p["model_version"] == models[0].version}
+        assert sorted(source(p) for p in shadowed) == sorted(old_sources)
+        assert all(
+            p["source"]["offset"] < handed.get(p["source"]["partition"], 0) for p in shadowed
+        )
+        wants = offline_by_source(predictions, history, models[1])
+        for p in shadowed:
+            assert p["model_version"] == models[1].version
+            want = wants[source(p)]
+            torch.testing.assert_close(torch.tensor(p["output"]), want, atol=1e-4, rtol=0)
         letters = await everything(stack, stack.env["STREAM_LSTM_DEAD_LETTER_TOPIC"], 1.0)
         assert sorted(letter["payload"] for letter in letters) == ["[]", "{not json"]
 

@@ -229,6 +229,13 @@ class StreamWorker:
                         "lag": worker.consumer.lag,
                         "error": take_over.error,
                     }
+                    shadow = take_over.shadow
+                    if shadow is not None:
+                        body["take_over"]["shadow"] = {
+                            "topic": shadow.topic,
+                            "compared": shadow.compared,
+                            "same_label": shadow.same_label,
+                        }
                 return self.json(body, status=200 if ready else 503)
 
         return HealthView

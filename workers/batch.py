@@ -185,6 +185,8 @@ class Applied:
     updates: Memories  # of the entities stepped, each with the fences of its last event
     replayed: int  # events whose fence was already stored: dropped
     dead: list[DeadLetter]  # events whose step was not finite (overflow): not applied
+    shadowed: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    """Predictions ``EmitFrom`` holds back, for a shadow topic (``Shadow``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +205,16 @@ class EmitFrom:
     def sends(self, record: Consumed) -> bool:
         first = self.offsets.get(record.partition)
         return self.others if first is None else record.offset >= first
+
+
+class Shadow(Protocol):
+    """Where a warming take-over deployment sends the predictions it holds back, to compare
+    them with the live deployment's (takeover.py)."""
+
+    topic: str
+
+    def sent(self, predictions: Sequence[tuple[bytes | None, bytes]]) -> None:
+        """The predictions the broker has acknowledged on ``topic``."""
 
 
 class Emitter(Protocol):
@@ -401,11 +413,13 @@ def apply(
     memories: Memories,
     prediction_format: Format = "json",
     emit_from: EmitFrom | None = None,
+    shadow: bool = False,
 ) -> Applied:
     """Drop events already applied, step the rest in one call, and build what to send and store.
 
     ``memories`` holds the stored memories of exactly ``checked.ids``, in that order;
-    ``emit_from``: the events whose predictions are sent (None: all).
+    ``emit_from``: the events whose predictions are sent (None: all); ``shadow``: make the
+    others too, in ``Applied.shadowed``.
     """
     ids, rows = checked.ids, checked.rows  # (N,)
     partitions = np.fromiter((r.partition for r in checked.records), np.int64, len(rows))  # (N,)
@@ -435,8 +449,21 @@ def apply(
         entity_ids, event_ids = [entity_ids[i] for i in at], [event_ids[i] for i in at]
         predicted = [records[i] for i in at]
         output, event_steps = result.output[at], result.step[at]
+    shadowed: list[tuple[bytes | None, bytes]] = []
     if emit_from is not None:  # a take-over deployment: not those the old deployment sent
-        at = np.flatnonzero([emit_from.sends(record) for record in predicted])
+        sends = np.fromiter((emit_from.sends(r) for r in predicted), np.bool_, len(predicted))
+        if shadow:
+            at = np.flatnonzero(~sends)
+            shadowed = _predictions(
+                model,
+                [entity_ids[i] for i in at],
+                [event_ids[i] for i in at],
+                [predicted[i] for i in at],
+                output[at],
+                event_steps[at],
+                prediction_format,
+            )
+        at = np.flatnonzero(sends)
         entity_ids, event_ids = [entity_ids[i] for i in at], [event_ids[i] for i in at]
         predicted = [predicted[i] for i in at]
         output, event_steps = output[at], event_steps[at]
@@ -456,7 +483,9 @@ def apply(
         fence_offset=offsets[last[stepped]],
         other_fences=_other_fences(memories, rows, partitions, offsets, stepped, fence_partition),
     )
-    return Applied(predictions, updates, replayed=len(checked.records) - len(records), dead=dead)
+    return Applied(
+        predictions, updates, len(checked.records) - len(records), dead, shadowed=shadowed
+    )
 
 
 def _applied_before(
@@ -683,6 +712,7 @@ class BatchProcessor:
         self.max_event_bytes = max_event_bytes
         self.redis_full = False  # the last commit was refused: maxmemory, until one succeeds
         self.emit_from: EmitFrom | None = None  # a take-over deployment's (takeover.py)
+        self.shadow: Shadow | None = None  # where a warming one sends what it holds back
         self._prepared = 0  # batches prepared so far
         self._started_unwritten = 0  # batches prepared up to here may have started from updates
         # that were not written as they were (stale, moved): they must commit by script
@@ -716,7 +746,12 @@ class BatchProcessor:
             loaded.memories.overlay(updates)
         clock.done("load")
         applied = apply(
-            self.model, checked, loaded.memories, self.prediction_format, self.emit_from
+            self.model,
+            checked,
+            loaded.memories,
+            self.prediction_format,
+            self.emit_from,
+            shadow=self.shadow is not None,
         )
         _log(applied.dead)
         clock.done("step")
@@ -809,10 +844,16 @@ class BatchProcessor:
 
     async def _emit(self, applied: Applied, dead: list[DeadLetter]) -> None:
         letters = [(d.key, d.encode()) for d in self._sent(dead)]
+        shadow = self.shadow
         await asyncio.gather(
             self.emitter.emit(self.output_topic, applied.predictions),
             self.emitter.emit(self.dead_letter_topic, letters),
+            self._shadow(shadow, applied.shadowed) if shadow is not None else asyncio.sleep(0),
         )
+
+    async def _shadow(self, shadow: Shadow, predictions: list[tuple[bytes | None, bytes]]) -> None:
+        await self.emitter.emit(shadow.topic, predictions)
+        shadow.sent(predictions)
 
     def _sent(self, letters: list[DeadLetter]) -> list[DeadLetter]:
         """The dead letters this processor sends: a take-over deployment's old one sent the

@@ -184,7 +184,7 @@ class BatchConsumer(mode.Service):
         self._topic_id: uuid.UUID | None = None  # the input topic's id, as last checked
         self._progress_at = time.monotonic()  # a batch finished, or nothing waited
         self._consumer: AIOKafkaConsumer | None = None
-        self.take_over = TakeOver(settings, processor) if settings.takes_over else None
+        self.take_over = TakeOver(settings, processor, metrics) if settings.takes_over else None
         super().__init__(**kwargs)
 
     @property

@@ -102,6 +102,20 @@ class Metrics:
             "deployment's committed offsets not yet through a finished batch",
             registry=self.registry,
         )
+        self.shadow_compared = Counter(
+            "stream_lstm_shadow_compared",
+            "A warming take-over deployment with SHADOW_TOPIC: its predictions compared with the "
+            "live deployment's for the same events, by whether their labels agree",
+            ["agreement"],
+            registry=self.registry,
+        )
+        self.shadow_difference = Histogram(
+            "stream_lstm_shadow_output_difference",
+            "Largest absolute difference between the two models' outputs for one event (models "
+            "with as many outputs)",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
+            registry=self.registry,
+        )
         self.lag = Gauge(
             "stream_lstm_consumer_lag",
             "Events behind the high watermark, per input partition: not yet through a finished "

@@ -131,6 +131,8 @@ async def ensure_topics(settings: Settings) -> None:
     client asks for its metadata, and the count caps how many workers can share the stream.
     """
     names = [settings.input_topic, settings.output_topic, settings.dead_letter_topic]
+    if settings.shadow_topic is not None:
+        names.append(settings.shadow_topic)
     deadline = time.monotonic() + TOPICS_WAIT_S
     while True:
         try:

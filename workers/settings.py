@@ -102,6 +102,13 @@ class Settings(BaseSettings):
             "group stopped once its workers are stopped (README: Upgrading the model)"
         ),
     )
+    shadow_topic: TopicName | None = Field(
+        None,
+        description=(
+            "a warming take-over deployment also sends its predictions here, and compares "
+            "them with the live deployment's (/health, stream_lstm_shadow_*); needs TAKES_OVER"
+        ),
+    )
     input_topic: TopicName = Field("stream-lstm-events", description="events to read")
     output_topic: TopicName = Field("stream-lstm-predictions", description="predictions to write")
     dead_letter_topic: TopicName = Field(
@@ -270,6 +277,14 @@ class Settings(BaseSettings):
                 f"{_names('takes_over')} names this deployment's own {_names('app_id')} "
                 f"{self.app_id!r}: give the new deployment an app id of its own"
             )
+        if self.shadow_topic is not None:
+            if self.takes_over is None:
+                raise ValueError(f"{_names('shadow_topic')} needs {_names('takes_over')}")
+            others = {self.input_topic, self.output_topic, self.dead_letter_topic}
+            if self.shadow_topic in others:
+                raise ValueError(
+                    f"{_names('shadow_topic')} {self.shadow_topic!r} must be a topic of its own"
+                )
         return self
 
     @model_validator(mode="after")

@@ -28,10 +28,16 @@ those events get the new model's predictions as well (at-least-once, as for any 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, for_code
@@ -39,15 +45,20 @@ from aiokafka.errors import KafkaError, for_code
 from state import HandOver, MemoryStore
 from state.keys import KeyLayout
 from stream_lstm.exceptions import BrokerError, ConfigError, TakenOverError
+from stream_lstm.schema import PACKED, Format, Prediction, fast_struct
 from workers.batch import BatchProcessor, EmitFrom
+from workers.metrics import Metrics
 from workers.settings import Settings, env_name
 
-__all__ = ["TakeOver", "check_not_taken_over", "check_take_over"]
+__all__ = ["ShadowComparison", "TakeOver", "check_not_taken_over", "check_take_over"]
 
 logger = logging.getLogger(__name__)
 
 EMPTY_STATES = frozenset({"Empty", "Dead"})
 """Consumer group states without members (Dead: the group is gone, or never existed)."""
+SHADOW_PENDING = 100_000
+"""Predictions of either deployment a shadow comparison keeps while the other's for the same
+event has not come (the oldest are dropped beyond)."""
 CLAIM_TTL_S = 30.0
 """How long a worker's claim to record the hand-over lasts: one that dies mid-way lets go."""
 
@@ -56,9 +67,11 @@ class TakeOver:
     """One worker's side of a take-over: the live group's offsets it may process up to, the
     partitions it holds back, and the hand-over."""
 
-    def __init__(self, settings: Settings, processor: BatchProcessor) -> None:
+    def __init__(self, settings: Settings, processor: BatchProcessor, metrics: Metrics) -> None:
         if settings.takes_over is None:
             raise ValueError("a take-over needs TAKES_OVER")
+        self.shadow = ShadowComparison(settings, metrics) if settings.shadow_topic else None
+        processor.shadow = self.shadow
         self.old = settings.takes_over
         self.settings = settings
         self.processor = processor
@@ -86,6 +99,8 @@ class TakeOver:
         recorded = await self.processor.store.taken_over(self.old)
         if recorded is not None and recorded.by == self.settings.app_id and recorded.offsets:
             self._hand_over(recorded)
+        elif self.shadow is not None:
+            await self.shadow.start()
         logger.info(
             "taking over from %s: warming memories without emitting, up to its group's "
             "committed offsets, until its workers stop",
@@ -93,6 +108,8 @@ class TakeOver:
         )
 
     async def stop(self) -> None:
+        if self.shadow is not None:
+            await self.shadow.stop()
         if self._admin is not None:
             await self._admin.close()
 
@@ -113,6 +130,8 @@ class TakeOver:
         if self.error is not None:
             logger.info("reading %s's group and take-over record again", self.old)
             self.error = None
+        if self.handed_over is not None and self.shadow is not None:
+            await self.shadow.stop()  # nothing is held back any more
 
     async def _poll(self, admin: AIOKafkaAdminClient) -> None:
         store, own, topic = self.processor.store, self.settings.app_id, self.settings.input_topic
@@ -148,6 +167,7 @@ class TakeOver:
     def _hand_over(self, recorded: HandOver) -> None:
         offsets = dict(recorded.offsets or {})
         self.processor.emit_from = EmitFrom(offsets, others=True)
+        self.processor.shadow = None
         self.handed_over = recorded
         self.bounds = offsets
         logger.info(
@@ -206,6 +226,103 @@ class TakeOver:
                 self.old,
             )
         self.warm = warm
+
+
+class ShadowComparison:
+    """A warming deployment's shadow: the predictions it holds back go to SHADOW_TOPIC, and each
+    is compared with the live deployment's prediction of the same event, read from the output
+    topic (from its end when the comparison starts: events the live deployment predicted before
+    are not compared)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        assert settings.shadow_topic is not None
+        self.topic = settings.shadow_topic
+        self.settings = settings
+        self.metrics = metrics
+        self.compared = 0
+        self.same_label = 0
+        self._decode = _prediction_decoder(settings.prediction_format)
+        self._ours: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._theirs: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._reading: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._consumer = self.settings.kafka.consumer(
+            self.settings.output_topic,
+            group_id=None,
+            auto_offset_reset="latest",
+            enable_auto_commit=False,
+        )
+        await self._consumer.start()
+        self._reading = asyncio.ensure_future(self._read(self._consumer))
+
+    async def stop(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
+            self._reading = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    def sent(self, predictions: Sequence[tuple[bytes | None, bytes]]) -> None:
+        """Our predictions, acknowledged on the shadow topic."""
+        for _, value in predictions:
+            self._match(value, self._ours, self._theirs)
+
+    async def _read(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                fetched = await consumer.getmany(timeout_ms=1000)
+            except Exception as e:  # a comparison must never stop the worker
+                logger.warning("the shadow comparison could not read the output topic: %r", e)
+                await asyncio.sleep(1.0)
+                continue
+            for records in fetched.values():
+                for record in records:
+                    self._match(record.value, self._theirs, self._ours)
+
+    def _match(
+        self, value: bytes, mine: OrderedDict[Any, Any], other: OrderedDict[Any, Any]
+    ) -> None:
+        try:
+            prediction = self._decode(value)
+        except msgspec.DecodeError:
+            return  # not a prediction: the output topic is not only ours
+        if prediction.source.topic != self.settings.input_topic:
+            return
+        source = (prediction.source.partition, prediction.source.offset)
+        counterpart = other.pop(source, None)
+        if counterpart is None:
+            mine[source] = prediction
+            if len(mine) > SHADOW_PENDING:
+                mine.popitem(last=False)
+            return
+        ours, theirs = np.asarray(_output(prediction)), np.asarray(_output(counterpart))
+        same = _label(prediction, ours) == _label(counterpart, theirs)
+        self.compared += 1
+        self.same_label += same
+        self.metrics.shadow_compared.labels("same_label" if same else "other_label").inc()
+        if ours.shape == theirs.shape:
+            self.metrics.shadow_difference.observe(float(np.abs(ours - theirs).max()))
+
+
+def _prediction_decoder(prediction_format: Format) -> Callable[[bytes], Any]:
+    if prediction_format == "msgpack":
+        return msgspec.msgpack.Decoder(fast_struct(Prediction, packed={"output"})).decode
+    return msgspec.json.Decoder(fast_struct(Prediction)).decode
+
+
+def _output(prediction: Any) -> Any:
+    output = prediction.output
+    return np.frombuffer(output, PACKED) if isinstance(output, bytes) else output
+
+
+def _label(prediction: Any, output: Any) -> object:
+    """The label a prediction names; the index of its largest output when the model has none."""
+    return prediction.label if prediction.label is not None else int(np.argmax(output))
 
 
 async def check_take_over(settings: Settings, store: MemoryStore) -> None:
