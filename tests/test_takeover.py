@@ -9,12 +9,16 @@ import asyncio
 import random
 import signal
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import orjson
 import pytest
 import torch
+from aiokafka import TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 
 from state import HandOver, MemoryStore
 from stream_lstm.exceptions import ConfigError
@@ -22,11 +26,14 @@ from stream_lstm.model import StreamModel
 from tests.conftest import StoreBackend
 from tests.offline import offline
 from tests.stack import History, StreamSlice, random_stream, save_model
+from workers.batch import BatchProcessor, EmitFrom
 from workers.dev.apache_kafka import ApacheKafka
 from workers.dev.redis_server import RedisServer
 from workers.dev.stack import WorkerProcess
 from workers.dev.tansu import TansuBroker
+from workers.metrics import Metrics
 from workers.settings import Settings
+from workers.takeover import ShadowComparison, TakeOver
 
 ENTITIES = [f"user-{i}" for i in range(12)]
 
@@ -344,3 +351,135 @@ async def test_a_take_over_needs_a_broker_that_describes_groups(
     last = result.stderr.splitlines()[-1]
     assert last.startswith("stream-lstm: error: STREAM_LSTM_TAKES_OVER / --takes-over:"), last
     assert "Tansu does not" in last
+
+
+# --- the hand-over's decisions, in one process: a live group whose answers the test scripts ---
+
+
+class ScriptedGroup:
+    """An admin client whose live group answers, describe by describe, as scripted: a state and
+    its committed offsets, or an error."""
+
+    def __init__(self, topic: str, *answers: tuple[str, dict[int, int]] | Exception) -> None:
+        self.topic = topic
+        self.answers = list(answers)
+        self.offsets: dict[int, int] = {}
+
+    async def describe_consumer_groups(self, groups: list[str]) -> list[Any]:
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        state, self.offsets = answer
+        return [SimpleNamespace(groups=[(0, groups[0], state, "consumer", "", [])])]
+
+    async def list_consumer_group_offsets(self, group: str) -> dict[TopicPartition, Any]:
+        return {
+            TopicPartition(self.topic, p): OffsetAndMetadata(o, "") for p, o in self.offsets.items()
+        }
+
+
+class Silent:
+    async def emit(self, topic: str, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
+        pass
+
+
+@pytest.fixture
+async def taking_over(
+    backend: StoreBackend, tmp_path: Path
+) -> AsyncIterator[Callable[..., TakeOver]]:
+    stores: list[MemoryStore] = []
+
+    def make(*answers: tuple[str, dict[int, int]] | Exception) -> TakeOver:
+        settings = Settings.load(app_id="new", takes_over=f"{backend.namespace}-live")
+        model = StreamModel.load(save_model(tmp_path / "m.pt", seed=1))
+        store = backend.store(model.version, namespace="new")
+        stores.append(store)
+        processor = BatchProcessor(
+            model,
+            store,
+            Silent(),
+            output_topic="out",
+            dead_letter_topic="dead",
+            max_event_bytes=1024,
+        )
+        take_over = TakeOver(settings, processor, Metrics())
+        take_over._admin = cast(Any, ScriptedGroup(settings.input_topic, *answers))
+        return take_over
+
+    yield make
+    for store in stores:
+        await store.aclose()
+
+
+async def test_a_hand_over_starts_from_the_offsets_the_empty_group_committed(
+    taking_over: Callable[..., TakeOver],
+) -> None:
+    take_over = taking_over(("Stable", {0: 10}), ("Empty", {0: 12, 1: 3}), ("Empty", {0: 12, 1: 3}))
+    await take_over.poll()
+    assert take_over.state == "warming"
+    assert take_over.bounds == {0: 10}
+    await take_over.poll()
+    assert take_over.state == "emitting"
+    assert take_over.processor.emit_from == EmitFrom({0: 12, 1: 3}, others=True)
+    recorded = await take_over.processor.store.taken_over(take_over.old)
+    assert recorded == HandOver("new", {0: 12, 1: 3})
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        ("Stable", {0: 12}),  # a live worker joined between the two looks
+        ("Dead", {}),  # the group deleted: its offsets are gone
+        ("Empty", {0: 9}),  # offsets reset below what was read before
+        RuntimeError("the broker went away"),
+    ],
+    ids=["members-again", "offsets-gone", "offsets-back", "error"],
+)
+async def test_a_group_that_is_not_empty_or_lost_its_offsets_is_not_taken_over(
+    taking_over: Callable[..., TakeOver], second: tuple[str, dict[int, int]] | Exception
+) -> None:
+    take_over = taking_over(("Stable", {0: 10}), ("Empty", {0: 12}), second)
+    await take_over.poll()
+    await take_over.poll()
+    assert take_over.state != "emitting"
+    assert take_over.processor.emit_from == EmitFrom()  # still sends nothing
+    # The claim is gone: the live deployment's workers can rejoin and serve.
+    assert await take_over.processor.store.taken_over(take_over.old) is None
+    assert (take_over.error is not None) == isinstance(second, Exception)
+
+
+async def test_the_shadow_compares_what_it_can_read_and_leaves_out_the_rest(
+    tmp_path: Path,
+) -> None:
+    settings = Settings.load(takes_over="live", shadow_topic="shadow")
+    shadow = ShadowComparison(settings, Metrics())
+    shadow._owned = lambda: {0, 1}
+
+    def prediction(partition: int, offset: int, label: str, output: list[float]) -> bytes:
+        source = {"topic": settings.input_topic, "partition": partition, "offset": offset}
+        return orjson.dumps(
+            {
+                "entity_id": "a",
+                "event_id": None,
+                "step": 1,
+                "output": output,
+                "label": label,
+                "model_version": "v",
+                "source": source,
+            }
+        )
+
+    live = [
+        prediction(0, 1, "cat", [0.9, 0.1]),
+        prediction(1, 1, "dog", [0.2, 0.8]),
+        prediction(2, 1, "cat", [0.9, 0.1]),  # another worker's partition
+        None,  # a tombstone
+        b"not a prediction",
+    ]
+    shadow._match_all(live, shadow._theirs, shadow._ours, shadow._owned())
+    shadow.sent(
+        [(b"a", prediction(0, 1, "cat", [0.7, 0.3])), (b"a", prediction(1, 1, "cat", [0.6, 0.4]))]
+    )
+    assert (shadow.compared, shadow.same_label, shadow.unreadable) == (2, 1, 2)
+    assert not shadow._theirs
+    assert not shadow._ours

@@ -852,7 +852,13 @@ class BatchProcessor:
         )
 
     async def _shadow(self, shadow: Shadow, predictions: list[tuple[bytes | None, bytes]]) -> None:
-        await self.emitter.emit(shadow.topic, predictions)
+        """Send to the shadow topic; a failure there leaves the batch alone (it is a comparison,
+        not the stream's output), with a warning."""
+        try:
+            await self.emitter.emit(shadow.topic, predictions)
+        except Exception as e:
+            logger.warning("%d predictions not sent to the shadow topic: %r", len(predictions), e)
+            return
         shadow.sent(predictions)
 
     def _sent(self, letters: list[DeadLetter]) -> list[DeadLetter]:

@@ -208,7 +208,8 @@ class BatchConsumer(mode.Service):
         self.consumer.subscribe([self.settings.input_topic], listener=_WaitForBatch(self))
         await self.consumer.start()
         if self.take_over is not None:
-            await self.take_over.start()
+            consumer = self.consumer
+            await self.take_over.start(lambda: {tp.partition for tp in consumer.assignment()})
         # torch, the model and the clients are ~200k long-lived objects: a full collection
         # walking them stalled the loop for 95-200 ms, straight into the latency tail.
         gc.freeze()

@@ -99,14 +99,15 @@ class Settings(BaseSettings):
         description=(
             "app id of the live deployment this one replaces: warm memories from the input "
             "topic's earliest offsets without emitting, then emit from where that deployment's "
-            "group stopped once its workers are stopped (README: Upgrading the model)"
+            "group stopped once its workers are stopped (README: Upgrading)"
         ),
     )
     shadow_topic: TopicName | None = Field(
         None,
         description=(
-            "a warming take-over deployment also sends its predictions here, and compares "
-            "them with the live deployment's (/health, stream_lstm_shadow_*); needs TAKES_OVER"
+            "a warming take-over deployment sends the predictions it holds back here, and "
+            "compares them with the live deployment's (/health, stream_lstm_shadow_*); needs "
+            "STREAM_LSTM_TAKES_OVER / --takes-over"
         ),
     )
     input_topic: TopicName = Field("stream-lstm-events", description="events to read")

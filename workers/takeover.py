@@ -33,11 +33,13 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, for_code
@@ -56,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 EMPTY_STATES = frozenset({"Empty", "Dead"})
 """Consumer group states without members (Dead: the group is gone, or never existed)."""
+SHADOW_READ = 1000
+"""Live predictions a shadow comparison reads at a time: the event loop serves the rest between."""
 SHADOW_PENDING = 100_000
 """Predictions of either deployment a shadow comparison keeps while the other's for the same
 event has not come (the oldest are dropped beyond)."""
@@ -81,6 +85,8 @@ class TakeOver:
         self.behind = 0  # events of this worker's partitions before ``bounds`` not yet done
         self.warm = False
         self.polled = False  # ``bounds`` read at least once
+        self._seen: dict[int, int] = {}  # the highest committed offset read, per partition
+        self._refusal: str | None = None  # why the last hand-over was not made
         self.error: str | None = None  # why the last poll failed, until one succeeds
         self._token = uuid.uuid4().hex  # this worker's claims
         self._held: dict[TopicPartition, int] = {}  # paused partitions: the offset they wait at
@@ -93,14 +99,16 @@ class TakeOver:
             return "emitting"
         return "warm" if self.warm else "warming"
 
-    async def start(self) -> None:
+    async def start(self, owned: Callable[[], Collection[int]]) -> None:
+        """Read the take-over record; ``owned``: the input partitions this worker owns now."""
         self._admin = self.settings.kafka.admin()
         await self._admin.start()
         recorded = await self.processor.store.taken_over(self.old)
-        if recorded is not None and recorded.by == self.settings.app_id and recorded.offsets:
+        own = self.settings.app_id
+        if recorded is not None and recorded.by == own and recorded.offsets is not None:
             self._hand_over(recorded)
         elif self.shadow is not None:
-            await self.shadow.start()
+            await self.shadow.start(owned)
         logger.info(
             "taking over from %s: warming memories without emitting, up to its group's "
             "committed offsets, until its workers stop",
@@ -108,10 +116,12 @@ class TakeOver:
         )
 
     async def stop(self) -> None:
-        if self.shadow is not None:
-            await self.shadow.stop()
-        if self._admin is not None:
-            await self._admin.close()
+        try:
+            if self.shadow is not None:
+                await self.shadow.stop()
+        finally:
+            if self._admin is not None:
+                await self._admin.close()
 
     async def poll(self) -> None:
         """Read the take-over record and the live group's committed offsets; take over once the
@@ -141,28 +151,56 @@ class TakeOver:
                 raise _taken_by_another(self.old, recorded)
             self._hand_over(recorded)
             return
-        empty, self.bounds = await _group(admin, self.old, topic)
-        self.polled = True
-        if not empty or (recorded is not None and recorded.claim != self._token):
-            return  # serving, or another worker is claiming it
+        mine = recorded is not None and recorded.claim == self._token  # left by a failed poll
+        empty, offsets = await _group(admin, self.old, topic)
+        self._see(offsets)
+        if not empty:
+            if mine:
+                assert recorded is not None
+                await store.release_take_over(self.old, recorded)
+            return  # serving
+        if recorded is not None and not mine:
+            return  # another worker is claiming it
         claim = await store.claim_take_over(self.old, self._token, CLAIM_TTL_S)
         if claim.claim != self._token:
             return
-        # Claimed: a worker of the old group that joins from now on finds the claim before it
-        # fetches anything. One that joined before it shows in the group.
-        empty, offsets = await _group(admin, self.old, topic)
-        passed = [p for p, at in self.bounds.items() if offsets.get(p, -1) < at]
-        if not empty or passed:
-            await store.release_take_over(self.old, claim)
-            logger.warning(
-                "%s's group %s just after it was seen empty: not taking over yet",
-                self.old,
-                f"lost offsets of partitions {passed}" if passed else "has members again",
-            )
-            return
-        recorded = await store.record_take_over(self.old, claim, offsets)
+        try:
+            # Claimed: a worker of the old group that joins from now on finds the claim before
+            # it fetches anything. One that joined before it shows in the group.
+            empty, offsets = await _group(admin, self.old, topic)
+            lost = self._lost(offsets)
+            if not empty or lost:
+                await store.release_take_over(self.old, claim)
+                why = lost or "has members again"
+                if why != self._refusal:  # said once, not every poll
+                    logger.warning("%s's group %s: not taking over", self.old, why)
+                self._refusal = why
+                return
+            recorded = await store.record_take_over(self.old, claim, offsets)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await store.release_take_over(self.old, claim)
+            raise
         if recorded is not None and recorded.offsets is not None and recorded.by == own:
             self._hand_over(recorded)
+
+    def _see(self, offsets: dict[int, int]) -> None:
+        """The live group's committed offsets as read now: the bounds of what may be processed,
+        and, the highest of each partition ever read, what a hand-over must start from."""
+        self.bounds = offsets
+        self.polled = True
+        for partition, offset in offsets.items():
+            self._seen[partition] = max(offset, self._seen.get(partition, 0))
+
+    def _lost(self, offsets: dict[int, int]) -> str | None:
+        """What is wrong with offsets to hand over from, if anything: partitions whose committed
+        offsets are gone, or went back, since they were read (the group deleted, its offsets
+        expired or reset), or none at all; a hand-over from them would emit again what the live
+        deployment emitted."""
+        if not offsets:
+            return "has no committed offsets on the input topic"
+        lost = sorted(p for p, at in self._seen.items() if offsets.get(p, -1) < at)
+        return f"lost the committed offsets of partitions {lost}" if lost else None
 
     def _hand_over(self, recorded: HandOver) -> None:
         offsets = dict(recorded.offsets or {})
@@ -232,7 +270,8 @@ class ShadowComparison:
     """A warming deployment's shadow: the predictions it holds back go to SHADOW_TOPIC, and each
     is compared with the live deployment's prediction of the same event, read from the output
     topic (from its end when the comparison starts: events the live deployment predicted before
-    are not compared)."""
+    are not compared; nor are those of input partitions this worker does not own). A comparison
+    never stops the worker: what it cannot read or send it leaves out, with a warning."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         assert settings.shadow_topic is not None
@@ -241,13 +280,18 @@ class ShadowComparison:
         self.metrics = metrics
         self.compared = 0
         self.same_label = 0
+        self.unreadable = 0  # messages that are no prediction of this input topic
         self._decode = _prediction_decoder(settings.prediction_format)
-        self._ours: OrderedDict[tuple[int, int], Any] = OrderedDict()
-        self._theirs: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._ours: OrderedDict[tuple[int, int], _Compared] = OrderedDict()
+        self._theirs: OrderedDict[tuple[int, int], _Compared] = OrderedDict()
+        self._owned: Callable[[], Collection[int]] = frozenset
         self._consumer: AIOKafkaConsumer | None = None
         self._reading: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, owned: Callable[[], Collection[int]]) -> None:
+        """Start reading the live predictions; ``owned``: the input partitions this worker owns
+        now (the others' events it never predicts)."""
+        self._owned = owned
         self._consumer = self.settings.kafka.consumer(
             self.settings.output_topic,
             group_id=None,
@@ -258,71 +302,97 @@ class ShadowComparison:
         self._reading = asyncio.ensure_future(self._read(self._consumer))
 
     async def stop(self) -> None:
-        if self._reading is not None:
-            self._reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reading
-            self._reading = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        reading, consumer = self._reading, self._consumer
+        self._reading = self._consumer = None
+        if reading is not None:
+            reading.cancel()
+            with contextlib.suppress(BaseException):
+                await reading
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
 
     def sent(self, predictions: Sequence[tuple[bytes | None, bytes]]) -> None:
         """Our predictions, acknowledged on the shadow topic."""
-        for _, value in predictions:
-            self._match(value, self._ours, self._theirs)
+        self._match_all((value for _, value in predictions), self._ours, self._theirs)
 
     async def _read(self, consumer: AIOKafkaConsumer) -> None:
         while True:
             try:
-                fetched = await consumer.getmany(timeout_ms=1000)
-            except Exception as e:  # a comparison must never stop the worker
+                fetched = await consumer.getmany(timeout_ms=1000, max_records=SHADOW_READ)
+            except Exception as e:
                 logger.warning("the shadow comparison could not read the output topic: %r", e)
                 await asyncio.sleep(1.0)
                 continue
+            owned = self._owned()
             for records in fetched.values():
-                for record in records:
-                    self._match(record.value, self._theirs, self._ours)
+                values = (r.value for r in records)
+                self._match_all(values, self._theirs, self._ours, owned)
 
-    def _match(
-        self, value: bytes, mine: OrderedDict[Any, Any], other: OrderedDict[Any, Any]
+    def _match_all(
+        self,
+        values: Iterable[bytes | None],
+        mine: OrderedDict[tuple[int, int], _Compared],
+        other: OrderedDict[tuple[int, int], _Compared],
+        owned: Collection[int] | None = None,
     ) -> None:
-        try:
-            prediction = self._decode(value)
-        except msgspec.DecodeError:
-            return  # not a prediction: the output topic is not only ours
-        if prediction.source.topic != self.settings.input_topic:
-            return
-        source = (prediction.source.partition, prediction.source.offset)
-        counterpart = other.pop(source, None)
-        if counterpart is None:
-            mine[source] = prediction
-            if len(mine) > SHADOW_PENDING:
-                mine.popitem(last=False)
-            return
-        ours, theirs = np.asarray(_output(prediction)), np.asarray(_output(counterpart))
-        same = _label(prediction, ours) == _label(counterpart, theirs)
-        self.compared += 1
+        same = differ = 0
+        for value in values:
+            try:
+                prediction = self._decode(value)  # a TypeError for a tombstone
+                source = prediction.source
+                if source.topic != self.settings.input_topic:
+                    raise ValueError(f"a prediction of topic {source.topic!r}")
+                if owned is not None and source.partition not in owned:
+                    continue
+                at = (source.partition, source.offset)
+                output = _output(prediction)
+                label = prediction.label if prediction.label is not None else int(output.argmax())
+            except Exception as e:  # not a prediction of ours: the topic is not only ours
+                self.unreadable += 1
+                if self.unreadable == 1:
+                    logger.warning("the shadow comparison left out a message: %r", e)
+                continue
+            counterpart = other.pop(at, None)
+            if counterpart is None:
+                mine[at] = _Compared(label, output)
+                if len(mine) > SHADOW_PENDING:
+                    mine.popitem(last=False)
+                continue
+            if label == counterpart.label:
+                same += 1
+            else:
+                differ += 1
+            if output.shape == counterpart.output.shape:
+                difference = float(np.abs(output - counterpart.output).max())
+                self.metrics.shadow_difference.observe(difference)
+        self.compared += same + differ
         self.same_label += same
-        self.metrics.shadow_compared.labels("same_label" if same else "other_label").inc()
-        if ours.shape == theirs.shape:
-            self.metrics.shadow_difference.observe(float(np.abs(ours - theirs).max()))
+        if same:
+            self.metrics.shadow_compared.labels("same_label").inc(same)
+        if differ:
+            self.metrics.shadow_compared.labels("other_label").inc(differ)
 
 
-def _prediction_decoder(prediction_format: Format) -> Callable[[bytes], Any]:
+@dataclass(frozen=True, slots=True)
+class _Compared:
+    """What a comparison keeps of a prediction while the other side's has not come."""
+
+    label: object  # the label, or the largest output's index for a model without labels
+    output: npt.NDArray[np.float32]
+
+
+def _prediction_decoder(prediction_format: Format) -> Callable[[Any], Any]:
     if prediction_format == "msgpack":
         return msgspec.msgpack.Decoder(fast_struct(Prediction, packed={"output"})).decode
     return msgspec.json.Decoder(fast_struct(Prediction)).decode
 
 
-def _output(prediction: Any) -> Any:
+def _output(prediction: Any) -> npt.NDArray[np.float32]:
     output = prediction.output
-    return np.frombuffer(output, PACKED) if isinstance(output, bytes) else output
-
-
-def _label(prediction: Any, output: Any) -> object:
-    """The label a prediction names; the index of its largest output when the model has none."""
-    return prediction.label if prediction.label is not None else int(np.argmax(output))
+    if isinstance(output, bytes):
+        return np.frombuffer(output, PACKED).astype(np.float32)
+    return np.asarray(output, dtype=np.float32)
 
 
 async def check_take_over(settings: Settings, store: MemoryStore) -> None:
@@ -369,6 +439,13 @@ async def check_not_taken_over(store: MemoryStore, settings: Settings) -> None:
     """TakenOverError when another deployment took this app id's stream over: a worker of it
     must not emit again."""
     recorded = await store.taken_over()
+    if recorded is not None and recorded.offsets is None:
+        raise TakenOverError(
+            f"app id {settings.app_id!r} is being taken over by the deployment {recorded.by!r} "
+            f"({env_name('takes_over')}): its group was empty a moment ago. Start again to "
+            f"serve (the claim expires within {CLAIM_TTL_S:.0f} s) unless the take-over "
+            "completes meanwhile"
+        )
     if recorded is not None:
         key = KeyLayout(settings.app_id, store.model_version).taken_over
         raise TakenOverError(
