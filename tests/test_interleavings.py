@@ -340,9 +340,16 @@ class Consumer:
     def __init__(self, assigned: set[TopicPartition]) -> None:
         self.assigned = assigned
         self.commits: list[dict[TopicPartition, int]] = []
+        self.paused: set[TopicPartition] = set()
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused |= set(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused -= set(partitions)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.commits.append(offsets)
@@ -401,7 +408,7 @@ async def test_every_assignment_drops_the_cache_even_with_nothing_revoked(
     """Between this worker's last batch of a partition and a new assignment of it (with nothing
     revoked, as after a group's generation moved on without it), another owner may have moved
     its memories on: what the cache holds is not to be trusted."""
-    consumer, _, _ = cached_consumer
+    consumer, fake, _ = cached_consumer
     consumer.check_topic = nothing  # type: ignore[method-assign]  # needs a broker: test_topics
     log = Log(random.Random(7))
     store = consumer.processor.store
@@ -409,3 +416,4 @@ async def test_every_assignment_drops_the_cache_even_with_nothing_revoked(
     assert (await store.load_many(["a"], model.shape)).cached == 1
     await _WaitForBatch(consumer).on_partitions_assigned([TopicPartition(TOPIC, 0)])
     assert (await store.load_many(["a"], model.shape)).cached == 0
+    assert fake.paused == set()  # checked: fetched from now on

@@ -222,6 +222,7 @@ async def test_another_input_topic_on_assignment_stops_the_worker_before_any_bat
     consumer.check_topic = another_topic  # type: ignore[method-assign]
     await _WaitForBatch(consumer).on_partitions_assigned([TopicPartition(TOPIC, 0)])
     assert [type(f) for f in failures] == [TopicChangedError]
+    assert fake.paused == {TopicPartition(TOPIC, 0)}  # never fetched
     log = Log(random.Random(4))
     fetched = {TopicPartition(TOPIC, 0): log.fetched([log.add("a", 0)])}
     emitter.gate(0).set()
