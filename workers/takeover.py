@@ -21,6 +21,9 @@ Instead, a deployment of it with its own app id and ``STREAM_LSTM_TAKES_OVER=<li
    fetched, and stops (``TakenOverError``). A restarted new worker reads the offsets from the
    record.
 
+With ``STREAM_LSTM_SHADOW_TOPIC``, a warming deployment also sends the predictions it holds
+back to that topic and compares each with the live model's (``ShadowComparison``).
+
 A live worker killed (SIGKILL, a lost machine) rather than stopped may have emitted predictions
 for events after its last offset commit: its group empties when its session times out, and
 those events get the new model's predictions as well (at-least-once, as for any crash).
