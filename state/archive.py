@@ -19,7 +19,8 @@ The format (version 1) is written and read front to back, so it goes through a p
     end:
         u32  0                       no id is empty: this ends the records
         u64  count                   the number of records
-        u32  crc                     CRC-32 of every record's bytes (lengths included), in order
+        u32  crc                     CRC-32 of the header line and every record's bytes
+                                     (lengths included), in order
 
 Integers are little-endian; nothing follows the end. The header holds ``format`` (1),
 ``namespace`` and ``model_version`` (whose memories these are), ``shape`` (the model's
@@ -116,8 +117,9 @@ async def export_memories(
         topic=await store.recorded_topic(),
         created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
-    file.write(MAGIC + header.line())
-    count, crc = 0, 0
+    line = header.line()
+    file.write(MAGIC + line)
+    count, crc = 0, zlib.crc32(line)
     async for entity_ids, values in store.export_chunks(shape, chunk):
         records = b"".join(_record(e, v) for e, v in zip(entity_ids, values, strict=True))
         file.write(records)
@@ -147,12 +149,13 @@ class CheckedExport:
     start: int  # where the records begin in ``source``
     crc: int
     copied: bool  # ``source`` is a temporary copy of a pipe's, this object's to close
+    header_crc: int  # the CRC-32 of the header line, where the records' CRC starts
 
     def chunks(self, chunk: int = CHUNK) -> Iterator[tuple[list[str], list[bytes]]]:
         """The records again, ``chunk`` at a time; ArchiveError when the file changed since it
         was checked."""
         self.source.seek(self.start)
-        reader = _Reader(self.source, self.name, self.shape)
+        reader = _Reader(self.source, self.name, self.shape, crc=self.header_crc)
         yield from reader.chunks(chunk)
         if (reader.count, reader.crc) != (self.count, self.crc):
             raise ArchiveError(f"{self.name} changed while it was imported")
@@ -180,10 +183,10 @@ def check_export(
     temporary file as it is checked (its size on disk), so that an import writes nothing
     unless all of it is sound; close it with ``CheckedExport.close``.
     """
-    header = _read_header(file, name)
+    header, header_crc = _read_header(file, name)
     if header.model_version != model_version and not any_version:
         raise ArchiveError(
-            f"{name} holds memories of model version {header.model_version}, not of the "
+            f"{name} holds memories of model version {header.model_version!r}, not of the "
             f"configured model's {model_version} (--any-version imports them under "
             f"{model_version} when they have its shape)"
         )
@@ -196,7 +199,7 @@ def check_export(
     copy = None if seekable else tempfile.TemporaryFile()  # noqa: SIM115 (CheckedExport.close)
     try:
         start = file.tell() if seekable else 0
-        reader = _Reader(file, name, shape, copy)
+        reader = _Reader(file, name, shape, copy, crc=header_crc)
         for _ in reader.chunks(CHUNK):
             pass
         if file.read(1):
@@ -207,7 +210,15 @@ def check_export(
         raise
     source = file if copy is None else copy
     return CheckedExport(
-        name, header, reader.count, Shape(*shape), source, start, reader.crc, copy is not None
+        name,
+        header,
+        reader.count,
+        Shape(*shape),
+        source,
+        start,
+        reader.crc,
+        copy is not None,
+        header_crc,
     )
 
 
@@ -216,7 +227,8 @@ def _shape(shape: Sequence[int]) -> str:
     return f"{states} states of (layers {layers}, hidden {hidden})"
 
 
-def _read_header(file: IO[bytes], name: str) -> ExportHeader:
+def _read_header(file: IO[bytes], name: str) -> tuple[ExportHeader, int]:
+    """The header, and the CRC-32 of its line (the end's checksum covers it too)."""
     magic = file.read(len(MAGIC))
     if magic != MAGIC:
         raise ArchiveError(f"{name} is not a stream-lstm memory export (it does not start so)")
@@ -225,42 +237,64 @@ def _read_header(file: IO[bytes], name: str) -> ExportHeader:
         fields: Any = orjson.loads(line)
         if not line.endswith(b"\n") or not isinstance(fields, dict):
             raise ValueError("not one line holding a JSON object")
-        if fields.get("format") != FORMAT:
+        if type(fields.get("format")) is not int or fields["format"] != FORMAT:
             raise ArchiveError(
                 f"{name} is an export of format {fields.get('format')!r}; this build reads "
                 f"format {FORMAT}"
             )
         topic = fields["topic"]
-        if topic is not None and not isinstance(topic, str):
-            raise ValueError("topic is neither a string nor null")
+        if topic is not None and not _is_topic(topic):
+            raise ValueError("topic is neither null nor an input topic's identity")
         shape = fields["shape"]
         if not (isinstance(shape, list) and len(shape) == 3):
             raise ValueError("shape is not [states, layers, hidden]")
         if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
             raise ValueError("shape is not three positive integers")
-        return ExportHeader(
+        header = ExportHeader(
             namespace=str(fields["namespace"]),
             model_version=str(fields["model_version"]),
             shape=Shape(*shape),
             topic=topic,
             created_at=str(fields["created_at"]),
         )
+        return header, zlib.crc32(line)
     except (orjson.JSONDecodeError, KeyError, ValueError) as error:
         raise ArchiveError(f"{name}: its header is not an export's ({error})") from None
+
+
+def _is_topic(topic: object) -> bool:
+    """Whether a header's topic is what the workers record: JSON of the topic's name and id."""
+    if not isinstance(topic, str):
+        return False
+    try:
+        identity = orjson.loads(topic)
+    except orjson.JSONDecodeError:
+        return False
+    return (
+        isinstance(identity, dict)
+        and set(identity) == {"topic", "topic_id"}
+        and all(isinstance(v, str) for v in identity.values())
+    )
 
 
 class _Reader:
     """The records of an export, front to back, each checked; their count and CRC-32."""
 
     def __init__(
-        self, file: IO[bytes], name: str, shape: Shape, copy: IO[bytes] | None = None
+        self,
+        file: IO[bytes],
+        name: str,
+        shape: Shape,
+        copy: IO[bytes] | None = None,
+        *,
+        crc: int = 0,
     ) -> None:
         self.file = file
         self.name = name
         self.shape = shape
         self.copy = copy  # what is read goes here too (a pipe's temporary copy)
         self.count = 0
-        self.crc = 0
+        self.crc = crc
 
     def chunks(self, chunk: int) -> Iterator[tuple[list[str], list[bytes]]]:
         """The records, ``chunk`` at a time, each value checked to decode to the shape; the
@@ -341,7 +375,15 @@ async def import_memories(
     that records none records the file's.
     """
     topic = checked.header.topic
-    if topic is not None:
+    if topic is None:
+        recorded = await store.recorded_topic()
+        if recorded is not None:
+            raise TopicChangedError(
+                f"{checked.name} records no input topic, but Redis records {recorded} for app "
+                f"id {store.namespace} and model {store.model_version}: the file's fences may "
+                "count another topic's offsets. Import into another app id"
+            )
+    else:
         recorded = await store.claim_topic(topic)
         if recorded is not None and not _same_topic(recorded, topic):
             raise TopicChangedError(

@@ -122,15 +122,16 @@ def checked(data: bytes, version: str = "v1", *, any_version: bool = False) -> C
     )
 
 
-def export_file(records: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """An export made by hand, for files an export never writes."""
+def export_file(records: Sequence[tuple[bytes, bytes]], **fields: object) -> bytes:
+    """An export made by hand, for files an export never writes (``fields``: the header's)."""
     header = {"format": 1, "namespace": "ns", "model_version": "v1", "shape": list(SHAPE)}
-    header |= {"topic": None, "created_at": "2025-01-01T00:00:00+00:00"}
+    header |= {"topic": None, "created_at": "2025-01-01T00:00:00+00:00"} | fields
+    line = orjson.dumps(header) + b"\n"
     body = b"".join(
         struct.pack("<I", len(e)) + e + struct.pack("<I", len(v)) + v for e, v in records
     )
-    end = struct.pack("<IQI", 0, len(records), zlib.crc32(body))
-    return b"stream-lstm memories\n" + orjson.dumps(header) + b"\n" + body + end
+    end = struct.pack("<IQI", 0, len(records), zlib.crc32(body, zlib.crc32(line)))
+    return b"stream-lstm memories\n" + line + body + end
 
 
 class Pipe(io.BytesIO):
@@ -203,7 +204,7 @@ async def test_another_model_version_is_refused_unless_any_version(
 ) -> None:
     ns = await filled(redis_server.url)
     data = await exported(redis_server.url, ns, "v1")
-    with pytest.raises(ArchiveError, match="model version v1, not of the configured model's v2"):
+    with pytest.raises(ArchiveError, match="model version 'v1', not of the configured model's v2"):
         checked(data, "v2")
     async with MemoryStore(redis_server.url, ns, "v2") as store:
         await import_memories(store, checked(data, "v2", any_version=True))
@@ -243,6 +244,12 @@ def damaged(data: bytes) -> dict[str, tuple[bytes, str]]:
         "cut before the end": (data[:-16], "is truncated: it ends in a record after"),
         "cut in the end": (data[:-3], "is truncated: it ends in the end after"),
         "a bit flipped": (bytes(flipped), "its checksum does not match"),
+        "a header changed": (
+            data.replace(b'"created_at":"2', b'"created_at":"3', 1),
+            "its checksum does not match",
+        ),
+        "a topic not ours": (export_file([], topic="not json"), "its header is not an export's"),
+        "a format not a number": (export_file([], format=True), "an export of format True"),
         "more after the end": (data + b"\0", "goes on after the end of its records"),
         "a count that lies": (data[:-12] + struct.pack("<QI", 3, 0), "says it holds 3"),
         "a foreign value": (export_file([(b"x", b"not a memory")]), "entity 'x': value of 12"),
@@ -322,6 +329,20 @@ async def test_an_import_refuses_memories_of_another_input_topic(
     async with MemoryStore(redis_server.url, target, "v1") as store:
         await store.claim_topic('{"topic": "events", "topic_id": "another"}')
         with pytest.raises(TopicChangedError, match="fences count another topic's offsets"):
+            await import_memories(store, checked(data))
+    assert len(await every_key(redis_server.url, target)) == 1  # the topic alone
+
+
+async def test_an_import_of_no_recorded_topic_into_one_that_records_a_topic_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    ns, target = namespace(), namespace()
+    async with MemoryStore(redis_server.url, ns, "v1") as store:
+        await store.commit_many(make_updates(["a"], 3, layers=SHAPE.layers, hidden=SHAPE.hidden))
+    data = export_file([(b"a", (await stored(redis_server.url, ns))["a"])])
+    async with MemoryStore(redis_server.url, target, "v1") as store:
+        await store.claim_topic('{"topic": "events", "topic_id": "x"}')
+        with pytest.raises(TopicChangedError, match="records no input topic, but Redis records"):
             await import_memories(store, checked(data))
     assert len(await every_key(redis_server.url, target)) == 1  # the topic alone
 
@@ -481,7 +502,7 @@ def test_the_command_line_exports_imports_erases_and_collects(
     refused = cli("import", str(file), model=other)
     assert refused.exit_code == 2
     assert refused.stderr == (
-        f"stream-lstm: error: {file} holds memories of model version {version}, not of the "
+        f"stream-lstm: error: {file} holds memories of model version {version!r}, not of the "
         f"configured model's {retrained} (--any-version imports them under {retrained} when "
         "they have its shape)\n"
     )

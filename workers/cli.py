@@ -583,8 +583,8 @@ def memory_import(file: str, replace: bool, any_version: bool, **flags: Any) -> 
         stack.callback(checked.close)
         header = checked.header
         click.echo(
-            f"checked {shown}: {checked.count} memories of model {header.model_version}, "
-            f"exported from app id {header.namespace} at {header.created_at}",
+            f"checked {shown}: {checked.count} memories of model {header.model_version!r}, "
+            f"exported from app id {header.namespace!r} at {header.created_at!r}",
             err=True,
         )
         progress = _Progress()
