@@ -496,6 +496,7 @@ def test_the_command_line_exports_imports_erases_and_collects(
     assert erased.stderr == f"erased the memory of '🧠 emoji ünïcödé 漢字' of model {version}\n"
     assert cli("erase", "🧠 emoji ünïcödé 漢字").exit_code == 1
     assert cli("erase", "").exit_code == 2
+    assert cli("erase", "\udcff").exit_code == 2  # bytes that are not UTF-8, as argv has them
 
     other = save_model(tmp_path / "other.pt", seed=1, hidden=SHAPE.hidden, layers=SHAPE.layers)
     retrained = StreamModel.load(other).version

@@ -387,6 +387,10 @@ def memory() -> None:
 def _entity_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if not value:
         raise click.BadParameter("an entity id is not empty")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # bytes the terminal's encoding could not read
+        raise click.BadParameter("an entity id is UTF-8 text") from None
     return value
 
 
