@@ -44,7 +44,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -309,9 +309,15 @@ def reader(connection: KafkaConnection, topic: str, fetch_wait_ms: int) -> AIOKa
 
 
 async def throughput(
-    services: Services, name: str, count: int, entities: int, max_s: float
+    services: Services,
+    name: str,
+    count: int,
+    entities: int,
+    max_s: float,
+    watch: Callable[[WorkerProcess], object] = lambda _: None,
 ) -> Throughput:
-    """Pre-fill ``<name>-events``, start a worker, and time its predictions first to last."""
+    """Pre-fill ``<name>-events``, start a worker, and time its predictions first to last.
+    ``watch`` is told of the worker once it is ready (bench/profile.py attaches a profiler)."""
     connection = services.broker.connection
     print(f"{name}: pre-filling {count:,} events over {entities:,} entities", flush=True)
     await prefill(connection, f"{name}-events", events("t", count, entities, seed=2))
@@ -320,6 +326,7 @@ async def throughput(
     try:
         worker = start_worker(services, name)
         try:
+            watch(worker)
             assert worker.process is not None, "start_worker started it"
             assert services.redis.pid is not None, "main started it"
             pids = {
