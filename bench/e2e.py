@@ -506,6 +506,21 @@ def batching(metrics: dict[str, float]) -> str:
     )
 
 
+def stages(metrics: dict[str, float]) -> str:
+    """Each stage's mean wall time per batch, from the worker's /metrics (batches overlap: one's
+    emit and commits wait on the broker and Redis while the next is checked, loaded and
+    stepped)."""
+    batches = metrics.get("stream_lstm_batches_total", 0.0)
+    if not batches:
+        return "stages not available"
+    seconds = 'stream_lstm_stage_seconds_sum{{stage="{}"}}'
+    per_batch = [
+        f"{stage} {metrics.get(seconds.format(stage), 0.0) / batches * 1000:.1f}"
+        for stage in ("check", "load", "step", "emit", "commit", "offsets")
+    ]
+    return "ms per batch (wall, means): " + ", ".join(per_batch)
+
+
 def report(
     args: argparse.Namespace,
     kind: BenchBroker,
@@ -594,7 +609,8 @@ def report(
         ),
         "",
         f"Where the time went in the median throughput run: CPU {cpu}. Worker /metrics: "
-        f"{batching(peak.metrics)}. In the judged latency phase: {batching(judged.metrics)}. "
+        f"{batching(peak.metrics)}. In the judged latency phase: {batching(judged.metrics)}; "
+        f"{stages(judged.metrics)}. "
         f"Where the worker's CPU goes, stage by stage: {kind.command('cpu_profile.py')}, section "
         f'"{kind.title("Worker profile")}".',
     ]
