@@ -56,10 +56,31 @@ def rss_mb(worker: WorkerProcess) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def resident_mb(worker: WorkerProcess) -> tuple[float, float]:
+    """The worker's resident memory in malloc's main heap (``[heap]``, grown with brk) and in
+    anonymous mappings (Python's object arenas, large or other threads' malloc blocks), in MB
+    (/proc/<pid>/smaps): where an RSS that grows grows."""
+    assert worker.process is not None
+    heap = anonymous = 0
+    name = ""
+    for line in Path(f"/proc/{worker.process.pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's header: address perms offset dev inode [name]
+            name = fields[5] if len(fields) > 5 else ""
+        elif fields[0] == "Rss:":
+            if name == "[heap]":
+                heap += int(fields[1])
+            elif not name:
+                anonymous += int(fields[1])
+    return heap / 1024, anonymous / 1024
+
+
 @dataclass(frozen=True)
 class Sample:
     elapsed_s: float
     rss_mb: float
+    heap_mb: float  # of rss_mb: malloc's main heap
+    anonymous_mb: float  # of rss_mb: anonymous mappings
     lag: float  # events sent minus events processed
     sent: int
     worker_cpu: float  # share of one core over the last interval
@@ -139,6 +160,7 @@ async def offer(stack: Stack, seconds: float, rate: float, entities: int) -> lis
                 sample = Sample(
                     now - started,
                     rss_mb(stack.worker),
+                    *resident_mb(stack.worker),
                     behind,
                     sent,
                     worker_cpu,
@@ -147,7 +169,9 @@ async def offer(stack: Stack, seconds: float, rate: float, entities: int) -> lis
                     p99,
                 )
                 print(
-                    f"  {sample.elapsed_s:5.0f}s  RSS {sample.rss_mb:6.1f} MB  lag {behind:7.0f}"
+                    f"  {sample.elapsed_s:5.0f}s  RSS {sample.rss_mb:6.1f} MB (heap "
+                    f"{sample.heap_mb:.1f}, anonymous {sample.anonymous_mb:.1f})"
+                    f"  lag {behind:7.0f}"
                     f"  CPU worker {worker_cpu:4.0%} broker {broker_cpu:4.0%}"
                     f"  latency p50 {p50:6.1f} ms p99 {p99:6.1f} ms",
                     flush=True,
@@ -187,7 +211,10 @@ def main() -> None:
         f"The bundled TV-show model, {args.entities:,} channels, {args.rate:,.0f} events/s offered "
         f"for {args.minutes:g} minutes ({last.sent:,} events), sent every 50 ms. Worker RSS "
         f"{first.rss_mb:.1f} MB at {first.elapsed_s:.0f}s and {last.rss_mb:.1f} MB at "
-        f"{last.elapsed_s:.0f}s (max {peak_rss:.1f} MB); lag (events sent, not yet processed) "
+        f"{last.elapsed_s:.0f}s (max {peak_rss:.1f} MB): malloc's main heap "
+        f"{first.heap_mb:.1f} -> {last.heap_mb:.1f} MB, anonymous mappings (Python's object "
+        f"arenas, large blocks) {first.anonymous_mb:.1f} -> {last.anonymous_mb:.1f} MB; lag "
+        "(events sent, not yet processed) "
         f"at most {max(s.lag for s in samples):,.0f} over the run, {last.lag:,.0f} at the end. "
         f"Latency from handing an event to the producer to reading its prediction, per "
         f"interval: p99 {_spread([s.p99_ms for s in samples])} (p50 "
@@ -198,10 +225,12 @@ def main() -> None:
             if kind.slow_fetches
             else "measured the broker, not the worker.\n\n"
         )
-        + "| s | RSS MB | lag | worker CPU | broker CPU | p50 ms | p99 ms |\n"
-        + "|---:|---:|---:|---:|---:|---:|---:|\n"
+        + "| s | RSS MB | heap MB | anonymous MB | lag | worker CPU | broker CPU | p50 ms "
+        + "| p99 ms |\n"
+        + "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         + "\n".join(
-            f"| {s.elapsed_s:.0f} | {s.rss_mb:.1f} | {s.lag:,.0f} | {s.worker_cpu:.0%} "
+            f"| {s.elapsed_s:.0f} | {s.rss_mb:.1f} | {s.heap_mb:.1f} | {s.anonymous_mb:.1f} "
+            f"| {s.lag:,.0f} | {s.worker_cpu:.0%} "
             f"| {s.broker_cpu:.0%} | {s.p50_ms:.1f} | {s.p99_ms:.1f} |"
             for s in samples
         )
