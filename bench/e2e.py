@@ -89,6 +89,8 @@ produce batches make every fetch cheaper (at 1 ms, p99 doubled with no worker at
 Kafka finds a fetch's offset through its index, so there the 20 ms run shows batching alone."""
 
 Message = tuple[bytes, bytes]  # (key, value)
+MakeEvents = Callable[[str, int, int], list[Message]]
+"""(prefix, count, seed) -> ``count`` events with event ids ``<prefix>-<n>``."""
 
 
 @dataclass(frozen=True)
@@ -177,10 +179,16 @@ def build_model(path: Path) -> tuple[nn.LSTM, nn.Linear]:
 
 def events(prefix: str, count: int, entities: int, seed: int) -> list[Message]:
     """``count`` events round-robin over ``entities``, event ids ``<prefix>-<n>``."""
+    return keyed_events(prefix, [f"entity-{n % entities:06d}" for n in range(count)], seed)
+
+
+def keyed_events(prefix: str, entity_ids: Sequence[str], seed: int) -> list[Message]:
+    """One event of each of ``entity_ids``, in order, keyed by it; random features, event ids
+    ``<prefix>-<n>``."""
+    count = len(entity_ids)
     features = np.round(np.random.default_rng(seed).standard_normal((count, INPUT)), 4)
     messages = []
-    for n, row in enumerate(features.tolist()):
-        entity = f"entity-{n % entities:06d}"
+    for n, (entity, row) in enumerate(zip(entity_ids, features.tolist(), strict=True)):
         value = {"entity_id": entity, "features": row, "event_id": f"{prefix}-{n}"}
         messages.append((entity.encode(), orjson.dumps(value)))
     return messages
@@ -256,21 +264,28 @@ async def naive(
 # --- phases 2 and 3: the worker ------------------------------------------------------------
 
 
+def app_id(name: str) -> str:
+    """The consumer group and memory namespace of the workers ``start_worker`` names ``name``."""
+    return f"bench-{name}"
+
+
 def start_worker(
-    services: Services, name: str, replica: int = 0, *, wait: bool = True
+    services: Services, name: str, replica: int = 0, *, wait: bool = True, **settings: str
 ) -> WorkerProcess:
-    """A worker reading ``<name>-events`` in the consumer group and namespace of ``name``."""
+    """A worker reading ``<name>-events`` in the consumer group and namespace of ``name``;
+    ``settings``: others, or other values, by field name (``output_topic="..."``)."""
     env = {
         "STREAM_LSTM_BROKER": services.broker.url,
         "STREAM_LSTM_REDIS_URL": services.redis.url,
         "STREAM_LSTM_MODEL": str(services.model_path),
-        "STREAM_LSTM_APP_ID": f"bench-{name}",
+        "STREAM_LSTM_APP_ID": app_id(name),
         "STREAM_LSTM_INPUT_TOPIC": f"{name}-events",
         "STREAM_LSTM_OUTPUT_TOPIC": f"{name}-predictions",
         "STREAM_LSTM_DEAD_LETTER_TOPIC": f"{name}-dead-letters",
         "STREAM_LSTM_PARTITIONS": str(PARTITIONS),
         "STREAM_LSTM_MAX_BATCH": str(services.max_batch),
         "STREAM_LSTM_SESSION_TIMEOUT_S": "2",
+        **{f"STREAM_LSTM_{field.upper()}": value for field, value in settings.items()},
     }
     worker = WorkerProcess(env, services.workdir / f"worker-{name}-{replica}.log").start()
     if wait:
@@ -383,18 +398,22 @@ async def latency(
     services: Services, name: str, rate: float, seconds: float, entities: int, every_s: float
 ) -> Paced:
     """The transport alone, then through a fresh worker reading ``<name>-events``."""
+
+    def make(prefix: str, count: int, seed: int) -> list[Message]:
+        return events(prefix, count, entities, seed)
+
     emitter = KafkaEmitter(services.broker.connection)
     await emitter.start()
     try:
         every = f"every {every_s * 1000:.0f} ms"
         print(f"{name}: the transport alone (no worker) at {rate:,.0f}/s, {every}", flush=True)
         floor_topics = (f"{name}-floor", f"{name}-floor")
-        floor = await offer(services, emitter, floor_topics, rate, seconds, entities, every_s)
+        floor = await offer(services, emitter, floor_topics, rate, seconds, make, every_s)
         worker = start_worker(services, name)
         try:
             print(f"{name}: through the worker at {rate:,.0f}/s for {seconds:.0f}s", flush=True)
             topics = (f"{name}-events", f"{name}-predictions")
-            through = await offer(services, emitter, topics, rate, seconds, entities, every_s)
+            through = await offer(services, emitter, topics, rate, seconds, make, every_s)
             metrics = worker_metrics(worker)
         finally:
             worker.stop()
@@ -409,22 +428,22 @@ async def offer(
     topics: tuple[str, str],
     rate: float,
     seconds: float,
-    entities: int,
+    make: MakeEvents,
     every_s: float,
 ) -> Latency:
-    """Publish to ``topics[0]`` at ``rate``, what is due every ``every_s``; time each event
-    until ``topics[1]`` has its id.
+    """Publish events ``make`` makes to ``topics[0]`` at ``rate``, what is due every
+    ``every_s``; time each event until ``topics[1]`` has its id.
 
     A warm-up burst goes first and must come back, so joining a group and the first fetches
     are not counted.
     """
     count = max(1, round(rate * seconds))
-    paced = events("l", count, entities, seed=3)
+    paced = make("l", count, 3)
     sent_at, received_at = np.full(count, np.nan), np.full(count, np.nan)
     consumer = reader(services.broker.connection, topics[1], fetch_wait_ms=10)
     await consumer.start()
     try:
-        warmup = events("w", WARMUP_EVENTS, entities, seed=4)
+        warmup = make("w", WARMUP_EVENTS, 4)
         await emitter.emit(topics[0], warmup)
         await collect(consumer, "w", np.full(WARMUP_EVENTS, np.nan), FIRST_PREDICTION_S)
         collecting = asyncio.create_task(collect(consumer, "l", received_at, None))
