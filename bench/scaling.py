@@ -1,9 +1,13 @@
 """Workers scale with partitions: 1, 2 and 4 worker processes in one group on one input topic.
 
     python bench/scaling.py [--broker tansu|apache] [--events 100000] [--entities 20000]
-                            [--workers 1 2 4]
+                            [--workers 1 2 4] [--device cpu|cuda]
 
 A default run takes about 2 minutes (``--broker apache``: 10-20 s more, to start Kafka).
+
+``--device cuda``, on a machine with a CUDA GPU: every worker steps on that one GPU (memories
+still come from Redis), N = 1, 2, 4 and 8 by default; its figures go to their own section,
+"Scaling out on a GPU", with the GPU named. Without a GPU it stops before starting anything.
 
 Starts a broker (``--broker``: the embedded Tansu, or Apache Kafka) and a Redis-protocol server.
 For each count, a fresh topic of 16 partitions is pre-filled, the workers are started in one
@@ -37,7 +41,9 @@ PARTITIONS = 16
 FIRST_PREDICTION_S = 90.0
 
 
-async def measure(services: Services, workers: int, count: int, entities: int) -> dict[str, float]:
+async def measure(
+    services: Services, workers: int, count: int, entities: int, device: str
+) -> dict[str, float]:
     """Events/s of ``workers`` processes sharing one pre-filled topic, and CPU per process."""
     name = f"scale{workers}"
     connection = services.broker.connection
@@ -47,7 +53,7 @@ async def measure(services: Services, workers: int, count: int, entities: int) -
     await prefill(connection, topics[0], events(name, count, entities, seed=workers))
     consumer = reader(connection, topics[1], fetch_wait_ms=100)
     await consumer.start()
-    started = [start_worker(services, name, k, wait=False) for k in range(workers)]
+    started = [start_worker(services, name, k, wait=False, device=device) for k in range(workers)]
     try:
         for worker in started:  # all start together, so they join the group at once
             worker.wait_ready()
@@ -87,8 +93,15 @@ def main() -> None:
     add_broker_argument(parser)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--entities", type=int, default=20_000)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--workers", type=int, nargs="+", help="default 1 2 4 (cuda: 1 2 4 8)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where every worker steps"
+    )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "scaling.py: --device cuda needs a CUDA GPU; torch sees none here\n")
+    workers_counts = args.workers or ([1, 2, 4, 8] if args.device == "cuda" else [1, 2, 4])
+    gpu = f", all on one {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     load = os.getloadavg()[0]
     kind = bench_broker(args.broker)
     torch.set_num_threads(1)
@@ -98,9 +111,11 @@ def main() -> None:
         build_model(workdir / "model.pt")
         with kind.running(workdir) as broker, RedisServer() as redis:
             services = Services(broker, redis, workdir / "model.pt", workdir, 1024)
-            for workers in args.workers:
+            for workers in workers_counts:
                 print(f"{workers} worker(s): {args.events:,} events", flush=True)
-                figures = asyncio.run(measure(services, workers, args.events, args.entities))
+                figures = asyncio.run(
+                    measure(services, workers, args.events, args.entities, args.device)
+                )
                 print(f"  {figures['rate']:,.0f} events/s", flush=True)
                 rows.append((workers, figures))
     base = rows[0][1]["rate"]
@@ -115,19 +130,22 @@ def main() -> None:
         ),
     ]
     body = (
-        f"{kind.command('scaling.py')} ({machine()}; {kind.details}; load average "
+        f"{kind.command('scaling.py', '--device cuda' if gpu else '')} ({machine()}; "
+        f"{kind.details}; load average "
         f"{load:.1f} at the start).\n\n"
         f"{args.events:,} events over {args.entities:,} entities pre-filled on a topic of "
-        f"{PARTITIONS} partitions, then N workers in one group; events/s from the first to the "
-        "last prediction; model input 32, hidden 128, softmax over 8 labels. All processes, the "
-        "broker and Redis included, share this machine's 2 cores, so the figures show what one "
-        "2-core machine allows, not what more machines would; the CPU columns show where the "
+        f"{PARTITIONS} partitions, then N workers in one group{gpu}; events/s from the first "
+        "to the last prediction; model input 32, hidden 128, softmax over 8 labels. All "
+        f"processes, the broker and Redis included, share this machine's {os.cpu_count()} "
+        f"cores, so the figures show what one {os.cpu_count()}-core machine allows, not what "
+        "more machines would; the CPU columns show where the "
         "cores went, counted from the moment every worker is ready (the first may have begun a "
         "little earlier).\n\n" + "\n".join(table)
     )
     print("\n" + body)
-    kind.write("Scaling out", body)
-    print(f"written to bench/RESULTS.md, section {kind.title('Scaling out')!r}")
+    section = "Scaling out on a GPU" if gpu else "Scaling out"
+    kind.write(section, body)
+    print(f"written to bench/RESULTS.md, section {kind.title(section)!r}")
 
 
 if __name__ == "__main__":
