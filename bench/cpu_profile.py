@@ -33,7 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.brokers import add_broker_argument, bench_broker, served
-from bench.e2e import PARTITIONS, Services, Throughput, build_model, throughput
+from bench.e2e import (
+    PARTITIONS,
+    TARGET_US_PER_EVENT,
+    Services,
+    Throughput,
+    build_model,
+    throughput,
+)
 from bench.results import machine
 from workers.dev.redis_server import RedisServer
 from workers.dev.stack import WorkerProcess
@@ -112,6 +119,14 @@ def report(
         f"| {stage} | {stages[stage] / total:.1%} | {stages[stage] / total * us_per_event:.1f} |"
         for stage in [name for name, _ in STAGES] + [OTHER]
     ]
+    lstm = stages[STAGES[0][0]] / total * us_per_event
+    verdict = "met" if us_per_event <= TARGET_US_PER_EVENT else "NOT met"
+    target = (
+        f"Target: the worker's CPU per event at most {TARGET_US_PER_EVENT:.0f} us: "
+        f"{us_per_event:.1f} us, **{verdict}** ({us_per_event / TARGET_US_PER_EVENT:.1f}x). "
+        f"The LSTM step alone, torch's fused kernel and no code of ours, takes {lstm:.1f} us of "
+        f"it: {max(0.0, TARGET_US_PER_EVENT - lstm):.1f} us would be left for every other stage."
+    )
     top = [
         f"| `{function}` | {count / total:.1%} |" for function, count in functions.most_common(12)
     ]
@@ -126,6 +141,8 @@ def report(
             f"{run.cpu_s['redis']:.1f} s, bench client {run.cpu_s['bench client']:.1f} s; host "
             f"CPU steal {run.steal:.0%}). {total:,} samples of the worker's stacks at "
             f"{SAMPLES_PER_S}/s; each goes to the first stage its stack passes through.",
+            "",
+            target,
             "",
             "| stage | share of samples | us/event |",
             "|---|---:|---:|",
