@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from state.codec import decode_many
+from stream_lstm.engine import StepResult
 from stream_lstm.memories import Memories
 from stream_lstm.model import StreamModel
 from stream_lstm.schema import Event, Prediction
@@ -30,6 +31,7 @@ from workers.batch import (
     EmitFrom,
     Record,
     _fast_decoder,
+    _finite,
     apply,
     check,
 )
@@ -429,6 +431,31 @@ def test_an_overflowing_step_is_a_dead_letter_and_its_entity_keeps_its_last_fini
 def test_a_batch_without_overflow_has_no_such_dead_letters(model: StreamModel) -> None:
     checked = check([record(event("a"), b"a")], 2, 1024)
     assert apply(model, checked, empty_memory(checked, model)).dead == []
+
+
+def test_memories_of_huge_finite_values_are_stepped_not_dead_lettered(model: StreamModel) -> None:
+    """The finite check sums each tensor first (cheap); finite values so large that their sum
+    overflows must still count as finite: an entity's LTM may legitimately hold them."""
+    records = [record(event(e, [0.1, 0.2]), e.encode(), offset=n) for n, e in enumerate("ab")]
+    checked = check(records, 2, 1024)
+    memory = empty_memory(checked, model)
+    ltm, _ = memory.states
+    ltm[:] = 3e38  # each finite; any two of them sum to inf in float32
+    applied = apply(model, checked, memory)
+    assert applied.dead == []
+    assert [orjson.loads(v)["step"] for _, v in applied.predictions] == [1, 1]
+    assert np.isfinite(applied.updates.states[0]).all()
+    assert float(torch.from_numpy(applied.updates.states[0]).sum()) == math.inf  # overflowed
+
+    huge = torch.full((2, 1, 4), 3e38)
+    result = StepResult(
+        torch.zeros(2, 3), torch.ones(2, dtype=torch.int64), (huge, huge), torch.ones(2)
+    )
+    assert _finite(result)
+    for bad in (math.inf, -math.inf, math.nan):
+        poisoned = huge.clone()
+        poisoned[1, 0, 2] = bad
+        assert not _finite(StepResult(result.output, result.step, (huge, poisoned), result.steps))
 
 
 def test_a_reset_recovers_an_entity_whose_stored_memory_is_not_finite(
