@@ -150,8 +150,10 @@ def _one_event_each(
 ) -> StepResult:
     """The common case, event n of entity n: one time step, no grouping, no packing."""
     device, memory_device = model.device, steps.device
-    fresh = reset.to(device)[:, None, None]  # (N, 1, 1): from zeros (masked: inf * 0 is NaN)
-    start = tuple(state.to(device).masked_fill(fresh, 0.0) for state in states)  # (N, L, H)
+    start = tuple(state.to(device) for state in states)  # (N, L, H)
+    if bool(reset.any()):  # masked_fill copies every state: 0.24 ms a batch of 1024 on a CPU
+        fresh = reset.to(device)[:, None, None]  # (N, 1, 1): from zeros (masked: inf * 0 is NaN)
+        start = tuple(state.masked_fill(fresh, 0.0) for state in start)
     top, new = model.run_step(features, start)
     output = model.readout(top)  # (N, O)
     new_steps = (torch.where(reset, 0, steps.to(device)) + 1).to(memory_device)  # (N,)
