@@ -221,7 +221,8 @@ class StreamModel:
 
     def run_step(self, x: Tensor, states: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         """One step of N entities from their states (each (N, L, H)): the top layer's STM
-        (N, H), and the new states (each (N, L, H)).
+        (N, H), and the new states (each (N, L, H)). The states may be the caller's own memories
+        (the engine passes them uncopied when no event resets): never written in place.
 
         On a GPU each layer is one ``torch.lstm_cell`` (cuDNN's ``nn.LSTM`` took 25x longer for
         one step of 64k entities on an H200); on a CPU ``nn.LSTM``'s single step is ~15%

@@ -177,6 +177,23 @@ def test_one_event_per_entity_equals_nn_lstm_from_each_stored_memory(
         assert int(result.step[k]) == (1 if reset[k] else k + 1)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("reset", [False, True])
+def test_a_step_leaves_the_callers_memories_as_they_were(layers: int, reset: bool) -> None:
+    """The memories go in uncopied when no event resets: neither the step nor anything done with
+    its result may change the caller's (a worker's loaded memories, its cache's, an overlay's)."""
+    model = StreamModel.from_torch(nn.LSTM(3, 5, layers))
+    states, steps = (torch.randn(4, layers, 5), torch.randn(4, layers, 5)), torch.arange(4)
+    before = [state.clone() for state in states], steps.clone()
+    events = Events(torch.arange(4), torch.randn(4, 3), torch.tensor([reset, False, False, False]))
+    result = step(model, events, states, steps)
+    for new in (*result.states, result.steps):
+        new.numpy()[...] += 1  # what a caller may do with its result (the worker uses numpy)
+    for state, old in zip(states, before[0], strict=True):
+        assert torch.equal(state, old)
+    assert torch.equal(steps, before[1])
+
+
 @pytest.mark.parametrize(("layers", "bias"), [(1, True), (3, False)])
 def test_the_gpu_step_by_cells_equals_the_cpu_step_by_sequence(layers: int, bias: bool) -> None:
     torch.manual_seed(layers)
