@@ -392,6 +392,7 @@ class Paced:
     through: Latency  # through a fresh worker
     floor: Latency  # the transport alone
     metrics: dict[str, float]  # the worker's /metrics at the end
+    cpu_share: dict[str, float]  # each process's CPU over the phase through the worker, in cores
 
 
 async def latency(
@@ -413,13 +414,24 @@ async def latency(
         try:
             print(f"{name}: through the worker at {rate:,.0f}/s for {seconds:.0f}s", flush=True)
             topics = (f"{name}-events", f"{name}-predictions")
+            assert worker.process is not None
+            assert services.redis.pid is not None
+            pids = {
+                "worker": worker.process.pid,
+                "broker": services.broker.pid,
+                "redis": services.redis.pid,
+                "bench client": os.getpid(),
+            }
+            cpu_before, began = {k: cpu_seconds(pid) for k, pid in pids.items()}, time.monotonic()
             through = await offer(services, emitter, topics, rate, seconds, make, every_s)
+            elapsed = time.monotonic() - began
+            cpu_share = {k: (cpu_seconds(pid) - cpu_before[k]) / elapsed for k, pid in pids.items()}
             metrics = worker_metrics(worker)
         finally:
             worker.stop()
     finally:
         await emitter.stop()
-    return Paced(every_s, through, floor, metrics)
+    return Paced(every_s, through, floor, metrics, cpu_share)
 
 
 async def offer(
@@ -642,7 +654,9 @@ def pacing(paced: Paced) -> str:
     return (
         f"Publisher every {paced.every_s * 1000:.0f} ms: through the worker p50 "
         f"{through.percentile(50):.1f} ms, p99 {through.percentile(99):.1f} ms (steal "
-        f"{through.steal:.0%}; {ages(paced.metrics)}); the transport alone at the same rate "
+        f"{through.steal:.0%}; {ages(paced.metrics)}; CPU over the phase, warm-up included, "
+        + ", ".join(f"{k} {share:.0%}" for k, share in paced.cpu_share.items())
+        + " of a core); the transport alone at the same rate "
         f"for as long (producer, broker, reader: one hop where the worker path has two) p50 "
         f"{floor.percentile(50):.1f} ms, p99 {floor.percentile(99):.1f} ms (steal "
         f"{floor.steal:.0%})."
