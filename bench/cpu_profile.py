@@ -40,28 +40,35 @@ from bench.e2e import (
     Throughput,
     build_model,
     throughput,
+    verdict,
 )
 from bench.results import machine
 from workers.dev.redis_server import RedisServer
 from workers.dev.stack import WorkerProcess
 
 SAMPLES_PER_S = 250
-STAGES: tuple[tuple[str, str], ...] = (
-    ("the LSTM step (torch's nn.LSTM)", r"LSTM\.forward \(.*torch/"),
-    (
-        "the rest of the step (tensors, readout, finite check)",
-        r"stream_lstm/(engine|model)\.py|_finite \(",
-    ),
-    ("event checks (JSON decode, validation)", r"^check \(.*workers/batch\.py|_check_packed \("),
-    ("prediction encoding", r"_predictions \(.*workers/batch\.py"),
-    ("produce (partitioning, record batches)", r"KafkaEmitter|aiokafka/producer/"),
-    ("consume (fetch, record parsing)", r"aiokafka/consumer/|BatchConsumer\._consume \("),
-    ("Redis commit (encode, fenced write)", r"commit_many \("),
-    ("Redis load (read, decode)", r"load_many \("),
-    (
-        "memory bookkeeping (cache, rows, overlay)",
-        r"stream_lstm/memories\.py|state/cache\.py|workers/batch\.py",
-    ),
+STAGES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (stage, re.compile(pattern))
+    for stage, pattern in (
+        ("the LSTM step (torch's nn.LSTM)", r"LSTM\.forward \(.*torch/"),
+        (
+            "the rest of the step (tensors, readout, finite check)",
+            r"stream_lstm/(engine|model)\.py|_finite \(",
+        ),
+        (
+            "event checks (JSON decode, validation)",
+            r"^check \(.*workers/batch\.py|_check_packed \(",
+        ),
+        ("prediction encoding", r"_predictions \(.*workers/batch\.py"),
+        ("produce (partitioning, record batches)", r"KafkaEmitter|aiokafka/producer/"),
+        ("consume (fetch, record parsing)", r"aiokafka/consumer/|BatchConsumer\._consume \("),
+        ("Redis commit (encode, fenced write)", r"commit_many \("),
+        ("Redis load (read, decode)", r"load_many \("),
+        (
+            "memory bookkeeping (cache, rows, overlay)",
+            r"stream_lstm/memories\.py|state/cache\.py|workers/batch\.py",
+        ),
+    )
 )
 OTHER = "the event loop, sockets and the rest"
 OURS = re.compile(r"(stream_lstm|state|workers)/\w+\.py")
@@ -70,8 +77,7 @@ OURS = re.compile(r"(stream_lstm|state|workers)/\w+\.py")
 def stage_of(frames: list[str]) -> str:
     """The first stage (in ``STAGES``' order) that a sampled stack passes through."""
     for stage, pattern in STAGES:
-        matcher = re.compile(pattern)
-        if any(matcher.search(frame) for frame in frames):
+        if any(pattern.search(frame) for frame in frames):
             return stage
     return OTHER
 
@@ -94,7 +100,7 @@ def sampled(
     out: Path,
 ) -> tuple[list[subprocess.Popen[bytes]], Callable[[WorkerProcess], None]]:
     """A ``watch`` for ``throughput`` that starts py-spy on the worker; the py-spys started."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    spy = _py_spy()
     started: list[subprocess.Popen[bytes]] = []
 
     def watch(worker: WorkerProcess) -> None:
@@ -120,10 +126,10 @@ def report(
         for stage in [name for name, _ in STAGES] + [OTHER]
     ]
     lstm = stages[STAGES[0][0]] / total * us_per_event
-    verdict = "met" if us_per_event <= TARGET_US_PER_EVENT else "NOT met"
     target = (
         f"Target: the worker's CPU per event at most {TARGET_US_PER_EVENT:.0f} us: "
-        f"{us_per_event:.1f} us, **{verdict}** ({us_per_event / TARGET_US_PER_EVENT:.1f}x). "
+        f"{us_per_event:.1f} us, {verdict(us_per_event <= TARGET_US_PER_EVENT)} "
+        f"({us_per_event / TARGET_US_PER_EVENT:.1f}x). "
         f"The LSTM step alone, torch's fused kernel and no code of ours, takes {lstm:.1f} us of "
         f"it: {max(0.0, TARGET_US_PER_EVENT - lstm):.1f} us would be left for every other stage."
     )
@@ -158,9 +164,15 @@ def report(
     )
 
 
+def _py_spy() -> str:
+    """py-spy on the PATH, else beside this Python (a virtual environment not activated)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+
+
 def _py_spy_version() -> str:
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return subprocess.run([spy, "--version"], capture_output=True, text=True).stdout.split()[-1]
+    return subprocess.run([_py_spy(), "--version"], capture_output=True, text=True).stdout.split()[
+        -1
+    ]
 
 
 async def run(args: argparse.Namespace, services: Services, out: Path) -> Throughput:

@@ -297,6 +297,18 @@ def start_worker(
     return worker
 
 
+def processes(services: Services, worker: WorkerProcess) -> dict[str, int]:
+    """The pid of each process whose CPU a phase reports, by name."""
+    assert worker.process is not None, "start_worker started it"
+    assert services.redis.pid is not None, "main started it"
+    return {
+        "worker": worker.process.pid,
+        "broker": services.broker.pid,
+        "redis": services.redis.pid,
+        "bench client": os.getpid(),
+    }
+
+
 def worker_metrics(worker: WorkerProcess) -> dict[str, float]:
     """The worker's /metrics samples but histogram buckets (counters, histogram sums and
     counts), by name with labels."""
@@ -334,7 +346,7 @@ async def throughput(
     watch: Callable[[WorkerProcess], object] = lambda _: None,
 ) -> Throughput:
     """Pre-fill ``<name>-events``, start a worker, and time its predictions first to last.
-    ``watch`` is told of the worker once it is ready (bench/profile.py attaches a profiler)."""
+    ``watch`` is told of the worker once it is ready (bench/cpu_profile.py attaches py-spy)."""
     connection = services.broker.connection
     print(f"{name}: pre-filling {count:,} events over {entities:,} entities", flush=True)
     await prefill(connection, f"{name}-events", events("t", count, entities, seed=2))
@@ -345,13 +357,7 @@ async def throughput(
         try:
             watch(worker)
             assert worker.process is not None, "start_worker started it"
-            assert services.redis.pid is not None, "main started it"
-            pids = {
-                "worker": worker.process.pid,
-                "broker": services.broker.pid,
-                "redis": services.redis.pid,
-                "bench client": os.getpid(),
-            }
+            pids = processes(services, worker)
             cpu_before = {process: cpu_seconds(pid) for process, pid in pids.items()}
             host_before = cpu_times()
             received, first_ts, last_ts = 0, None, 0
@@ -414,14 +420,7 @@ async def latency(
         try:
             print(f"{name}: through the worker at {rate:,.0f}/s for {seconds:.0f}s", flush=True)
             topics = (f"{name}-events", f"{name}-predictions")
-            assert worker.process is not None
-            assert services.redis.pid is not None
-            pids = {
-                "worker": worker.process.pid,
-                "broker": services.broker.pid,
-                "redis": services.redis.pid,
-                "bench client": os.getpid(),
-            }
+            pids = processes(services, worker)
             cpu_before, began = {k: cpu_seconds(pid) for k, pid in pids.items()}, time.monotonic()
             through = await offer(services, emitter, topics, rate, seconds, make, every_s)
             elapsed = time.monotonic() - began

@@ -83,6 +83,7 @@ from bench.e2e import (
     reader,
     start_worker,
     steal_since,
+    verdict,
     worker_metrics,
 )
 from bench.results import cpu_seconds, machine, write_section
@@ -483,10 +484,6 @@ def share(value: float | None) -> str:
 
 def us(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
-
-
-def verdict(ok: bool) -> str:
-    return "**met**" if ok else "**NOT met**"
 
 
 def table(points: Sequence[Point]) -> str:
